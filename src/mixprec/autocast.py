@@ -1,0 +1,201 @@
+"""mp.autocast: the compute-precision context, torch.autocast underneath plus the precision table.
+
+torch.autocast's op lists differ between CPU and CUDA (on the CPU, log_softmax of a BF16 tensor
+stays BF16, losses and norms differ, FP16 kernels are slow). A TorchFunctionMode applies
+`mixprec.rules`' op table on top, identically on every device, and emulates FP16 on the CPU.
+
+The mode acts only where torch.autocast is enabled for the op's device, so code that disables
+autocast (a module kept in FP32, an FP8 GEMM's own autograd function) is left alone.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from mixprec import emulation, rules
+from mixprec.policy import Policy
+from mixprec.rules import Precision
+
+_HALF = (torch.float16, torch.bfloat16)
+
+# autocast's lower-precision ops (GEMM-like), at the torch-function level. Emulated FP16 runs them in
+# FP32 on FP16-rounded inputs; the ones CUDA autocasts but the CPU does not are cast here on the CPU.
+GEMM_OPS = frozenset([
+    F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+    F.conv_transpose3d, F.prelu, F.scaled_dot_product_attention, torch.matmul, torch.Tensor.matmul,
+    torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm,
+    torch.addmm, torch.Tensor.addmm, torch.baddbmm, torch.Tensor.baddbmm, torch.addbmm, torch.einsum,
+    torch.tensordot, torch.mv, torch.Tensor.mv, torch.addmv, torch.addr, torch.chain_matmul,
+    torch.linalg.multi_dot, torch.linalg.vecdot,
+])
+_CPU_MISSING_GEMMS = frozenset([torch.mv, torch.Tensor.mv, torch.addmv, torch.addr, torch.chain_matmul,
+                                torch.linalg.multi_dot])
+_TO_FP32 = frozenset([torch.Tensor.float, torch.Tensor.double])
+_TO_FP16 = frozenset([torch.Tensor.half])
+
+
+def _first_tensor(args: Any, kwargs: dict) -> torch.Tensor | None:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a
+        if isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, torch.Tensor):
+                    return b
+    return None
+
+
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
+    """Apply fn to every floating-point tensor in a (nested) tuple/list/dict of arguments."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_tensors(fn, o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
+    return obj
+
+
+def to_fp32(x: torch.Tensor) -> torch.Tensor:
+    return emulation.unmarked(x) if x.dtype == torch.float32 else x.float()
+
+
+def logical_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a tensor stands for: FP16 for an emulated (logically FP16) FP32 tensor."""
+    return torch.float16 if emulation.is_logical_fp16(x) else x.dtype
+
+
+def cast_back(out: Any, dtype: torch.dtype) -> Any:
+    """Return an FP32 result in `dtype` (rounded and marked when that dtype is emulated FP16)."""
+    if dtype == torch.float32:
+        return out
+    return map_tensors(lambda t: t.to(dtype), out)
+
+
+def _run_without_autocast(device_type: str, func: Callable, args, kwargs):
+    with torch.autocast(device_type, enabled=False):
+        return func(*args, **kwargs)
+
+
+class PrecisionMode(TorchFunctionMode):
+    """Applies the op rules (and FP16 emulation on the CPU) wherever autocast is enabled."""
+
+    def __init__(self, policy: Policy):
+        super().__init__()
+        self.compute_dtype = policy.compute_dtype
+        self.table = rules.op_table() if policy.fp32_rules else {
+            fn: r for r in rules._registry.op_rules for fn in r.functions}
+        self.emulate_cpu = policy.compute_dtype == torch.float16 and policy.cpu_fp16 == "emulate"
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        rule = self.table.get(func)
+        if rule is None and not self.emulate_cpu and func not in _CPU_MISSING_GEMMS:
+            return func(*args, **kwargs)
+        first = _first_tensor(args, kwargs)
+        if first is None:
+            return func(*args, **kwargs)
+        device_type = first.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return func(*args, **kwargs)
+        emulate = self.emulate_cpu and device_type == "cpu"
+        if rule is not None:
+            return self._apply_rule(rule.precision, func, args, kwargs, first, device_type, emulate)
+        if emulate:
+            return self._emulate(func, args, kwargs)
+        if device_type == "cpu":  # a GEMM the CPU's autocast misses: cast like CUDA does
+            return self._apply_rule(Precision.HALF, func, args, kwargs, first, device_type, emulate)
+        return func(*args, **kwargs)
+
+    def _apply_rule(self, precision, func, args, kwargs, first, device_type, emulate):
+        if precision in (Precision.FP32, Precision.FP32_CAST_BACK, Precision.FP32_OUTPUT):
+            in_dtype = logical_dtype(first)
+            out = _run_without_autocast(device_type, func, map_tensors(to_fp32, args), map_tensors(to_fp32, kwargs))
+            if precision is Precision.FP32_CAST_BACK and in_dtype != torch.float32:
+                out = emulation.round_output(out) if emulate else cast_back(out, in_dtype)
+            return out
+        # HALF: the compute dtype
+        if emulate:
+            args, kwargs = map_tensors(emulation.to_fp16_values, args), map_tensors(emulation.to_fp16_values, kwargs)
+            return emulation.round_output(_run_without_autocast(device_type, func, args, kwargs))
+        cast = lambda t: t.to(self.compute_dtype)  # noqa: E731
+        return _run_without_autocast(device_type, func, map_tensors(cast, args), map_tensors(cast, kwargs))
+
+    def _emulate(self, func, args, kwargs):
+        """FP16 emulation for ops outside the table (see mixprec.emulation)."""
+        if func in GEMM_OPS:
+            return self._apply_rule(Precision.HALF, func, args, kwargs, None, "cpu", True)
+        if func in _TO_FP32:
+            return func(emulation.unmarked(args[0]), *args[1:], **kwargs)
+        if func in _TO_FP16:
+            return emulation.to_fp16_values(args[0])
+        if func is torch.Tensor.to and _requests_fp16(args, kwargs):
+            return emulation.to_fp16_values(args[0])
+        out = func(*args, **kwargs)
+        if _inputs_are_logical_fp16(args, kwargs):
+            return emulation.mark_output(out) if func in emulation.EXACT_OPS else emulation.round_output(out)
+        return out
+
+
+def _requests_fp16(args, kwargs) -> bool:
+    return kwargs.get("dtype") is torch.float16 or any(a is torch.float16 for a in args[1:])
+
+
+def _inputs_are_logical_fp16(args, kwargs) -> bool:
+    """PyTorch's promotion: dimensioned tensors decide; all of them must be (logically) FP16."""
+    tensors = [t for t in _flat_tensors(args, kwargs) if t.is_floating_point()]
+    dimensioned = [t for t in tensors if t.dim() > 0] or tensors
+    return bool(dimensioned) and all(emulation.is_logical_fp16(t) for t in dimensioned)
+
+
+def _flat_tensors(args, kwargs) -> Iterator[torch.Tensor]:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (b for b in a if isinstance(b, torch.Tensor))
+
+
+def check_device_supports(policy: Policy, device_type: str) -> None:
+    """Raise if the device cannot run the policy's dtypes, naming the way out."""
+    if device_type == "cuda" and torch.cuda.is_available():
+        if torch.bfloat16 in (policy.compute_dtype, policy.param_dtype) and not torch.cuda.is_bf16_supported():
+            name = torch.cuda.get_device_name()
+            raise ValueError(f"{name} has no BF16 support (compute capability < 8.0); "
+                             f"use the 'fp16-mixed' recipe or dtype=torch.float16")
+
+
+@contextlib.contextmanager
+def autocast(policy: Policy | str, *, device_type: str | None = None, enabled: bool = True) -> Iterator[None]:
+    """Run the enclosed forward pass (and loss) under the policy's compute precision.
+
+    `policy` is a Policy or a recipe name. Without `device_type`, autocast is enabled for the CPU
+    and, when present, CUDA; each op follows the device of its tensors.
+
+        with mp.autocast(policy):
+            loss = loss_fn(model(x), y)
+    """
+    if isinstance(policy, str):
+        policy = Policy.from_recipe(policy)
+    if not isinstance(policy, Policy):
+        raise TypeError(f"autocast takes a mixprec Policy or a recipe name; got {type(policy).__name__}")
+    if not enabled or not policy.autocast_enabled:
+        yield
+        return
+    if device_type is None:
+        devices = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+    elif device_type in ("cpu", "cuda"):
+        devices = [device_type]
+    else:
+        raise ValueError(f"Unknown device_type {device_type!r}; choose one of: cpu, cuda")
+    for d in devices:
+        check_device_supports(policy, d)
+    with contextlib.ExitStack() as stack:
+        for d in devices:
+            stack.enter_context(torch.autocast(d, dtype=policy.compute_dtype))
+        stack.enter_context(PrecisionMode(policy))
+        yield

@@ -1,0 +1,231 @@
+"""The precision table (REFERENCE.md section 1) as data: which modules and ops compute in FP32.
+
+Two kinds of rules:
+- module rules: matched against each submodule of a model by `mp.prepare` (class, class name,
+  or role: embedding / output head), and applied by swapping in a small subclass that runs the
+  module's forward under the rule;
+- op rules: matched against torch functions by `mp.autocast`'s function mode (softmax, losses,
+  functional norms), identically on every device.
+
+Users extend or override the table: `keep_fp32(...)`, `allow_half(...)`, `register_norm(...)`.
+Later registrations take precedence over earlier ones and over the built-in table.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Precision(enum.Enum):
+    """How a matched module or op computes."""
+
+    FP32 = "fp32"                  # inputs upcast, FP32 compute, FP32 output
+    FP32_CAST_BACK = "fp32->in"    # inputs upcast, FP32 compute, output cast back to the input's dtype
+    FP32_OUTPUT = "half->fp32"     # GEMM inputs in the compute dtype, FP32 accumulation and FP32 output
+    HALF = "half"                  # the policy's compute dtype (autocast's lower-precision list)
+
+    def describe(self) -> str:
+        return {
+            Precision.FP32: "FP32 compute and output",
+            Precision.FP32_CAST_BACK: "FP32 compute, output cast back",
+            Precision.FP32_OUTPUT: "FP32 weights; half GEMM inputs, FP32 accumulate and output",
+            Precision.HALF: "compute dtype (half)",
+        }[self]
+
+
+# A module matcher sees (qualified name, module, role); role is "embedding", "head" or None,
+# decided by prepare() from the model's structure.
+ModuleMatcher = Callable[[str, nn.Module, "str | None"], bool]
+
+
+@dataclass(frozen=True)
+class ModuleRule:
+    """A row of the table for modules: what it matches, how it computes, and why."""
+
+    what: str
+    matches: ModuleMatcher
+    precision: Precision
+    why: str
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """A row of the table for torch functions (forward ops)."""
+
+    what: str
+    functions: tuple[Callable, ...]
+    precision: Precision
+    why: str
+
+
+def _is_instance(*classes: type) -> ModuleMatcher:
+    return lambda name, module, role: isinstance(module, classes)
+
+
+def _class_name_contains(text: str) -> ModuleMatcher:
+    return lambda name, module, role: text in type(module).__name__
+
+
+def _has_role(expected: str) -> ModuleMatcher:
+    return lambda name, module, role: role == expected
+
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
+_SENSITIVE_RNNS = (nn.RNN, nn.GRU, nn.RNNCell, nn.GRUCell)
+
+BUILTIN_MODULE_RULES: tuple[ModuleRule, ...] = (
+    ModuleRule("LayerNorm, BatchNorm, GroupNorm, InstanceNorm, nn.RMSNorm", _is_instance(*_NORMS),
+               Precision.FP32_CAST_BACK, "variance is a sum: FP16 overflows and drifts"),
+    ModuleRule("user-written RMSNorm (class name contains 'RMSNorm')", _class_name_contains("RMSNorm"),
+               Precision.FP32_CAST_BACK, "mean of squares is a sum"),
+    ModuleRule("token and position embeddings", _has_role("embedding"), Precision.FP32,
+               "most precision-sensitive layers of an LLM (first layer)"),
+    ModuleRule("output head (last Linear, or named by the user)", _has_role("head"), Precision.FP32_OUTPUT,
+               "most precision-sensitive layer of an LLM; logits feed exp in the loss"),
+    ModuleRule("RNN, GRU (and their cells)", _is_instance(*_SENSITIVE_RNNS), Precision.FP32,
+               "recurrence accumulates error"),
+    ModuleRule("nn.MultiheadAttention", _is_instance(nn.MultiheadAttention), Precision.FP32,
+               "its softmax and scores@V run inside one call; use mp.ops.attention to keep projections half"),
+    ModuleRule("LSTM", _is_instance(nn.LSTM, nn.LSTMCell), Precision.HALF, "LSTM cells tolerate BF16/FP16"),
+    ModuleRule("Linear, Conv, pooling, activations", _is_instance(nn.Linear, nn.modules.conv._ConvNd),
+               Precision.HALF, "GEMMs with FP32 accumulation are not precision sensitive"),
+)
+
+_LOSSES = (F.cross_entropy, F.nll_loss, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss,
+           F.binary_cross_entropy, F.binary_cross_entropy_with_logits, F.kl_div, F.poisson_nll_loss,
+           F.gaussian_nll_loss, F.cosine_embedding_loss, F.hinge_embedding_loss, F.margin_ranking_loss,
+           F.multilabel_margin_loss, F.multilabel_soft_margin_loss, F.multi_margin_loss, F.soft_margin_loss,
+           F.triplet_margin_loss, F.ctc_loss)
+
+BUILTIN_OP_RULES: tuple[OpRule, ...] = (
+    OpRule("softmax, log_softmax", (torch.softmax, F.softmax, torch.Tensor.softmax, torch.log_softmax,
+                                    F.log_softmax, torch.Tensor.log_softmax, torch.special.softmax,
+                                    torch.special.log_softmax, F.softmin),
+           Precision.FP32, "exp over/underflows; the denominator is a sum"),
+    OpRule("losses (cross entropy, MSE, BCE, KL, ...)", _LOSSES, Precision.FP32,
+           "log/exp and reductions need FP32 input and compute"),
+    OpRule("functional norms (layer_norm, group_norm, batch_norm, rms_norm, instance_norm)",
+           (F.layer_norm, F.group_norm, F.batch_norm, F.rms_norm, F.instance_norm),
+           Precision.FP32_CAST_BACK, "variance / mean of squares is a sum"),
+    OpRule("logsumexp, cumsum, norm", (torch.logsumexp, torch.Tensor.logsumexp, torch.cumsum,
+                                       torch.Tensor.cumsum, torch.norm, torch.linalg.vector_norm),
+           Precision.FP32, "long sums and exp lose bits in half"),
+)
+
+
+class _Registry:
+    """User rules, newest first; consulted before the built-in table."""
+
+    def __init__(self) -> None:
+        self.module_rules: list[ModuleRule] = []
+        self.op_rules: list[OpRule] = []
+        self.version = 0  # bumped on every change so autocast can rebuild its lookup table
+
+    def add_module_rule(self, rule: ModuleRule) -> None:
+        self.module_rules.insert(0, rule)
+        self.version += 1
+
+    def add_op_rule(self, rule: OpRule) -> None:
+        self.op_rules.insert(0, rule)
+        self.version += 1
+
+    def clear(self) -> None:
+        self.module_rules.clear()
+        self.op_rules.clear()
+        self.version += 1
+
+
+_registry = _Registry()
+
+
+def _matcher_for(target) -> tuple[str, ModuleMatcher]:
+    if isinstance(target, type) and issubclass(target, nn.Module):
+        return target.__name__, _is_instance(target)
+    if isinstance(target, str):  # a qualified module name in the model ("lm_head", "blocks.0.attn")
+        return f"module named {target!r}", lambda name, module, role: name == target
+    if callable(target):
+        return getattr(target, "__name__", repr(target)), target
+    raise TypeError(f"a rule target must be an nn.Module class, a module name or a matcher function; "
+                    f"got {target!r}")
+
+
+def keep_fp32(*targets, why: str = "registered by the user", cast_back: bool = False) -> None:
+    """Compute these in FP32 from now on.
+
+    A target is an nn.Module subclass, a qualified module name ("lm_head"), a matcher
+    `fn(name, module, role) -> bool`, or a torch function (softmax-like op). With `cast_back`,
+    module outputs return in the input's dtype (the norm behaviour).
+    """
+    precision = Precision.FP32_CAST_BACK if cast_back else Precision.FP32
+    for target in targets:
+        if _is_torch_function(target):
+            _registry.add_op_rule(OpRule(getattr(target, "__name__", repr(target)), (target,), precision, why))
+        else:
+            what, matcher = _matcher_for(target)
+            _registry.add_module_rule(ModuleRule(what, matcher, precision, why))
+
+
+def allow_half(*targets, why: str = "registered by the user") -> None:
+    """Let these run in the compute dtype even where the table says FP32 (an override)."""
+    for target in targets:
+        if _is_torch_function(target):
+            _registry.add_op_rule(OpRule(getattr(target, "__name__", repr(target)), (target,), Precision.HALF, why))
+        else:
+            what, matcher = _matcher_for(target)
+            _registry.add_module_rule(ModuleRule(what, matcher, Precision.HALF, why))
+
+
+def register_norm(*classes: type) -> None:
+    """Treat these hand-written normalization classes like LayerNorm: FP32 compute, output cast back."""
+    for cls in classes:
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(f"register_norm takes nn.Module classes; got {cls!r}")
+        _registry.add_module_rule(ModuleRule(cls.__name__, _is_instance(cls), Precision.FP32_CAST_BACK,
+                                             "normalization registered by the user"))
+
+
+def reset() -> None:
+    """Forget every user rule (back to the built-in table)."""
+    _registry.clear()
+
+
+def _is_torch_function(target) -> bool:
+    module = getattr(target, "__module__", "") or ""
+    return callable(target) and not isinstance(target, type) and (
+        module.startswith("torch") or getattr(target, "__objclass__", None) is torch.Tensor
+        or isinstance(target, torch._ops.OpOverloadPacket))
+
+
+def module_rules() -> list[ModuleRule]:
+    """User rules first (newest first), then the built-in table."""
+    return [*_registry.module_rules, *BUILTIN_MODULE_RULES]
+
+
+def op_rules() -> list[OpRule]:
+    return [*_registry.op_rules, *BUILTIN_OP_RULES]
+
+
+def rules_version() -> int:
+    return _registry.version
+
+
+def rule_for_module(name: str, module: nn.Module, role: str | None) -> ModuleRule | None:
+    """The first rule that matches this module, or None (the module follows autocast)."""
+    for rule in module_rules():
+        if rule.matches(name, module, role):
+            return rule
+    return None
+
+
+def op_table() -> dict[Callable, OpRule]:
+    """torch function -> the rule that governs it (first match wins)."""
+    table: dict[Callable, OpRule] = {}
+    for rule in op_rules():
+        for fn in rule.functions:
+            table.setdefault(fn, rule)
+    return table
