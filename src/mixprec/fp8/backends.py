@@ -1,0 +1,83 @@
+"""Which backend runs a Float8Linear's quantization and GEMMs, and why.
+
+    emulate  any device: the same quantization (codes and scales), then the GEMM in FP32 on the
+             dequantized values. The reference the fast paths are tested against; the CPU path.
+    cublas   quantization in PyTorch ops (fused by torch.compile's inductor), GEMMs through
+             torch._scaled_mm (cuBLASLt); needs CUDA compute capability 8.9+ (Ada, Hopper, newer).
+    triton   GEMMs as cublas, quantization in Triton kernels that read each tensor once and write
+             the codes and their transpose together (the backward's layouts) in the same pass.
+    auto     triton where Triton is installed and the GPU has FP8 tensor cores, else cublas,
+             else emulate.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from mixprec.fp8.config import BACKENDS
+
+_DESCRIPTIONS = {
+    "emulate": "FP8 quantization emulated exactly, GEMMs in FP32 on the dequantized values",
+    "cublas": "quantization in PyTorch ops, GEMMs in FP8 through torch._scaled_mm (cuBLASLt)",
+    "triton": "quantization fused with the transpose in Triton kernels, GEMMs in FP8 through torch._scaled_mm",
+}
+
+
+# looked up once at import: torch.compile traces resolve_backend, and a constant traces cleanly
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def triton_available() -> bool:
+    """Whether Triton can be imported (it ships with CUDA builds of PyTorch)."""
+    return _TRITON
+
+
+def fp8_gemm_supported(device: torch.device | str) -> bool:
+    """Whether `device` has FP8 tensor cores that torch._scaled_mm drives (CUDA, capability >= 8.9)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    return str(device)
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The concrete backend ("emulate", "cublas" or "triton") that `backend` means on `device`.
+
+    Raises ValueError for an unknown name, and for cublas/triton where the device cannot run FP8
+    GEMMs, naming backend="emulate" as the way out.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown FP8 backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    device = torch.device(device)
+    if backend == "emulate":
+        return "emulate"
+    if backend == "auto":
+        if not fp8_gemm_supported(device):
+            return "emulate"
+        return "triton" if triton_available() else "cublas"
+    if not fp8_gemm_supported(device):
+        raise ValueError(f"FP8 backend {backend!r} needs a CUDA GPU of compute capability 8.9+ for FP8 GEMMs, "
+                         f"but the tensors are on {_device_name(device)}; use backend='emulate' "
+                         "(exact FP8 quantization, FP32 GEMMs) on this device")
+    if backend == "triton" and not triton_available():
+        raise ValueError("FP8 backend 'triton' needs the triton package; use backend='cublas' or 'emulate'")
+    return backend
+
+
+def backend_info(backend: str = "auto", device: torch.device | str | None = None) -> str:
+    """One line saying which backend `backend` resolves to on `device` (default: current CUDA device or
+    the CPU) and what it does, e.g. for mp.explain."""
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    chosen = resolve_backend(backend, device)
+    picked = f"{backend} -> {chosen}" if backend != chosen else chosen
+    return f"FP8 backend {picked} on {_device_name(device)}: {_DESCRIPTIONS[chosen]}"

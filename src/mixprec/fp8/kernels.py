@@ -1,0 +1,237 @@
+"""Triton kernels that quantize a 2-D tensor to FP8 and write its transpose in the same pass.
+
+A linear layer's backward needs each tensor twice, quantized along each of its dimensions (x for the
+forward GEMM along K and x^T for the weight gradient along M; W and W^T; dy and dy^T). Each kernel
+reads the tensor once, tile by tile, and writes both code layouts (q: (R, K) and qT: (K, R), both
+row-major) with their scales, so the backward needs no transpose pass:
+
+    quantize_1x128_t    per 1x128 tile of x and per 1x128 tile of x^T (a 128x1 tile of x): a
+                        128x128 tile gives 128 row amaxes and 128 column amaxes
+    quantize_128x128_t  per 128x128 block; x^T's scales are the transpose of x's
+    quantize_tensor_t   tensorwise: an amax reduction (atomic max) then one cast pass
+
+Arithmetic is that of mixprec.fp8.quantize (correctly rounded divisions, RNE casts, saturation), so
+codes and scales equal the PyTorch path bit for bit (tests/test_fp8_cuda.py). The entry points are
+torch.library custom ops, so torch.compile keeps them as opaque calls.
+
+Scales come back in the layouts torch._scaled_mm reads: 1x128 scales outer-dim-major (a contiguous
+(K/128, R) buffer viewed as (R, K/128)), 128x128 scales contiguous (R/128, K/128).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mixprec.fp8.quantize import AMAX_EPS, get_fp8_format
+
+_BLOCK = 128           # DeepSeek-V3's tile; also the only block torch._scaled_mm scales
+_WARPS = 8             # 128x128 FP32 tile: 64 values per thread at 256 threads
+
+
+def _tl_dtype(fmt: str):
+    return tl.float8e4nv if get_fp8_format(fmt).name == "fp8_e4m3" else tl.float8e5
+
+
+def _torch_dtype(fmt: str) -> torch.dtype:
+    return get_fp8_format(fmt).torch_dtype
+
+
+@triton.jit
+def _scale(amax, FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr):
+    s = tl.div_rn(tl.maximum(amax, EPS), FMAX)
+    if POW2:  # round up to a power of two on the bits, as scale_from_amax does
+        bits = s.to(tl.int32, bitcast=True)
+        s = ((bits + 0x7FFFFF) & -0x800000).to(tl.float32, bitcast=True)
+    return s
+
+
+@triton.jit
+def _codes(x, s, FMAX: tl.constexpr, OUT: tl.constexpr):
+    v = tl.div_rn(x, s)
+    return tl.minimum(tl.maximum(v, -FMAX), FMAX).to(OUT)  # saturate, then round to nearest even
+
+
+@triton.jit
+def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, stride_r, stride_k,
+                             FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
+                             OUT: tl.constexpr, B: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_r * B + tl.arange(0, B)
+    cols = pid_k * B + tl.arange(0, B)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_k, mask=mask, other=0.0).to(tl.float32)
+    a = tl.abs(x)
+    row_s = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)      # x along K: one scale per row of the tile
+    col_s = _scale(tl.max(a, axis=0), FMAX, POW2, EPS)      # x^T along R: one scale per column
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], _codes(x, row_s[:, None], FMAX, OUT), mask=mask)
+    tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)           # (K/B, R) buffer: outer-dim-major
+    qt = tl.trans(_codes(x, col_s[None, :], FMAX, OUT))
+    tl.store(qt_ptr + cols[:, None] * R + rows[None, :], qt, mask=tl.trans(mask))
+    tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)          # (R/B, K) buffer
+
+
+@triton.jit
+def _quantize_128x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, stride_r, stride_k, NK,
+                               FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
+                               OUT: tl.constexpr, B: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_r * B + tl.arange(0, B)
+    cols = pid_k * B + tl.arange(0, B)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_k, mask=mask, other=0.0).to(tl.float32)
+    s = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS)
+    q = _codes(x, s, FMAX, OUT)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
+    tl.store(qt_ptr + cols[:, None] * R + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+    tl.store(s_ptr + pid_r * NK + pid_k, s)
+
+
+@triton.jit
+def _amax_kernel(x_ptr, amax_ptr, R, K, stride_r, stride_k, B: tl.constexpr):
+    rows = tl.program_id(0) * B + tl.arange(0, B)
+    cols = tl.program_id(1) * B + tl.arange(0, B)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_k, mask=mask, other=0.0).to(tl.float32)
+    tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), axis=1), axis=0))   # |x| >= 0: float max is exact
+
+
+@triton.jit
+def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K, stride_r, stride_k,
+                   FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
+                   OUT: tl.constexpr, B: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_r * B + tl.arange(0, B)
+    cols = pid_k * B + tl.arange(0, B)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_k, mask=mask, other=0.0).to(tl.float32)
+    s = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
+    q = _codes(x, s, FMAX, OUT)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
+    tl.store(qt_ptr + cols[:, None] * R + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+    if (pid_r == 0) & (pid_k == 0):
+        tl.store(s_ptr, s)
+
+
+def _grid(r: int, k: int) -> tuple[int, int]:
+    return triton.cdiv(r, _BLOCK), triton.cdiv(k, _BLOCK)
+
+
+def _check(x: torch.Tensor) -> None:
+    if x.dim() != 2 or not x.is_cuda:
+        raise ValueError(f"Triton FP8 quantization takes a 2-D CUDA tensor, got shape {tuple(x.shape)} on {x.device}")
+
+
+@torch.library.custom_op("mixprec::fp8_quantize_1x128_t", mutates_args=())
+def _quantize_1x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor, torch.Tensor]:
+    _check(x)
+    r, k = x.shape
+    f = get_fp8_format(fmt)
+    q = torch.empty((r, k), dtype=f.torch_dtype, device=x.device)
+    qt = torch.empty((k, r), dtype=f.torch_dtype, device=x.device)
+    s = torch.empty((triton.cdiv(k, _BLOCK), r), dtype=torch.float32, device=x.device)
+    st = torch.empty((triton.cdiv(r, _BLOCK), k), dtype=torch.float32, device=x.device)
+    _quantize_1x128_t_kernel[_grid(r, k)](x, q, s, qt, st, r, k, x.stride(0), x.stride(1), FMAX=f.max,
+                                          POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK,
+                                          num_warps=_WARPS)
+    return q, s, qt, st
+
+
+@_quantize_1x128_t_op.register_fake
+def _(x, fmt, power_of_2):
+    r, k = x.shape
+    dt = _torch_dtype(fmt)
+    return (x.new_empty((r, k), dtype=dt), x.new_empty((-(-k // _BLOCK), r), dtype=torch.float32),
+            x.new_empty((k, r), dtype=dt), x.new_empty((-(-r // _BLOCK), k), dtype=torch.float32))
+
+
+@torch.library.custom_op("mixprec::fp8_quantize_128x128_t", mutates_args=())
+def _quantize_128x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor]:
+    _check(x)
+    r, k = x.shape
+    f = get_fp8_format(fmt)
+    q = torch.empty((r, k), dtype=f.torch_dtype, device=x.device)
+    qt = torch.empty((k, r), dtype=f.torch_dtype, device=x.device)
+    nr, nk = _grid(r, k)
+    s = torch.empty((nr, nk), dtype=torch.float32, device=x.device)
+    _quantize_128x128_t_kernel[(nr, nk)](x, q, s, qt, r, k, x.stride(0), x.stride(1), nk, FMAX=f.max,
+                                         POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK,
+                                         num_warps=_WARPS)
+    return q, s, qt
+
+
+@_quantize_128x128_t_op.register_fake
+def _(x, fmt, power_of_2):
+    r, k = x.shape
+    dt = _torch_dtype(fmt)
+    return (x.new_empty((r, k), dtype=dt), x.new_empty((-(-r // _BLOCK), -(-k // _BLOCK)), dtype=torch.float32),
+            x.new_empty((k, r), dtype=dt))
+
+
+@torch.library.custom_op("mixprec::fp8_amax", mutates_args=())
+def _amax_op(x: torch.Tensor) -> torch.Tensor:
+    _check(x)
+    out = torch.zeros((), dtype=torch.float32, device=x.device)
+    _amax_kernel[_grid(*x.shape)](x, out, x.shape[0], x.shape[1], x.stride(0), x.stride(1), B=_BLOCK,
+                                  num_warps=_WARPS)
+    return out
+
+
+@_amax_op.register_fake
+def _(x):
+    return x.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("mixprec::fp8_cast_t", mutates_args=())
+def _cast_t_op(x: torch.Tensor, amax: torch.Tensor, fmt: str, power_of_2: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor]:
+    _check(x)
+    r, k = x.shape
+    f = get_fp8_format(fmt)
+    q = torch.empty((r, k), dtype=f.torch_dtype, device=x.device)
+    qt = torch.empty((k, r), dtype=f.torch_dtype, device=x.device)
+    s = torch.empty((), dtype=torch.float32, device=x.device)
+    _cast_t_kernel[_grid(r, k)](x, amax.float().reshape(()), q, qt, s, r, k, x.stride(0), x.stride(1), FMAX=f.max,
+                                POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK, num_warps=_WARPS)
+    return q, qt, s
+
+
+@_cast_t_op.register_fake
+def _(x, amax, fmt, power_of_2):
+    r, k = x.shape
+    dt = _torch_dtype(fmt)
+    return x.new_empty((r, k), dtype=dt), x.new_empty((k, r), dtype=dt), x.new_empty((), dtype=torch.float32)
+
+
+QuantPair = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def quantize_1x128_t(x: torch.Tensor, fmt: str, *, power_of_2: bool = False) -> QuantPair:
+    """((q, s), (qT, sT)): x per 1x128 tile along its rows and x^T per 1x128 tile along its rows."""
+    q, s, qt, st = _quantize_1x128_t_op(x, fmt, power_of_2)
+    return (q, s.t()), (qt, st.t())
+
+
+def quantize_128x128_t(x: torch.Tensor, fmt: str, *, power_of_2: bool = False) -> QuantPair:
+    """((q, s), (qT, s^T)): x per 128x128 block, and the same codes transposed."""
+    q, s, qt = _quantize_128x128_t_op(x, fmt, power_of_2)
+    return (q, s), (qt, s.t())
+
+
+def tensor_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as an FP32 scalar tensor, in one pass."""
+    return _amax_op(x)
+
+
+def quantize_tensor_t(x: torch.Tensor, fmt: str, *, power_of_2: bool = False,
+                      amax: torch.Tensor | None = None) -> QuantPair:
+    """((q, s), (qT, s)) tensorwise; scale from `amax` if given (delayed scaling), else from x's."""
+    if amax is None:
+        amax = _amax_op(x)
+    q, qt, s = _cast_t_op(x, amax, fmt, power_of_2)
+    return (q, s), (qt, s)

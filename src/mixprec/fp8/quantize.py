@@ -1,0 +1,193 @@
+"""FP8 quantization: codes and dequantization scales at tensor, row, column, tile and block granularity.
+
+Convention: scales are *dequantization* scales in FP32, so x ~= q * scale (the convention of
+torch._scaled_mm). For a group of values G (the whole tensor, a row, a 1x128 tile, a 128x128 block):
+
+    amax  = max(|x| for x in G), at least AMAX_EPS
+    scale = amax / fmt.max                       (FP32 division, correctly rounded)
+    scale = 2 ** ceil(log2(scale))               (power_of_2 only: exact scaling, never overflows)
+    q     = saturate(x / scale) rounded to fmt   (FP32 division, then round-to-nearest-even)
+
+Both divisions are correctly rounded FP32 operations whose results are then rounded again; FP32 carries
+more than 2p+2 bits for the p <= 4 bits of an FP8 significand, so the double rounding is innocuous and
+scales and codes equal a float64 computation exactly (tests/test_fp8_quantize.py checks it).
+
+Scale shapes, for x of shape (..., K) (colwise and 128x128 take 2-D x of shape (R, K)); b = block_size:
+
+    tensorwise  ()                 rowwise  (..., 1)              colwise  (1, K)
+    1x128       (..., ceil(K/b))   128x128  (ceil(R/b), ceil(K/b))
+
+Tiles and blocks that run past the end of a dimension are padded with zeros for the amax (zeros never
+raise an amax), so no dimension needs to be a multiple of b. `dequantize(q, scale)` reads the
+granularity back off the scale's shape: each scale dimension equals q's, is 1, or is ceil(q's / b).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from mixprec.formats import Format, cast_to, get_format
+
+Granularity = Literal["tensorwise", "rowwise", "colwise", "1x128", "128x128"]
+GRANULARITIES: tuple[str, ...] = ("tensorwise", "rowwise", "colwise", "1x128", "128x128")
+
+# Floor on amax so an all-zero group gets a finite scale (0 / scale = 0, not NaN); torchao's choice.
+AMAX_EPS = 1e-12
+
+
+def get_fp8_format(fmt: str | torch.dtype | Format) -> Format:
+    """The FP8 Format for a name or dtype; other formats raise ValueError naming the valid choices."""
+    f = get_format(fmt)
+    if f.name not in ("fp8_e4m3", "fp8_e5m2"):
+        raise ValueError(f"Unknown FP8 format {fmt!r}; choose one of: fp8_e4m3, fp8_e5m2")
+    return f
+
+
+def check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"Unknown granularity {granularity!r}; choose one of: {', '.join(GRANULARITIES)}")
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def group_amax(x: torch.Tensor, granularity: Granularity, *, block_size: int = 128) -> torch.Tensor:
+    """max |x| over each scaling group, in FP32, shaped like the scale (see the module docstring)."""
+    check_granularity(granularity)
+    a = x.float().abs()
+    if granularity == "tensorwise":
+        return a.amax()
+    if granularity == "rowwise":
+        return a.amax(dim=-1, keepdim=True)
+    if granularity in ("colwise", "128x128") and x.dim() != 2:
+        raise ValueError(f"granularity {granularity!r} needs a 2-D tensor, got shape {tuple(x.shape)}")
+    if granularity == "colwise":
+        return a.amax(dim=0, keepdim=True)
+    b = block_size
+    k = x.shape[-1]
+    nk = _ceil_div(k, b)
+    if granularity == "1x128":
+        a = F.pad(a, (0, nk * b - k))
+        return a.reshape(*a.shape[:-1], nk, b).amax(dim=-1)
+    r = x.shape[0]
+    nr = _ceil_div(r, b)
+    a = F.pad(a, (0, nk * b - k, 0, nr * b - r))
+    return a.reshape(nr, b, nk, b).amax(dim=(1, 3))
+
+
+def scale_from_amax(amax: torch.Tensor, fmt: str | torch.dtype | Format, *, power_of_2: bool = False) -> torch.Tensor:
+    """Dequantization scale amax / fmt.max (FP32), optionally rounded up to a power of two.
+
+    Rounding up (not to nearest) keeps amax / scale <= fmt.max, so the largest value never saturates.
+    The power of two is taken on the bits: adding 2**23 - 1 to a positive normal FP32 value carries
+    into the exponent unless the mantissa is already zero, and masking the mantissa leaves 2**ceil(log2).
+    """
+    f = get_fp8_format(fmt)
+    scale = amax.float().clamp(min=AMAX_EPS) / f.max
+    if power_of_2:
+        bits = scale.view(torch.int32)
+        scale = ((bits + 0x7FFFFF) & -0x800000).view(torch.float32)
+    return scale
+
+
+def expand_scale(scale: torch.Tensor, shape: torch.Size | tuple[int, ...], *, block_size: int = 128) -> torch.Tensor:
+    """Broadcast a scale to `shape`: each scale dimension equals the tensor's, is 1, or counts blocks."""
+    if scale.dim() == 0:
+        return scale
+    if scale.dim() != len(shape):
+        raise ValueError(f"scale of shape {tuple(scale.shape)} does not fit a tensor of shape {tuple(shape)}")
+    out = scale
+    for d, (s, n) in enumerate(zip(scale.shape, shape)):
+        if s == n or s == 1:
+            continue
+        if s == _ceil_div(n, block_size):
+            out = out.repeat_interleave(block_size, dim=d).narrow(d, 0, n)
+        else:
+            raise ValueError(f"scale of shape {tuple(scale.shape)} does not fit a tensor of shape {tuple(shape)} "
+                             f"with block_size {block_size}")
+    return out
+
+
+def quantize(x: torch.Tensor, fmt: str | torch.dtype | Format = "fp8_e4m3", granularity: Granularity = "tensorwise",
+             *, block_size: int = 128, power_of_2: bool = False,
+             amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize `x` to FP8 codes and FP32 dequantization scales (x ~= q * scale).
+
+    fmt:         "fp8_e4m3" or "fp8_e5m2" (or the torch dtype).
+    granularity: "tensorwise", "rowwise" (one scale per row), "colwise" (per column, 2-D x),
+                 "1x128" (per 1 x block_size tile along the last dim), "128x128" (per block, 2-D x).
+    power_of_2:  round scales up to powers of two (scaling then multiplies exponents only: exact).
+    amax:        use this amax (shaped like the scale) instead of the current one, e.g. from an amax
+                 history (delayed scaling); values past it saturate.
+    Returns (q, scale): q has x's shape and the format's torch dtype, whatever x's strides; scale is FP32.
+    """
+    f = get_fp8_format(fmt)
+    check_granularity(granularity)
+    if not torch.is_floating_point(x):
+        raise TypeError(f"quantize needs a floating-point tensor, got {x.dtype}")
+    current = group_amax(x, granularity, block_size=block_size) if amax is None else amax
+    scale = scale_from_amax(current, f, power_of_2=power_of_2)
+    q = cast_to(_divide(x.float(), scale, granularity, block_size), f, saturate=True)
+    return q, scale
+
+
+def _divide(x: torch.Tensor, scale: torch.Tensor, granularity: str, b: int) -> torch.Tensor:
+    """x / scale with the scale broadcast over its group, by reshaping x into tiles (no expanded copy)."""
+    if granularity not in ("1x128", "128x128"):
+        return x / scale
+    k = x.shape[-1]
+    nk = _ceil_div(k, b)
+    if granularity == "1x128":
+        xp = F.pad(x, (0, nk * b - k)) if k % b else x
+        y = (xp.reshape(*x.shape[:-1], nk, b) / scale.unsqueeze(-1)).reshape(*x.shape[:-1], nk * b)
+        return y[..., :k] if k % b else y
+    r = x.shape[0]
+    nr = _ceil_div(r, b)
+    xp = F.pad(x, (0, nk * b - k, 0, nr * b - r)) if (k % b or r % b) else x
+    y = (xp.reshape(nr, b, nk, b) / scale[:, None, :, None]).reshape(nr * b, nk * b)
+    return y[:r, :k] if (k % b or r % b) else y
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, *, block_size: int = 128,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q * scale in `dtype` (FP32 by default), the granularity read off the scale's shape."""
+    return (q.float() * expand_scale(scale.float(), q.shape, block_size=block_size)).to(dtype)
+
+
+class AmaxHistory:
+    """Delayed scaling (Transformer Engine's DelayedScaling): scale from the max of past amaxes.
+
+    Each call quantizes with the largest amax of the previous `length` calls (the current one on the
+    first call, when there is no history), then records the current amax. The history is a tensor on
+    the data's device, updated in place, so the step stays free of host syncs.
+    """
+
+    def __init__(self, length: int = 1024, device: torch.device | str | None = None) -> None:
+        if length < 1:
+            raise ValueError(f"amax history length must be >= 1, got {length}")
+        self.history = torch.zeros(length, dtype=torch.float32, device=device)
+
+    def quantize(self, x: torch.Tensor, fmt: str | torch.dtype | Format = "fp8_e4m3", *,
+                 power_of_2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tensorwise quantization of x with the history's scale; records x's amax."""
+        if self.history.device != x.device:
+            self.history = self.history.to(x.device)
+        current = group_amax(x, "tensorwise")
+        q, scale = quantize(x, fmt, "tensorwise", power_of_2=power_of_2,
+                            amax=delayed_amax(self.history, current))
+        record_amax(self.history, current)
+        return q, scale
+
+
+def delayed_amax(history: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """The amax delayed scaling uses: the history's max, or `current` while the history is empty (all 0)."""
+    past = history.amax()
+    return torch.where(past > 0, past, current)
+
+
+def record_amax(history: torch.Tensor, current: torch.Tensor) -> None:
+    """Push `current` to the front of `history` in place, dropping the oldest value."""
+    history.copy_(torch.cat([current.reshape(1).to(history.dtype), history[:-1]]))
