@@ -62,9 +62,10 @@ class _HalfInputsFP32Output(torch.autograd.Function):
     def forward(ctx, x, weight, bias, compute_dtype):
         xh = x.reshape(-1, x.shape[-1]).to(compute_dtype)
         wh = weight.to(compute_dtype)
-        out = _gemm(xh, wh.t(), torch.float32)
-        if bias is not None:
-            out = out + bias.float()
+        with torch.autocast(x.device.type, enabled=False):  # the casts above are the whole policy
+            out = _gemm(xh, wh.t(), torch.float32)
+            if bias is not None:
+                out = out + bias.float()
         ctx.save_for_backward(xh, wh)
         ctx.has_bias = bias is not None
         ctx.x_dtype, ctx.w_dtype, ctx.x_shape = x.dtype, weight.dtype, x.shape
@@ -75,9 +76,10 @@ class _HalfInputsFP32Output(torch.autograd.Function):
         xh, wh = ctx.saved_tensors
         g32 = grad.reshape(-1, grad.shape[-1])
         gh = g32.to(xh.dtype)
-        grad_x = _gemm(gh, wh, xh.dtype).to(ctx.x_dtype).reshape(ctx.x_shape)  # a half activation gradient
-        grad_w = _gemm(gh.t().contiguous(), xh, torch.float32).to(ctx.w_dtype)  # FP32 master gradient
-        grad_b = g32.float().sum(0).to(ctx.w_dtype) if ctx.has_bias else None
+        with torch.autocast(grad.device.type, enabled=False):
+            grad_x = _gemm(gh, wh, xh.dtype).to(ctx.x_dtype).reshape(ctx.x_shape)  # a half activation gradient
+            grad_w = _gemm(gh.t().contiguous(), xh, torch.float32).to(ctx.w_dtype)  # FP32 master gradient
+            grad_b = g32.float().sum(0).to(ctx.w_dtype) if ctx.has_bias else None
         return grad_x, grad_w, grad_b, None
 
 

@@ -196,9 +196,9 @@ def reset() -> None:
 
 def _is_torch_function(target) -> bool:
     module = getattr(target, "__module__", "") or ""
+    owner = getattr(target, "__objclass__", None)  # Tensor methods are descriptors of TensorBase
     return callable(target) and not isinstance(target, type) and (
-        module.startswith("torch") or getattr(target, "__objclass__", None) is torch.Tensor
-        or isinstance(target, torch._ops.OpOverloadPacket))
+        module.startswith("torch") or (isinstance(owner, type) and issubclass(torch.Tensor, owner)))
 
 
 def module_rules() -> list[ModuleRule]:

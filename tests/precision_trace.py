@@ -1,0 +1,114 @@
+"""Record the precision every aten op computes in, per module (a TorchDispatchMode).
+
+An op's input precision is recorded as the narrowest format that holds its values exactly
+("bf16" for an FP32 tensor of BF16 values), so traces compare across devices and emulation:
+a CPU FP32 GEMM on BF16 values and a CUDA BF16 GEMM with FP32 output both read "bf16".
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mixprec.formats import round_to
+
+# Ops that only move or cast data: they carry no precision decision of their own.
+_IGNORED = {"_to_copy", "to", "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "clone",
+            "detach", "alias", "slice", "select", "split", "split_with_sizes", "unsqueeze", "squeeze", "copy_",
+            "empty", "empty_like", "zeros", "ones", "ones_like", "zeros_like", "arange", "lift_fresh", "full",
+            "scalar_tensor", "_local_scalar_dense", "unbind", "contiguous", "as_strided", "new_empty",
+            "new_zeros", "fill_", "zero_", "_reshape_alias", "tril", "triu", "logical_not", "bitwise_not",
+            "masked_fill", "where", "eq", "lt", "gt", "ge", "le", "ne", "_unsafe_index", "index", "embedding",
+            "copy", "set_", "resize_", "native_dropout", "bernoulli_", "rand", "randn", "_efficientzerotensor",
+            "isnan", "isinf", "abs", "amax", "max", "min", "sign", "copysign", "bitwise_and", "bitwise_or",
+            "__rshift__", "__lshift__", "_foreach_copy_", "empty_strided"}
+
+
+GEMM_OPS = {"mm", "addmm", "bmm", "convolution", "mkldnn_convolution", "_convolution", "cudnn_convolution"}
+
+
+def effective_precision(t: torch.Tensor) -> str:
+    if not t.is_floating_point():
+        return "int"
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}[t.dtype]
+    x = t.detach().float()
+    finite = x[torch.isfinite(x)]
+    if finite.numel() == 0:
+        return "fp32"
+    # BF16 (7 mantissa bits) first: BF16 values in FP16's range are FP16 values too.
+    if torch.equal(round_to(finite, "bf16"), finite):
+        return "bf16"
+    if torch.equal(round_to(finite, "fp16"), finite):
+        return "fp16"
+    return "fp32"
+
+
+class PrecisionTrace(TorchDispatchMode):
+    """Collects (module, op, input precisions, output precisions) for every compute op."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.stack: list[str] = []
+        self.records: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = []
+        self.outputs: dict[str, tuple[str, ...]] = {}  # module -> precisions of its (last) output
+        self._hooks = []
+
+    def __enter__(self):
+        for name, module in self.model.named_modules():
+            self._hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: self.stack.append(n)))
+            self._hooks.append(module.register_forward_hook(lambda m, a, o, n=name: self._pop(n, o)))
+        return super().__enter__()
+
+    def _pop(self, name, output) -> None:
+        self.stack.pop()  # (returns None: a forward hook's return value would replace the module's output)
+        leaves = [o for o in torch.utils._pytree.tree_leaves(output) if isinstance(o, torch.Tensor)]
+        with self.disabled():
+            self.outputs[name] = tuple(effective_precision(o) for o in leaves if o.is_floating_point())
+
+    def disabled(self):
+        from torch.utils._python_dispatch import _disable_current_modes
+        return _disable_current_modes()
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name not in _IGNORED:
+            flat_in = [a for a in torch.utils._pytree.tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor)]
+            flat_out = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+            ins = tuple(effective_precision(a) for a in flat_in if a.is_floating_point())
+            outs = tuple(effective_precision(o) for o in flat_out if o.is_floating_point())
+            module = self.stack[-1] if self.stack else ""
+            self.records.append((module, name, ins, outs))
+        return out
+
+    def by_module(self) -> dict[str, set[tuple[tuple[str, ...], tuple[str, ...]]]]:
+        """module -> {(input precisions, output precisions)}: comparable across devices (op names differ)."""
+        summary: dict[str, set] = defaultdict(set)
+        for module, op, ins, outs in self.records:
+            # A GEMM's raw output is half natively and FP32-then-rounded when emulated: compare its
+            # inputs here and the module's output below.
+            summary[module].add((ins, () if op in GEMM_OPS else outs))
+        for module, outs in self.outputs.items():
+            summary[module].add((("output",), outs))
+        return summary
+
+    def ops(self, module: str, op: str) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        return [(ins, outs) for m, o, ins, outs in self.records if m == module and o == op]
+
+
+def trace_forward(model, inputs, policy, loss_fn=None, targets=None):
+    """Trace the forward pass (and loss) of a prepared model under mp.autocast(policy)."""
+    import mixprec as mp
+    with PrecisionTrace(model) as trace, mp.autocast(policy):
+        out = model(inputs)
+        if loss_fn is not None:
+            loss_fn(out, targets)
+    return trace

@@ -1,0 +1,147 @@
+"""The precision table, proven on the aten ops a model actually runs (recorded by a TorchDispatchMode)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mixprec as mp
+from precision_trace import GEMM_OPS as GEMMS
+from precision_trace import trace_forward
+from small_models import TinyCNN, TinyGPT, TinyRNNLM
+
+HALF = {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}
+
+
+def _lm_loss(out, targets):
+    return F.cross_entropy(out.flatten(0, 1), targets.flatten())
+
+
+def _gpt_trace(recipe, device="cpu"):
+    torch.manual_seed(0)
+    model = mp.prepare(TinyGPT().to(device), recipe)
+    idx = torch.randint(0, 64, (2, 16), device=device)
+    return trace_forward(model, idx, recipe, _lm_loss, idx)
+
+
+@pytest.mark.parametrize("recipe", ["bf16-mixed", "fp16-mixed"])
+def test_gpt_block_follows_the_table(recipe):
+    half = HALF[recipe]
+    trace = _gpt_trace(recipe)
+    for layer in ("blocks.0.qkv", "blocks.0.proj", "blocks.0.fc", "blocks.0.fc2", "blocks.1.fc"):
+        gemms = [r for r in trace.records if r[0] == layer and r[1] in GEMMS]
+        assert gemms, layer
+        for _, op, ins, outs in gemms:  # Linear: half inputs (FP32 accumulation) and a half output
+            assert set(ins) == {half}, (layer, op, ins, outs)
+        assert trace.outputs[layer] == (half,)
+    for norm in ("blocks.0.norm1", "blocks.0.norm2", "blocks.1.norm1", "norm"):
+        computed = [r for r in trace.records if r[0] == norm]
+        assert computed and all(outs == ("fp32",) for _, _, _, outs in computed), computed  # RMSNorm in FP32
+    attention = [r for r in trace.records if r[0] == "blocks.0" and r[1] in ("bmm", "_softmax")]
+    assert [op for _, op, _, _ in attention] == ["bmm", "_softmax", "bmm"]
+    (_, _, qk_in, qk_out), (_, _, sm_in, sm_out), (_, _, pv_in, pv_out) = attention
+    assert set(qk_in) == {half} and qk_out == ("fp32",)       # q @ k^T: half values, FP32 scores
+    assert sm_in == ("fp32",) and sm_out == ("fp32",)         # softmax in FP32
+    assert pv_in == ("fp32", half) and pv_out == ("fp32",)    # FP32 probabilities @ V, FP32 accumulate
+    head = trace.ops("lm_head", "mm")
+    assert head == [((half, half), ("fp32",))]                # head: half GEMM inputs, FP32 logits
+    assert trace.outputs["lm_head"] == ("fp32",) and trace.outputs["tok"] == ("fp32",)  # embeddings FP32
+    loss_ops = {op: (ins, outs) for m, op, ins, outs in trace.records if m == "" and "softmax" in op or "nll" in op}
+    assert loss_ops["_log_softmax"] == (("fp32",), ("fp32",))  # the loss on FP32 logits, in FP32
+
+
+@pytest.mark.parametrize("recipe", ["bf16-mixed", "fp16-mixed"])
+def test_cnn_batchnorm_in_fp32_conv_and_pooling_in_half(recipe):
+    half = HALF[recipe]
+    torch.manual_seed(0)
+    model = mp.prepare(TinyCNN(), recipe)
+    trace = trace_forward(model, torch.randn(4, 1, 8, 8), recipe)
+    for conv in ("conv1", "conv2"):
+        ops = [r for r in trace.records if r[0] == conv and r[1] in GEMMS]
+        assert ops and all(set(ins) == {half} for _, _, ins, _ in ops) and trace.outputs[conv] == (half,)
+    for bn in ("bn1", "bn2"):
+        ops = [r for r in trace.records if r[0] == bn and "batch_norm" in r[1]]
+        assert ops and all(outs[0] == "fp32" for _, _, _, outs in ops)
+    assert trace.outputs["pool"] == (half,) and trace.outputs["avg"] == (half,)
+    assert trace.ops("fc", "mm") == [((half, half), ("fp32",))]
+
+
+@pytest.mark.parametrize("recipe", ["bf16-mixed", "fp16-mixed"])
+def test_lstm_in_half_gru_in_fp32(recipe):
+    half = HALF[recipe]
+    torch.manual_seed(0)
+    idx = torch.randint(0, 64, (2, 8))
+    lstm = trace_forward(mp.prepare(TinyRNNLM("lstm"), recipe), idx, recipe)
+    # GEMMs of the decomposed cell, or one fused RNN kernel; zero initial states read as "bf16".
+    lstm_gemms = [r for r in lstm.records if r[0] == "rnn" and (r[1] in GEMMS or "rnn" in r[1])]
+    assert lstm_gemms and all(half in ins and set(ins) <= {half, "bf16"} for _, _, ins, _ in lstm_gemms)
+    assert set(lstm.outputs["rnn"]) == {half}
+    gru = trace_forward(mp.prepare(TinyRNNLM("gru"), recipe), idx, recipe)
+    gru_ops = [r for r in gru.records if r[0] == "rnn" and r[1] != "unsafe_split"]
+    assert gru_ops and all(outs[0] == "fp32" for _, _, _, outs in gru_ops)
+    assert set(gru.outputs["rnn"]) == {"fp32"}
+
+
+def test_user_rules_and_explain():
+    class MyScaleNorm(torch.nn.Module):
+        def forward(self, x):
+            return x / x.norm(dim=-1, keepdim=True)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 16)
+            self.scale_norm = MyScaleNorm()
+            self.out = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.out(self.scale_norm(self.fc(x)))
+
+    try:
+        mp.rules.register_norm(MyScaleNorm)
+        model = mp.prepare(Net(), "bf16-mixed")
+        trace = trace_forward(model, torch.randn(4, 16), "bf16-mixed")
+        ops = [r for r in trace.records if r[0] == "scale_norm"]
+        assert ops and all(outs == ("fp32",) for _, _, _, outs in ops)
+        text = mp.explain("bf16-mixed", model)
+        assert "scale_norm" in text and "MyScaleNorm" in text and "output cast back" in text
+    finally:
+        mp.rules.reset()
+
+
+def test_keep_fp32_by_name_and_allow_half_op():
+    try:
+        mp.rules.keep_fp32("blocks.0.fc")
+        trace = _gpt_trace("bf16-mixed")
+        assert all(outs == ("fp32",) and "bf16" not in ins[1:]
+                   for _, _, ins, outs in (r for r in trace.records if r[0] == "blocks.0.fc"))
+        mp.rules.reset()
+        mp.rules.allow_half(torch.Tensor.softmax, torch.softmax)
+        trace = _gpt_trace("bf16-mixed")
+        assert trace.ops("blocks.0", "_softmax")[0][1] == ("bf16",)
+    finally:
+        mp.rules.reset()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("recipe", ["bf16-mixed", "fp16-mixed"])
+def test_cpu_and_cuda_apply_the_same_table(recipe):
+    """The same model computes every op in the same precision on the CPU and on CUDA."""
+    for make, inputs, loss in [
+        (TinyGPT, lambda d: torch.randint(0, 64, (2, 16), device=d), _lm_loss),
+        (TinyCNN, lambda d: torch.randn(4, 1, 8, 8, device=d), None),
+        (lambda: TinyRNNLM("lstm"), lambda d: torch.randint(0, 64, (2, 8), device=d), None),
+        (lambda: TinyRNNLM("gru"), lambda d: torch.randint(0, 64, (2, 8), device=d), None),
+    ]:
+        summaries = []
+        for device in ("cpu", "cuda"):
+            torch.manual_seed(0)
+            model = mp.prepare(make().to(device), recipe)
+            torch.manual_seed(1)
+            x = inputs(device)
+            summaries.append(trace_forward(model, x, recipe, loss, x).by_module())
+        cpu, cuda = summaries
+        for module in set(cpu) | set(cuda):
+            # RNN kernels differ in how they split their work, not in precision: compare output precisions.
+            if module == "rnn":
+                assert {o for _, outs in cpu[module] for o in outs} == {o for _, outs in cuda[module] for o in outs}
+            else:
+                assert cpu[module] == cuda[module], (make, module, cpu[module] ^ cuda[module])
