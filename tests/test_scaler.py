@@ -711,3 +711,21 @@ def test_state_dict_loads_after_first_scale_and_interoperates_with_grad_scaler()
     assert back.state_dict() == ref.state_dict()
     with pytest.raises(RuntimeError, match="empty"):
         LossScaler().load_state_dict({})
+
+
+def test_found_inf_from_several_devices_is_exactly_one():
+    """torch's fused optimizers skip only when found_inf == 1.0, so per-device flags combine by max, not sum
+    (two CPU keys stand in for two GPUs)."""
+    from mixprec.scaler import _OptimizerState
+    scaler = LossScaler()
+    scaler.scale(torch.randn(()))
+    state = _OptimizerState()
+    scaler._record(state, {"cuda:0": torch.tensor(1.0), "cuda:1": torch.tensor(1.0)})
+    assert state.found_inf.item() == 1.0
+    param = nn.Parameter(torch.randn(5))
+    param.grad = torch.randn(5)
+    opt = torch.optim.AdamW([param], lr=0.1, fused=True)
+    before = param.detach().clone()
+    opt.grad_scale, opt.found_inf = None, state.found_inf
+    opt.step()
+    assert torch.equal(param, before)

@@ -394,7 +394,8 @@ class LossScaler:
         """Combine the per-device found_inf onto the scale's device and share it across ranks."""
         state.found_inf_per_device = found_inf_per_device
         found = [f.to(self._scale.device, non_blocking=True) for f in found_inf_per_device.values()]
-        found_inf = torch.stack(found).sum() if found else torch.zeros_like(self._scale)
+        # Max, not sum: torch's fused optimizers skip only when found_inf is exactly 1.0.
+        found_inf = torch.stack(found).amax() if found else torch.zeros_like(self._scale)
         if self._process_group is not None:
             import torch.distributed as dist
             group = None if self._process_group == "default" else self._process_group
@@ -409,6 +410,7 @@ class LossScaler:
         hysteresis = torch.where(overflow, self._hysteresis_tracker - 1, self._hysteresis_tracker)
         backed_off = (scale.to(wide) * self._backoff_factor).float().clamp(min=self._min_scale)
         next_count = self._growth_tracker + 1
+        # >= rather than GradScaler's ==: a growth_interval lowered mid-run still lets the scale grow.
         grow = ~overflow & (next_count >= self._growth_interval)
         grown = (scale.to(wide) * self._growth_factor).float().clamp(max=self._max_scale)
         grown = torch.where(torch.isfinite(grown), grown, scale)          # never grow into inf
