@@ -35,10 +35,12 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
+
+__all__ = ["LossScaler"]
 
 Losses = Union[torch.Tensor, list, tuple]
 _READY, _UNSCALED, _STEPPED = "ready", "unscaled", "stepped"
@@ -53,8 +55,7 @@ class _OptimizerState:
     """Where one optimizer is in the current iteration, and what its inf check found."""
 
     stage: str = _READY
-    found_inf: torch.Tensor | None = None       # FP32 0-dim on the scale's device; > 0 means overflow
-    found_inf_per_device: dict = field(default_factory=dict)
+    found_inf: torch.Tensor | None = None       # FP32 0-dim on the scale's device; 1.0 means overflow
 
 
 class LossScaler:
@@ -199,7 +200,7 @@ class LossScaler:
         if state.stage == _STEPPED:
             raise RuntimeError("unscale_() is being called after step(); call unscale_() before step() "
                                "(e.g. to clip), and update() at the end of the iteration")
-        # The reciprocal in FP64 then rounded, as GradScaler: FP32 division can be off by an ulp.
+        # The reciprocal in FP64, rounded once to FP32, as GradScaler does: unscaled grads then match it bitwise.
         inv_scale = self._scale.double().reciprocal().float()
         self._record(state, _unscale_grads_(optimizer, inv_scale, allow_fp16=False))
         state.stage = _UNSCALED
@@ -207,7 +208,8 @@ class LossScaler:
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Unscale (unless unscale_ was called), then run optimizer.step(*args, **kwargs) unless the gradients
         overflowed. Returns whether the step ran as a 0-dim bool tensor on the scale's device: no sync until
-        the caller asks (`bool(ran)`, `ran.item()`). Closures are not supported while enabled."""
+        the caller asks (`bool(ran)`, `ran.item()`); a CPU True when disabled. Closures are not supported
+        while enabled."""
         if not self._enabled:
             optimizer.step(*args, **kwargs)
             return torch.tensor(True)
@@ -375,12 +377,14 @@ class LossScaler:
 
     # ---- internals -------------------------------------------------------------------------------------
     def _lazy_init(self, device: torch.device) -> None:
-        init = self._init
-        self._scale = torch.full((), init["scale"], dtype=torch.float32, device=device)
-        self._growth_tracker = torch.full((), init["growth"], dtype=torch.int32, device=device)
-        self._hysteresis_tracker = torch.full((), init["hysteresis"], dtype=torch.int32, device=device)
-        self._num_skipped = torch.full((), init["skipped"], dtype=torch.int64, device=device)
-        self._num_at_min = torch.full((), init["at_min"], dtype=torch.int64, device=device)
+        """Create the device state from self._init, or refill it in place (tensors handed out stay live)."""
+        for name, key, dtype in (("_scale", "scale", torch.float32), ("_growth_tracker", "growth", torch.int32),
+                                 ("_hysteresis_tracker", "hysteresis", torch.int32),
+                                 ("_num_skipped", "skipped", torch.int64), ("_num_at_min", "at_min", torch.int64)):
+            if getattr(self, name) is None:
+                setattr(self, name, torch.full((), self._init[key], dtype=dtype, device=device))
+            else:
+                getattr(self, name).fill_(self._init[key])
 
     def _require_scale(self, method: str) -> None:
         if self._scale is None:
@@ -392,7 +396,6 @@ class LossScaler:
 
     def _record(self, state: _OptimizerState, found_inf_per_device: dict) -> None:
         """Combine the per-device found_inf onto the scale's device and share it across ranks."""
-        state.found_inf_per_device = found_inf_per_device
         found = [f.to(self._scale.device, non_blocking=True) for f in found_inf_per_device.values()]
         # Max, not sum: torch's fused optimizers skip only when found_inf is exactly 1.0.
         found_inf = torch.stack(found).amax() if found else torch.zeros_like(self._scale)
