@@ -301,6 +301,34 @@ def test_gradient_accumulation_matches_grad_scaler():
         _assert_same(a[1], b[1])
 
 
+def test_gradient_penalty_matches_grad_scaler():
+    """PyTorch's gradient-penalty recipe: autograd.grad of the scaled loss, unscaled by hand, then a penalty."""
+    model, opt, ref_model, ref_opt = _twins(OPTIMIZERS["adamw"])
+    data = _data(8)
+
+    def run(scaler, model, opt):
+        trace = []
+        for step, (x, y) in enumerate(data):
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            grads = torch.autograd.grad(scaler.scale(loss), list(model.parameters()), create_graph=True)
+            inv_scale = 1.0 / scaler.get_scale()
+            penalty = torch.stack([(g * inv_scale).pow(2).sum() for g in grads]).sum().sqrt()
+            scaler.scale(loss + penalty).backward()
+            if step == 3:
+                _inject(list(model.parameters()), "inf", step)
+            scaler.step(opt)
+            scaler.update()
+            trace.append((scaler.get_scale(), _snapshot(model, opt)))
+        return trace
+
+    ours = run(LossScaler(init_scale=2.0**10, growth_interval=2, **NO_BOUNDS), model, opt)
+    ref = run(_grad_scaler(init_scale=2.0**10, growth_interval=2), ref_model, ref_opt)
+    assert [s for s, _ in ours] == [s for s, _ in ref]
+    for (_, a), (_, b) in zip(ours, ref):
+        _assert_same(a, b)
+
+
 def test_unscale_before_clipping_clips_the_true_gradients():
     model = _mlp()
     plain = copy.deepcopy(model)
@@ -702,8 +730,10 @@ def test_state_dict_round_trip_equals_the_uninterrupted_run():
 def test_state_dict_loads_after_first_scale_and_interoperates_with_grad_scaler():
     ours = LossScaler(init_scale=2.0**10, growth_interval=7)
     ours.scale(torch.randn(()))                                  # state already on the device
+    handed_out = ours.scale_tensor
     ref = _grad_scaler(init_scale=2.0**3, growth_factor=3.0, backoff_factor=0.25, growth_interval=5)
     ours.load_state_dict(ref.state_dict())
+    assert ours.scale_tensor is handed_out and handed_out.item() == 8.0      # refilled in place
     assert ours.get_scale() == 8.0 and ours.get_growth_factor() == 3.0 and ours.get_backoff_factor() == 0.25
     assert ours.get_growth_interval() == 5
     back = _grad_scaler()
