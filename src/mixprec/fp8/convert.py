@@ -64,7 +64,7 @@ def default_filter(model: nn.Module, config: Float8Config) -> Callable[[str, nn.
             return "output head (weight tied to an embedding)"
         if leaf in _HEAD_NAMES:
             return f"output head (named {leaf!r})"
-        if name == last:
+        if name == last and name:   # a bare Linear converted on its own is no model's head
             return "output head (the last Linear)"
         if name in in_mha:
             return "inside nn.MultiheadAttention (its forward reads the weights directly)"
@@ -112,25 +112,35 @@ def convert(model: nn.Module, config: Float8Config | None = None, filter: Filter
         if reason is None:
             new = swapped.setdefault(id(module), Float8Linear.from_linear(module, config))
             if not name:
-                new._mixprec_fp8_report = [Fp8Decision(name, module.in_features, module.out_features, True,
-                                                       f"converted ({config.recipe})")]
+                new._mixprec_fp8_report = Fp8Report([Fp8Decision(name, module.in_features, module.out_features,
+                                                                 True, f"converted ({config.recipe})")])
                 return new
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, new)
         decisions.append(Fp8Decision(name, module.in_features, module.out_features, reason is None,
                                      reason or f"converted ({config.recipe})"))
-    model._mixprec_fp8_report = decisions
+    model._mixprec_fp8_report = Fp8Report(decisions)
     return model
 
 
-def report(model: nn.Module) -> list[Fp8Decision]:
+class Fp8Report(list):
+    """The list of Fp8Decision that convert records; prints as a table."""
+
+    def __str__(self) -> str:
+        return _table(self)
+
+
+def report(model: nn.Module) -> Fp8Report:
     """The decisions the last `convert` recorded on `model` (empty if it was never converted)."""
-    return list(getattr(model, "_mixprec_fp8_report", []))
+    return Fp8Report(getattr(model, "_mixprec_fp8_report", []))
 
 
 def describe(model: nn.Module) -> str:
     """A table of the model's Linear layers: FP8 or kept in high precision, and why."""
-    rows = report(model)
+    return _table(report(model))
+
+
+def _table(rows: list[Fp8Decision]) -> str:
     if not rows:
         return "no FP8 conversion recorded (call mixprec.fp8.convert first)"
     width = max(len(r.name or "<model>") for r in rows)

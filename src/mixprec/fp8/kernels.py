@@ -48,8 +48,16 @@ def _scale(amax, FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr):
 
 @triton.jit
 def _codes(x, s, FMAX: tl.constexpr, OUT: tl.constexpr):
-    v = tl.div_rn(x, s)
-    return tl.minimum(tl.maximum(v, -FMAX), FMAX).to(OUT)  # saturate, then round to nearest even
+    # x / s rounded to odd (as quantize.odd_quotient; the FMA gives the division's exact remainder),
+    # then saturated and rounded to nearest even: one correct rounding of the exact quotient
+    r = tl.div_rn(x, s)
+    remainder = tl.fma(-r, s, x)
+    bits = r.to(tl.int32, bitcast=True)
+    inexact_even = (remainder != 0) & ((bits & 1) == 0) & (r != 0)
+    away_from_zero = (remainder > 0) == (r > 0)
+    bits = tl.where(inexact_even, tl.where(away_from_zero, bits + 1, bits - 1), bits)
+    v = bits.to(tl.float32, bitcast=True)
+    return tl.minimum(tl.maximum(v, -FMAX), FMAX).to(OUT)
 
 
 @triton.jit

@@ -8,9 +8,13 @@ torch._scaled_mm). For a group of values G (the whole tensor, a row, a 1x128 til
     scale = 2 ** ceil(log2(scale))               (power_of_2 only: exact scaling, never overflows)
     q     = saturate(x / scale) rounded to fmt   (FP32 division, then round-to-nearest-even)
 
-Both divisions are correctly rounded FP32 operations whose results are then rounded again; FP32 carries
-more than 2p+2 bits for the p <= 4 bits of an FP8 significand, so the double rounding is innocuous and
-scales and codes equal a float64 computation exactly (tests/test_fp8_quantize.py checks it).
+Exactness: scales and codes equal a float64 computation (tests/test_fp8_quantize.py). The scale's
+FP32 division of FP32 operands is correctly rounded (and float64 has over 2*24+2 bits, so rounding its
+quotient to FP32 gives the same). The codes' quotient x / scale is rounded twice, to FP32 and then to
+FP8, which can go wrong when the FP32 quotient lands exactly on a tie of the FP8 grid. So the FP32
+quotient is rounded to odd instead (when inexact and even, step one ulp towards the exact quotient,
+whose side the exact remainder x - r * scale tells): round-to-odd with 24 >= 4 + 2 bits followed by
+round-to-nearest-even is one correct rounding.
 
 Scale shapes, for x of shape (..., K) (colwise and 128x128 take 2-D x of shape (R, K)); b = block_size:
 
@@ -134,20 +138,34 @@ def quantize(x: torch.Tensor, fmt: str | torch.dtype | Format = "fp8_e4m3", gran
     return q, scale
 
 
+def odd_quotient(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x / s in FP32 rounded to odd (see the module docstring); x and s FP32, s > 0, broadcastable.
+
+    The remainder x - r * s is exact in float64 (r * s has 48 bits, and the difference is under an
+    FP32 ulp of x), so its sign says on which side of r the exact quotient lies.
+    """
+    r = x / s
+    remainder = x.double() - r.double() * s.double()
+    bits = r.view(torch.int32)
+    inexact_even = (remainder != 0) & ((bits & 1) == 0) & (r != 0)
+    away_from_zero = (remainder > 0) == (r > 0)
+    return torch.where(inexact_even, torch.where(away_from_zero, bits + 1, bits - 1), bits).view(torch.float32)
+
+
 def _divide(x: torch.Tensor, scale: torch.Tensor, granularity: str, b: int) -> torch.Tensor:
-    """x / scale with the scale broadcast over its group, by reshaping x into tiles (no expanded copy)."""
+    """x / scale (rounded to odd) with the scale broadcast over its group by reshaping x into tiles."""
     if granularity not in ("1x128", "128x128"):
-        return x / scale
+        return odd_quotient(x, scale)
     k = x.shape[-1]
     nk = _ceil_div(k, b)
     if granularity == "1x128":
         xp = F.pad(x, (0, nk * b - k)) if k % b else x
-        y = (xp.reshape(*x.shape[:-1], nk, b) / scale.unsqueeze(-1)).reshape(*x.shape[:-1], nk * b)
+        y = odd_quotient(xp.reshape(*x.shape[:-1], nk, b), scale.unsqueeze(-1)).reshape(*x.shape[:-1], nk * b)
         return y[..., :k] if k % b else y
     r = x.shape[0]
     nr = _ceil_div(r, b)
     xp = F.pad(x, (0, nk * b - k, 0, nr * b - r)) if (k % b or r % b) else x
-    y = (xp.reshape(nr, b, nk, b) / scale[:, None, :, None]).reshape(nr * b, nk * b)
+    y = odd_quotient(xp.reshape(nr, b, nk, b), scale[:, None, :, None]).reshape(nr * b, nk * b)
     return y[:r, :k] if (k % b or r % b) else y
 
 
