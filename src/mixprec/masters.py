@@ -28,6 +28,10 @@ class MasterWeights(torch.optim.Optimizer):
     params carry no .grad after backward, their gradient lives on the master.
     """
 
+    # The LossScaler must unscale the masters' grads itself: a fused inner optimizer would look for
+    # grad_scale/found_inf on itself, not on this wrapper.
+    _step_supports_amp_scaling = False
+
     def __init__(self, optimizer: torch.optim.Optimizer):
         if isinstance(optimizer, MasterWeights):
             raise ValueError("this optimizer already has master weights")

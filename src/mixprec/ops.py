@@ -60,9 +60,11 @@ class _HalfInputsFP32Output(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, compute_dtype):
-        xh = x.reshape(-1, x.shape[-1]).to(compute_dtype)
-        wh = weight.to(compute_dtype)
-        with torch.autocast(x.device.type, enabled=False):  # the casts above are the whole policy
+        # With autocast off, mp.autocast's mode leaves these casts alone: real half tensors, also when FP16
+        # is emulated, so that the backward's half GEMMs see half gradients.
+        with torch.autocast(x.device.type, enabled=False):
+            xh = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+            wh = weight.to(compute_dtype)
             out = _gemm(xh, wh.t(), torch.float32)
             if bias is not None:
                 out = out + bias.float()

@@ -1,0 +1,132 @@
+"""prepare(): parameter casts, roles, idempotence, master weights, policies and bad input."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mixprec as mp
+from small_models import MLP, TinyCNN, TinyGPT, TinyRNNLM
+
+
+def test_recipes_and_policy_validation():
+    assert set(mp.recipes()) >= {"fp32", "fp16-mixed", "bf16-mixed", "fp16-true", "bf16-true", "fp8-tensorwise",
+                                 "fp8-rowwise", "fp8-blockwise"}
+    with pytest.raises(ValueError, match=r"Unknown recipe 'bf16mixed'; choose one of: fp32, fp16-mixed, bf16-mixed"):
+        mp.Policy.from_recipe("bf16mixed")
+    with pytest.raises(ValueError, match="param_dtype must be one of"):
+        mp.Policy(param_dtype=torch.int8)
+    with pytest.raises(ValueError, match="master_weights=True needs half-precision parameters"):
+        mp.Policy(master_weights=True)
+    with pytest.raises(ValueError, match="loss_scale must be 'dynamic', 'none' or a positive number"):
+        mp.Policy(loss_scale="auto")
+    with pytest.raises(ValueError, match="positive finite"):
+        mp.Policy(loss_scale=-1.0)
+    assert mp.Policy.from_recipe("fp16-mixed", loss_scale=128).loss_scale == 128.0
+
+
+def test_true_recipes_cast_params_but_keep_the_table_in_fp32():
+    model = mp.prepare(TinyGPT(), "bf16-true")
+    assert model.blocks[0].qkv.weight.dtype == torch.bfloat16
+    for kept in (model.tok.weight, model.pos.weight, model.norm.weight, model.blocks[0].norm1.weight,
+                 model.lm_head.weight):
+        assert kept.dtype == torch.float32
+    cnn = mp.prepare(TinyCNN(), "fp16-true")
+    assert cnn.conv1.weight.dtype == torch.float16 and cnn.bn1.weight.dtype == torch.float32
+    assert cnn.bn1.running_mean.dtype == torch.float32
+
+
+def test_head_roles():
+    assert mp.prepare(TinyGPT(), "bf16-mixed")._mixprec_plan  # the plan is recorded
+    roles = mp.prepare.__globals__["find_roles"](TinyGPT())
+    assert roles["lm_head"] == "head" and roles["tok"] == roles["pos"] == "embedding"
+    tied = TinyGPT()
+    tied.lm_head.weight = tied.tok.weight
+    tied.extra = torch.nn.Linear(32, 32)  # registered last, but the tied Linear is the head
+    assert mp.prepare.__globals__["find_roles"](tied)["lm_head"] == "head"
+    model = mp.prepare(MLP(), "bf16-mixed", head="fc2")
+    assert {p.name: p.role for p in model._mixprec_plan}["fc2"] == "head"
+    with pytest.raises(ValueError, match="No module named 'nope'.*fc1"):
+        mp.prepare(MLP(), "bf16-mixed", head="nope")
+
+
+def test_prepare_is_idempotent_and_keeps_state_dict_keys():
+    model = TinyGPT()
+    keys = list(model.state_dict())
+    prepared = mp.prepare(model, "bf16-mixed")
+    again = mp.prepare(prepared, mp.Policy.from_recipe("bf16-mixed"))
+    assert again is model and list(model.state_dict()) == keys
+    assert type(model.norm).__name__ == "RMSNorm"  # the rule subclass keeps the name
+    with pytest.raises(ValueError, match="already prepared"):
+        mp.prepare(model, "fp16-mixed")
+    clone = copy.deepcopy(model)  # rule classes survive deepcopy (EMA models)
+    x = torch.randint(0, 64, (2, 16))
+    with mp.autocast("bf16-mixed"):
+        assert torch.equal(clone(x), model(x))
+
+
+def test_fp16_true_with_master_weights_trains():
+    torch.manual_seed(0)
+    policy = mp.Policy.from_recipe("fp16-true")
+    model = mp.prepare(MLP(), policy)
+    assert model.fc2.weight.dtype == torch.float16
+    optimizer = mp.MasterWeights(torch.optim.Adam(model.parameters(), lr=3e-3))
+    scaler = mp.LossScaler.for_policy(policy)
+    x = torch.randn(256, 32)
+    y = torch.tanh(x[:, :8])
+    first = None
+    for step in range(60):
+        with mp.autocast(policy):
+            loss = F.mse_loss(model(x), y)
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        assert model.fc2.weight.grad is None  # the half gradient went to the master and was freed
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(mp.master_params(optimizer), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+    assert loss.item() < 0.3 * first
+    masters = list(mp.master_params(optimizer))
+    assert all(m.dtype == torch.float32 for m in masters)
+    # the model holds the masters rounded to FP16
+    assert torch.equal(model.fc2.weight, masters[[i for i, p in enumerate(model.parameters())
+                                                  if p is model.fc2.weight][0]].half())
+    state = optimizer.state_dict()
+    optimizer.load_state_dict(state)
+
+
+def test_master_weights_guard_rails():
+    model = mp.prepare(MLP(), "fp16-true")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapped = mp.MasterWeights(opt)
+    with pytest.raises(ValueError, match="already has master weights"):
+        mp.MasterWeights(wrapped)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        mp.MasterWeights(model)
+
+
+def test_bad_input():
+    class Counts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.zeros(4, dtype=torch.long), requires_grad=False)
+
+    with pytest.raises(ValueError, match="no floating-point parameters"):
+        mp.prepare(Counts(), "bf16-mixed")
+    with pytest.raises(TypeError, match="nn.Module"):
+        mp.prepare("model", "bf16-mixed")
+    with pytest.raises(ValueError, match="Unknown recipe"):
+        mp.prepare(MLP(), "fp12")
+    with pytest.raises(ValueError, match="choose one of: cpu, cuda"):
+        with mp.autocast("bf16-mixed", device_type="tpu"):
+            pass
+    with pytest.raises(TypeError, match="floating-point"):
+        mp.formats.round_to(torch.arange(3), "bf16")
+
+
+def test_explain_lists_rules_and_modules():
+    text = mp.explain("fp16-mixed", TinyRNNLM("gru"))
+    assert "RNN, GRU" in text and "recurrence accumulates error" in text
+    assert "rnn" in text and "GRU" in text and "head" in text
+    assert "pure half" in mp.explain(mp.Policy.from_opt_level("O3"))
