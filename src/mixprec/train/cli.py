@@ -1,0 +1,230 @@
+"""The `mixprec` command: `recipes`, `train` and `compare` (also `python -m mixprec`).
+
+Mistakes a user can make (an unknown model, recipe or device, --device cuda without a GPU, --steps 0,
+resuming a run of another model or recipe, a missing corpus) end with one line naming the valid
+choices and exit code 2, never a traceback. Ctrl-C during `train` saves a checkpoint and exits 130.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from mixprec.policy import Policy, recipes
+from mixprec.train.config import DEVICES, TASKS, TrainConfig, resumed_config
+from mixprec.train.models import MODELS
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130     # 128 + SIGINT, the shell's convention
+COMPARE_STEPS = 300        # the default main job: a few hundred steps, a loss well below the byte-unigram entropy
+COMPARE_EVALS = 6          # validation points on compare's curves
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its environment: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        raise UsageError(message)
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by train and compare. Defaults are None: TrainConfig's defaults apply, and a
+    resumed run can tell which flags were given."""
+    p.add_argument("--model", help=f"one of: {', '.join(MODELS)} (default gpt)")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, help="sequences (or images) per step (default 16)")
+    p.add_argument("--lr", type=float, help="peak learning rate of AdamW (default 2e-3)")
+    p.add_argument("--device", help=f"one of: {', '.join(DEVICES)} (default cpu)")
+    p.add_argument("--seed", type=int, help="initial weights and batch order (default 0)")
+    p.add_argument("--task", help=f"one of: {', '.join(TASKS)}; small-grad multiplies the loss by 2**-14")
+    p.add_argument("--eval-every", type=int, help="validate every N steps")
+    p.add_argument("--eval-batches", type=int, help="validation batches (default 8)")
+    p.add_argument("--log-every", type=int, help="read the loss and write metrics every N steps (default 10)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
+    p.add_argument("--grad-clip", type=float, help="global gradient-norm clip (default 1.0)")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps (default 10%% of steps)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    sizes = p.add_argument_group("model sizes (defaults fit a 2-core CPU)")
+    sizes.add_argument("--n-layer", type=int, help="GPT blocks / RNN layers (GPT 4, RNN 1)")
+    sizes.add_argument("--n-head", type=int, help="GPT attention heads (4)")
+    sizes.add_argument("--d-model", type=int, help="GPT width / RNN embedding width (128)")
+    sizes.add_argument("--seq-len", type=int, help="context length in bytes (128)")
+    sizes.add_argument("--positions", help="GPT positions: learned or rotary (learned)")
+    sizes.add_argument("--head", help="GPT output head: tied (to the token embedding) or separate (tied)")
+    sizes.add_argument("--attention", help="GPT attention: manual (mixprec.ops.attention, FP32 softmax) or sdpa "
+                                           "(torch's fused kernel) (manual)")
+    sizes.add_argument("--channels", type=int, help="CNN channels (32)")
+    sizes.add_argument("--hidden", type=int, help="LSTM/GRU hidden size (256)")
+
+
+_CONFIG_FLAGS = ("model", "steps", "batch_size", "lr", "device", "seed", "task", "eval_every", "eval_batches",
+                 "log_every", "weight_decay", "grad_clip", "warmup", "n_layer", "n_head", "d_model", "seq_len",
+                 "positions", "head", "attention", "channels", "hidden")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mixprec", description="Mixed precision training for PyTorch: FP16, BF16 and FP8.")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{recipes,train,compare}")
+    commands.add_parser("recipes", help="list the named recipes (precision policies)")
+
+    train = commands.add_parser("train", help="train one model under one recipe",
+                                description="Train a model on embedded data (the Python standard library's "
+                                            "source for gpt/lstm/gru, the UCI digits for cnn) under a recipe.")
+    train.add_argument("--recipe", help="a recipe from `mixprec recipes` (default bf16-mixed)")
+    _add_run_arguments(train)
+    train.add_argument("--ckpt-every", type=int, help="checkpoint every N steps; 0: only at the end (default 500)")
+    train.add_argument("--out", help="output directory (default runs/<model>-<recipe>)")
+    train.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint is in DIR")
+
+    compare = commands.add_parser("compare", help="the same run under several recipes, side by side",
+                                  description="Train the same model, seed, data order and steps under each "
+                                              "recipe; print a table and write table.md/.csv, curves.json "
+                                              "and loss_curves.png.")
+    compare.add_argument("--recipes", default=",".join(_default_recipes()),
+                         help="comma-separated recipes (default %(default)s)")
+    _add_run_arguments(compare)
+    compare.add_argument("--out", help="output directory (default runs/compare-<model>[-<task>])")
+    return parser
+
+
+def _default_recipes() -> tuple[str, ...]:
+    from mixprec.train.experiments import DEFAULT_RECIPES
+    return DEFAULT_RECIPES
+
+
+def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k, None) is not None}
+
+
+def _require_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device cuda needs a CUDA GPU, but torch {torch.__version__} sees none "
+                         f"(torch.cuda.is_available() is False); use --device cpu")
+
+
+# ---- commands ----------------------------------------------------------------------------------
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    width = max(len(name) for name in recipes())
+    for name in recipes():
+        print(f"{name:<{width}}  {Policy.from_recipe(name).describe()}")
+    return 0
+
+
+def _setup_train(args: argparse.Namespace):
+    from mixprec.train.checkpoint import load_checkpoint
+    from mixprec.train.trainer import Trainer
+
+    overrides = _config_overrides(args)
+    if args.recipe is not None:
+        overrides["recipe"] = args.recipe
+    if args.ckpt_every is not None:
+        overrides["ckpt_every"] = args.ckpt_every
+    state = None
+    if args.resume is not None:
+        state = load_checkpoint(args.resume)
+        overrides["out"] = args.out or args.resume
+        cfg = resumed_config(state["config"], overrides, args.resume)
+    else:
+        model, recipe = overrides.get("model", "gpt"), overrides.get("recipe", "bf16-mixed")
+        overrides["out"] = args.out or str(Path("runs") / f"{model}-{recipe}")
+        cfg = TrainConfig(**overrides)
+    _require_device(cfg.device)
+    return Trainer(cfg, resume=state, progress=not args.quiet)
+
+
+def _setup(setup, args: argparse.Namespace):
+    """Run a command's set-up; the errors a user causes there (bad values, a missing corpus or
+    checkpoint) become UsageErrors. Errors while training are not caught: they are bugs to see."""
+    try:
+        return setup(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    trainer = _setup(_setup_train, args)
+    cfg = trainer.cfg
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    print(f"mixprec train: {cfg.model} ({n_params:,} parameters), recipe {cfg.recipe} "
+          f"({trainer.policy.describe()}), {cfg.steps} steps on {cfg.device}"
+          + (f", resuming at step {trainer.step}" if trainer.step else "") + f"; output in {cfg.out}", flush=True)
+    summary = trainer.run()
+    scale = "-" if summary.final_scale is None else f"{summary.final_scale:g}"
+    print(f"done: step {summary.steps_done}, train loss {summary.final_train_loss:.4f}, validation loss "
+          f"{summary.final_val_loss:.4f}, {summary.items_per_s:,.0f} {summary.item_name}/s, "
+          f"{summary.skipped_steps} steps skipped, loss scale {scale}")
+    print(f"checkpoint: {Path(cfg.out) / 'checkpoint.pt'}; metrics: {Path(cfg.out) / 'metrics.jsonl'}")
+    return 0
+
+
+def _setup_compare(args: argparse.Namespace) -> tuple[TrainConfig, list[str], Path]:
+    from mixprec.train.data import batches_for
+    from mixprec.train.experiments import parse_recipes
+
+    names = parse_recipes(args.recipes)
+    overrides = _config_overrides(args)
+    overrides.setdefault("steps", COMPARE_STEPS)
+    overrides.setdefault("eval_every", max(1, overrides["steps"] // COMPARE_EVALS))
+    model, task = overrides.get("model", "gpt"), overrides.get("task", "default")
+    out = Path(args.out or Path("runs") / ("compare-" + model + ("" if task == "default" else f"-{task}")))
+    base = TrainConfig(**overrides, recipe=names[0], out=str(out), ckpt_every=0)
+    _require_device(base.device)
+    batches_for(base.model, batch_size=base.batch_size, seq_len=base.seq_len_or_default, seed=base.seed)  # data present?
+    return base, names, out
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mixprec.train.experiments import run_comparison
+    from mixprec.train.report import describe, markdown_table, write_outputs
+
+    base, names, out = _setup(_setup_compare, args)
+    print(f"mixprec compare: {base.model}, recipes {', '.join(names)}, {base.steps} steps each on {base.device}; "
+          f"output in {out}", flush=True)
+    comparison = run_comparison(base, names, out, progress=not args.quiet)
+    paths = write_outputs(comparison, out)
+    print()
+    print(describe(comparison))
+    print()
+    print(markdown_table(comparison))
+    print()
+    print(f"table: {paths['table_md']} and {paths['table_csv']}; curves: {paths['curves']}")
+    print(f"plot: {paths['plot']}" if paths["plot"] else "plot: not written (matplotlib is not installed)")
+    return 0
+
+
+_COMMANDS = {"recipes": _cmd_recipes, "train": _cmd_train, "compare": _cmd_compare}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `mixprec` command line; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        return _usage_error(_subcommand(argv), str(e))
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return _COMMANDS[args.command](args)
+    except UsageError as e:
+        return _usage_error(args.command, str(e))
+    except KeyboardInterrupt:
+        print("mixprec: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _subcommand(argv: Sequence[str] | None) -> str:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return next((a for a in argv if a in _COMMANDS), "")
+
+
+def _usage_error(command: str, message: str) -> int:
+    prefix = f"mixprec {command}" if command else "mixprec"
+    print(f"{prefix}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE

@@ -1,0 +1,118 @@
+"""TrainConfig: everything that defines a training run, validated; and what a resume may change."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mixprec.policy import recipes
+from mixprec.train.models import MODELS, ModelConfig, model_config
+
+DEVICES = ("cpu", "cuda")
+TASKS = ("default", "small-grad")
+# The small-gradient task multiplies the loss by 2**-14 (~6.1e-5). Typical activation gradients of the
+# default GPT are 1e-7..1e-3; times 2**-14 they fall below FP16's smallest subnormal (2**-24 ~ 6e-8) and
+# flush to zero without loss scaling, while the default dynamic scale (2**16) brings them back into
+# FP16's normal range. A power of two, so FP32 runs are exactly the default task's (Adam's eps and the
+# clipping threshold are multiplied by the same factor, and Adam is invariant to the gradients' scale).
+SMALL_GRAD_FACTOR = 2.0 ** -14
+
+# Fields that fix the trajectory or the tensor shapes: a resumed run must match the checkpoint on these.
+RESUME_MUST_MATCH = ("model", "recipe", "seed", "batch_size", "task", "n_layer", "n_head", "d_model", "seq_len",
+                     "positions", "head", "attention", "channels", "hidden")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training run. Model sizes left as None take the model's defaults (see models.py)."""
+
+    model: str = "gpt"
+    recipe: str = "bf16-mixed"
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 2e-3            # AdamW peak LR; small byte-level models tolerate 1e-3..3e-3
+    weight_decay: float = 0.1   # on matrices only; 0.1 also keeps BF16 runs converging (REFERENCE.md 1)
+    grad_clip: float = 1.0      # global norm clip: the usual GPT setting
+    warmup: int | None = None   # linear warm-up steps; None: 10 % of steps
+    device: Literal["cpu", "cuda"] = "cpu"
+    seed: int = 0
+    task: Literal["default", "small-grad"] = "default"
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    ckpt_every: int = 500       # checkpoint cadence in steps; 0: only at the end (and on Ctrl-C)
+    out: str = "runs/train"
+    # model sizes (None: the model's default)
+    n_layer: int | None = None
+    n_head: int | None = None
+    d_model: int | None = None
+    seq_len: int | None = None
+    positions: str | None = None
+    head: str | None = None
+    attention: str | None = None
+    channels: int | None = None
+    hidden: int | None = None
+
+    def __post_init__(self) -> None:
+        _choice("model", self.model, MODELS)
+        _choice("recipe", self.recipe, tuple(recipes()))
+        _choice("device", self.device, DEVICES)
+        _choice("task", self.task, TASKS)
+        for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if self.ckpt_every < 0:
+            raise ValueError(f"ckpt_every must be >= 0 (0: only at the end); got {self.ckpt_every}")
+        if self.warmup is not None and not 0 <= self.warmup <= self.steps:
+            raise ValueError(f"warmup must lie in [0, steps={self.steps}]; got {self.warmup}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive; got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip <= 0:
+            raise ValueError(f"weight_decay must be >= 0 and grad_clip > 0; got {self.weight_decay}, {self.grad_clip}")
+        self.model_config()  # validates the sizes (e.g. d_model a multiple of n_head)
+
+    def model_config(self) -> ModelConfig:
+        return model_config(self.model, **{f: getattr(self, f) for f in
+                                           ("n_layer", "n_head", "d_model", "seq_len", "positions", "head",
+                                            "attention", "channels", "hidden")})
+
+    @property
+    def seq_len_or_default(self) -> int:
+        return getattr(self.model_config(), "seq_len", 1)
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup is not None else self.steps // 10
+
+    @property
+    def loss_factor(self) -> float:
+        return SMALL_GRAD_FACTOR if self.task == "small-grad" else 1.0
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resumed_config(saved: dict[str, Any], overrides: dict[str, Any], resume_dir: str) -> TrainConfig:
+    """The config of a resumed run: the checkpoint's, with the given overrides.
+
+    Overrides of the fields in RESUME_MUST_MATCH must equal the checkpoint's (else ValueError naming
+    both); the rest (steps, lr, device, cadences, out) may change.
+    """
+    for name in RESUME_MUST_MATCH:
+        if name in overrides and overrides[name] is not None and overrides[name] != saved.get(name):
+            raise ValueError(f"--resume {resume_dir} holds a run with {name}={saved.get(name)!r} "
+                             f"(model {saved.get('model')}, recipe {saved.get('recipe')}); this run asks for "
+                             f"{name}={overrides[name]!r}: drop that flag, or start a fresh run with --out")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged = {k: v for k, v in saved.items() if k in fields}
+    merged.update({k: v for k, v in overrides.items() if v is not None and k in fields})
+    return TrainConfig(**merged)
+
+
+def _choice(field: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {field} {value!r}; choose one of: {', '.join(choices)}")

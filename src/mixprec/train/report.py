@@ -1,0 +1,173 @@
+"""The outputs of `mixprec compare`: a table (Markdown and CSV), every curve as JSON, a PNG of the curves."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from mixprec.train.experiments import Comparison, RecipeResult
+
+COLUMNS = ("recipe", "train loss", "val loss", "val vs ref", "{items}/s", "peak memory", "skipped steps",
+           "final loss scale", "FP16 underflow, no scale", "FP16 underflow, at scale")
+
+
+def columns(comparison: Comparison) -> list[str]:
+    items = comparison.results[0].summary.item_name if comparison.results and comparison.results[0].summary else "tokens"
+    ref = comparison.reference.recipe if comparison.reference else "fp32"
+    return [c.format(items=items).replace("ref", ref) for c in COLUMNS]
+
+
+def _row_values(result: RecipeResult, reference: RecipeResult | None) -> list[Any]:
+    """Raw values (floats, ints, None) for CSV; None where the recipe did not produce one."""
+    s, u = result.summary, result.underflow
+    if s is None:
+        return [result.recipe] + [None] * (len(COLUMNS) - 1)
+    ref_val = reference.summary.final_val_loss if reference is not None and reference.summary else float("nan")
+    rel = (s.final_val_loss - ref_val) / ref_val if ref_val else float("nan")
+    return [result.recipe, s.final_train_loss, s.final_val_loss, rel, s.items_per_s, s.peak_memory_bytes,
+            s.skipped_steps, s.final_scale, u.activation_grads if u else None,
+            u.activation_grads_scaled if u else None]
+
+
+def _fmt_row(values: list[Any], result: RecipeResult) -> list[str]:
+    if result.summary is None:
+        return [result.recipe, f"failed: {result.error}"] + [""] * (len(values) - 2)
+    recipe, train, val, rel, rate, mem, skipped, scale, under, under_scaled = values
+    return [recipe, _loss(train), _loss(val), _percent(rel, signed=True), f"{rate:,.0f}", _bytes(mem), str(skipped),
+            "-" if scale is None else f"{scale:g}", _percent(under), _percent(under_scaled)]
+
+
+def markdown_table(comparison: Comparison) -> str:
+    header = columns(comparison)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for result in comparison.results:
+        cells = _fmt_row(_row_values(result, comparison.reference), result)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def describe(comparison: Comparison) -> str:
+    """A few lines saying what ran, for above the table."""
+    m = comparison.meta
+    if not m:
+        return ""
+    text = (f"{m['model']} ({m['parameters']:,} parameters), {m['steps']} steps of batch {m['batch_size']}, "
+            f"seed {m['seed']}, task {m['task']}" + (f" (loss x {m['loss_factor']:g})" if m["task"] != "default" else "")
+            + f"; {m['device']}, torch {m['torch']}")
+    if "unigram_entropy" in m:
+        text += (f"\ndata: {m['corpus']} ({m['train_bytes']:,} train / {m['val_bytes']:,} validation bytes); "
+                 f"byte-unigram entropy {m['unigram_entropy']:.3f} nats")
+    else:
+        text += f"\ndata: {m['corpus']}"
+    ref = comparison.reference
+    text += (f"\nlosses in nats; 'val vs {ref.recipe if ref else 'ref'}': relative difference of the final validation "
+             f"loss; FP16 underflow: fraction of activation-gradient values nonzero in FP32 that FP16 flushes to "
+             f"zero (probe step after training)")
+    memory = next((r.summary.memory_measure for r in comparison.results if r.summary), None)
+    if memory:
+        text += f"; peak memory: {memory}"
+    return text
+
+
+def write_outputs(comparison: Comparison, out: Path | str) -> dict[str, Path | None]:
+    """table.md, table.csv, curves.json and loss_curves.png in `out`; returns their paths (png None
+    when matplotlib is missing)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path | None] = {"table_md": out / "table.md", "table_csv": out / "table.csv",
+                                     "curves": out / "curves.json", "plot": out / "loss_curves.png"}
+    paths["table_md"].write_text(describe(comparison) + "\n\n" + markdown_table(comparison) + "\n")
+    with paths["table_csv"].open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns(comparison) + ["error"])
+        for r in comparison.results:
+            writer.writerow(["" if v is None else v for v in _row_values(r, comparison.reference)] + [r.error or ""])
+    paths["curves"].write_text(json.dumps(_clean(_curves(comparison)), indent=1, allow_nan=False))
+    paths["plot"] = plot_curves(comparison, paths["plot"])
+    return paths
+
+
+def _curves(comparison: Comparison) -> dict[str, Any]:
+    runs = {}
+    for r in comparison.results:
+        if r.summary is None:
+            runs[r.recipe] = {"error": r.error}
+            continue
+        s = r.summary
+        runs[r.recipe] = {
+            "train_loss": s.train_losses, "val_loss": s.val_curve,
+            "final_train_loss": s.final_train_loss, "final_val_loss": s.final_val_loss,
+            f"{s.item_name}_per_s": s.items_per_s, "peak_memory_bytes": s.peak_memory_bytes,
+            "memory_measure": s.memory_measure, "skipped_steps": s.skipped_steps, "final_loss_scale": s.final_scale,
+            "seconds": s.seconds, "underflow": vars(r.underflow) if r.underflow else None}
+    return {"meta": comparison.meta, "config": comparison.base.to_dict(), "runs": runs}
+
+
+def plot_curves(comparison: Comparison, path: Path) -> Path | None:
+    """Training loss (per step, lightly smoothed) and validation loss of every recipe."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in comparison.results:
+        if r.summary is None:
+            continue
+        losses = r.summary.train_losses
+        ax_train.plot(range(1, len(losses) + 1), _smooth(losses), label=r.recipe, linewidth=1.2)
+        if r.summary.val_curve:
+            steps, vals = zip(*r.summary.val_curve)
+            ax_val.plot(steps, vals, marker="o", markersize=3, label=r.recipe)
+    entropy = comparison.meta.get("unigram_entropy")
+    for ax, title in ((ax_train, "training loss (EMA 0.9)"), (ax_val, "validation loss")):
+        if entropy:
+            ax.axhline(entropy, color="grey", linestyle="--", linewidth=0.8, label="byte-unigram entropy")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    m = comparison.meta
+    fig.suptitle(f"mixprec compare: {m.get('model', '')}, task {m.get('task', '')}, {m.get('device', '')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _smooth(values: list[float], beta: float = 0.9) -> list[float]:
+    # an exponential moving average, bias-corrected, so the first steps are not pulled toward 0
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta ** i))
+    return out
+
+
+def _loss(v: float) -> str:
+    return f"{v:.4f}" if math.isfinite(v) else str(v)
+
+
+def _percent(v: float | None, signed: bool = False) -> str:
+    if v is None or not math.isfinite(v):
+        return "n/a" if v is None else str(v)
+    return f"{v:+.2%}" if signed else f"{v:.2%}"
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _clean(obj: Any) -> Any:
+    """JSON has no inf/NaN: a diverged run's values become the strings "nan"/"inf"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj

@@ -1,0 +1,295 @@
+"""The training loop behind `mixprec train` (and each recipe of `mixprec compare`).
+
+One iteration, in the precision a mixprec Policy asks for:
+
+    x, y = batch(seed, step)                      # the data position is the step
+    with mp.autocast(policy):  loss = CE(model(x), y)
+    scaler.scale(loss * task_factor).backward()
+    scaler.unscale_(opt); clip_grad_norm_(masters); scaler.step(opt); scaler.update()
+
+No host sync per step: losses stay on the device and are read every `log_every` steps (the progress
+bar, metrics.jsonl), so the trainer adds little to the bare loop's time on a GPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import mixprec as mp
+from mixprec.train import checkpoint, memory
+from mixprec.train.config import TrainConfig
+from mixprec.train.data import batches_for
+from mixprec.train.metrics import MetricsLog
+from mixprec.train.models import build_model
+
+BETAS = (0.9, 0.95)     # GPT-3 / LLaMA: beta2 0.95 reacts faster than 0.999 on short, noisy runs
+ADAM_EPS = 1e-8
+MIN_LR_FRACTION = 0.1   # cosine decay to 10 % of the peak (Chinchilla, LLaMA)
+FINAL_LOSS_WINDOW = 10  # "final train loss": mean of the last 10 steps, less noisy than the last one
+
+
+@dataclass
+class RunSummary:
+    """What a finished (or stopped) run measured."""
+
+    config: dict[str, Any]
+    steps_done: int
+    train_losses: list[float]                        # one per step
+    val_curve: list[tuple[int, float]]               # (step, validation loss)
+    final_train_loss: float
+    final_val_loss: float
+    items_per_s: float                               # tokens/s for text models, images/s for the CNN
+    item_name: str
+    peak_memory_bytes: int
+    memory_measure: str
+    skipped_steps: int
+    final_scale: float | None                        # None: the recipe uses no loss scaling
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Builds the model, data, optimizer and loss scaler for a TrainConfig, and runs it.
+
+    `resume`: a checkpoint dict (checkpoint.load_checkpoint) to continue from. `on_step(step)` is called
+    after every completed step (tests use it to interrupt). `save_checkpoints=False` writes none
+    (compare). `progress=False` hides the progress bar.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, resume: dict[str, Any] | None = None, progress: bool = True,
+                 on_step: Callable[[int], None] | None = None, save_checkpoints: bool = True,
+                 write_metrics: bool = True) -> None:
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device cuda needs a CUDA GPU, but torch {torch.__version__} sees none "
+                             f"(torch.cuda.is_available() is False); use --device cpu")
+        self.cfg, self.progress, self.on_step = cfg, progress, on_step
+        self.save_checkpoints, self.out = save_checkpoints, Path(cfg.out)
+        self.device = torch.device(cfg.device)
+        self.policy = mp.Policy.from_recipe(cfg.recipe)
+        model_cfg = cfg.model_config()
+        self.data = batches_for(cfg.model, batch_size=cfg.batch_size, seq_len=getattr(model_cfg, "seq_len", 1),
+                                seed=cfg.seed)
+        self.val_batches = [(x.to(self.device), y.to(self.device)) for x, y in self.data.val_batches(cfg.eval_batches)]
+        self.item_name = "images" if cfg.model == "cnn" else "tokens"
+
+        torch.manual_seed(cfg.seed)  # the same initial weights for every recipe
+        self.model = mp.prepare(build_model(model_cfg).to(self.device), self.policy)
+        self.optimizer = self._build_optimizer()
+        self.clip_params = list(mp.master_params(self.optimizer))
+        self.scaler = mp.LossScaler.for_policy(self.policy)
+
+        self.step = 0
+        self.train_losses: list[float] = []
+        self.val_curve: list[tuple[int, float]] = []
+        self._windows: list[tuple[int, float]] = []     # (items, seconds) per log window
+        self._interrupted = False
+        self._state_bytes = self._activation_bytes = 0
+        if resume is not None:
+            self.load_state_dict(resume)
+        self.metrics = MetricsLog(self.out, resume_step=self.step if resume is not None else None) \
+            if write_metrics else None
+        if write_metrics:
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    # ---- construction --------------------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # weight decay on matrices (and embeddings), not on norm gains and biases (GPT-2, LLaMA)
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        # fused AdamW on CUDA: one kernel, and it skips overflowed steps on the device (no sync)
+        optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=BETAS, eps=ADAM_EPS * self.cfg.loss_factor,
+                                      fused=self.device.type == "cuda")
+        return mp.MasterWeights(optimizer) if self.policy.master_weights else optimizer
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to MIN_LR_FRACTION of the peak."""
+        cfg, warmup = self.cfg, self.cfg.warmup_steps
+        if step < warmup:
+            return cfg.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, cfg.steps - warmup)
+        return cfg.lr * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    # ---- one step ------------------------------------------------------------------------------
+    def loss_on(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of a batch under the policy's autocast (the loss itself in FP32)."""
+        with mp.autocast(self.policy):
+            logits = self.model(x)
+            return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+    def train_step(self, step: int, *, count_memory: bool = False) -> torch.Tensor:
+        """One optimizer step on batch `step`; returns the (unscaled) loss as a device tensor."""
+        x, y = (t.to(self.device, non_blocking=True) for t in self.data.train_batch(step))
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if count_memory:
+            excluded = {memory._storage_key(p) for p in self.model.parameters()}
+            with memory.count_saved_activations(excluded) as saved:
+                loss = self.loss_on(x, y)
+            self._activation_bytes = saved[0]
+        else:
+            loss = self.loss_on(x, y)
+        objective = loss * self.cfg.loss_factor if self.cfg.loss_factor != 1.0 else loss
+        self.scaler.scale(objective).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.clip_params, self.cfg.grad_clip * self.cfg.loss_factor)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if count_memory:
+            self._state_bytes = memory.state_bytes(self.model, self.optimizer)[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean validation loss over the fixed validation batches."""
+        self.model.eval()
+        total, count = torch.zeros((), device=self.device), 0
+        for x, y in self.val_batches:
+            with mp.autocast(self.policy):
+                logits = self.model(x)
+                total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+            count += y.numel()
+        self.model.train()
+        return float(total) / count
+
+    # ---- the run -------------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        """Train from the current step to cfg.steps. Ctrl-C finishes the step, saves a checkpoint and
+        raises KeyboardInterrupt; a second Ctrl-C stops at once."""
+        cfg, start = self.cfg, time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.model.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step",
+                   desc=f"{cfg.model} {cfg.recipe}", dynamic_ncols=True, leave=True)
+        previous_handler = self._install_interrupt_handler()
+        window: list[torch.Tensor] = []
+        window_start = time.perf_counter()
+        try:
+            while self.step < cfg.steps:
+                count_memory = self.device.type == "cpu" and not self._state_bytes
+                window.append(self.train_step(self.step, count_memory=count_memory))
+                self.step += 1
+                bar.update(1)
+                if self.on_step is not None:
+                    self.on_step(self.step)
+                last = self.step == cfg.steps
+                if self.step % cfg.log_every == 0 or last or self._interrupted:
+                    self._end_window(window, time.perf_counter() - window_start, bar)
+                    window = []
+                if self.step % cfg.eval_every == 0 or last:
+                    self._record_validation(bar)
+                if self._interrupted:
+                    path = self.save()
+                    bar.close()
+                    if path is not None:
+                        print(f"Interrupted at step {self.step}: checkpoint saved to {path}; continue with: "
+                              f"mixprec train --resume {self.out}", flush=True)
+                    raise KeyboardInterrupt
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not last:
+                    self.save()
+                window_start = time.perf_counter()  # validation and checkpoints are not training time
+            self.save()
+        finally:
+            self._restore_interrupt_handler(previous_handler)
+            bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
+        return self._summary(time.perf_counter() - start)
+
+    def _end_window(self, window: list[torch.Tensor], seconds: float, bar) -> None:
+        losses = torch.stack(window).float().cpu().tolist()  # the one host sync per log window
+        self.train_losses.extend(losses)
+        items = len(window) * self.cfg.batch_size * (self.data.seq_len if self.item_name == "tokens" else 1)
+        self._windows.append((items, seconds))
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        rate = items / seconds
+        record = {"step": self.step, "train_loss": sum(losses) / len(losses), f"{self.item_name}_per_s": rate,
+                  "lr": self.lr_at(self.step - 1), "loss_scale": scale,
+                  "skipped_steps": self.scaler.num_skipped_steps if scale is not None else 0}
+        if self.metrics is not None:
+            self.metrics.write(record)
+        bar.set_postfix({"loss": f"{record['train_loss']:.3f}", f"{self.item_name}/s": f"{rate:,.0f}",
+                         "scale": "-" if scale is None else f"{scale:g}"}, refresh=False)
+
+    def throughput(self) -> float:
+        """Items per second of training steps, leaving out the first log window (warm-up) when there
+        are others; validation and checkpoint time are not counted."""
+        windows = self._windows[1:] if len(self._windows) > 1 else self._windows
+        seconds = sum(s for _, s in windows)
+        return sum(n for n, _ in windows) / seconds if seconds else float("nan")
+
+    def _record_validation(self, bar) -> None:
+        val = self.validate()
+        self.val_curve.append((self.step, val))
+        if self.metrics is not None:
+            self.metrics.write({"step": self.step, "val_loss": val})
+        if self.progress:
+            bar.write(f"step {self.step}: validation loss {val:.4f}")
+
+    def _summary(self, seconds: float) -> RunSummary:
+        n = min(FINAL_LOSS_WINDOW, len(self.train_losses))
+        if self.device.type == "cuda":
+            peak, how = torch.cuda.max_memory_allocated(self.device), "torch.cuda.max_memory_allocated"
+        else:
+            peak, how = self._state_bytes + self._activation_bytes, "counted: params+grads+optimizer+saved activations"
+        return RunSummary(
+            config=self.cfg.to_dict(), steps_done=self.step, train_losses=list(self.train_losses),
+            val_curve=list(self.val_curve),
+            final_train_loss=sum(self.train_losses[-n:]) / n if n else float("nan"),
+            final_val_loss=self.val_curve[-1][1] if self.val_curve else float("nan"),
+            items_per_s=self.throughput(),
+            item_name=self.item_name, peak_memory_bytes=peak, memory_measure=how,
+            skipped_steps=self.scaler.num_skipped_steps if self.scaler.is_enabled() else 0,
+            final_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None, seconds=seconds)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.cfg.to_dict(), "step": self.step, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": checkpoint.rng_state(), "train_losses": self.train_losses, "val_curve": self.val_curve}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.train_losses = list(state["train_losses"])
+        self.val_curve = [tuple(v) for v in state["val_curve"]]
+
+    def save(self) -> Path | None:
+        """Write the checkpoint atomically into the output directory (unless checkpoints are off)."""
+        if not self.save_checkpoints:
+            return None
+        return checkpoint.save_checkpoint(self.out, self.state_dict())
+
+    # ---- Ctrl-C --------------------------------------------------------------------------------
+    def _install_interrupt_handler(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None  # signals reach the main thread only; KeyboardInterrupt then stops at once
+
+        def handler(signum, frame):
+            if self._interrupted:  # second Ctrl-C: stop now, without a checkpoint
+                raise KeyboardInterrupt
+            self._interrupted = True
+
+        return signal.signal(signal.SIGINT, handler)
+
+    @staticmethod
+    def _restore_interrupt_handler(previous) -> None:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,80 @@
+"""The 2018 paper's underflow measure, from one probe step.
+
+Mixed Precision Training (Micikevicius et al., 2018) counted activation-gradient values that become
+zero in FP16: in Multibox SSD 67 % did, which is why it scales the loss. The probe here runs one
+forward and backward pass in FP32 (no autocast) on a training batch, records the gradient of every
+leaf module's output (the activation gradients) and of every parameter, and counts the values that
+are nonzero in FP32 but round to zero in FP16 (|g| < 2**-25, half FP16's smallest subnormal) -
+without scaling, and multiplied by the run's final loss scale.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UnderflowCounts:
+    """Fractions of gradient values (of all values counted) that FP16 flushes to zero."""
+
+    activation_grads: float       # no scaling: the paper's measure
+    activation_grads_scaled: float  # after multiplying by the loss scale
+    weight_grads: float
+    weight_grads_scaled: float
+    scale: float
+    n_activation_values: int
+
+
+def _flushes_to_zero(g: torch.Tensor, scale: float) -> tuple[int, int]:
+    """(values nonzero in FP32 whose FP16 rounding of g*scale is zero, values)."""
+    g = g.detach().float()
+    lost = (g != 0) & ((g * scale).to(torch.float16) == 0)
+    return int(lost.sum()), g.numel()
+
+
+def _fraction(grads: list[torch.Tensor], scale: float) -> float:
+    lost = total = 0
+    for g in grads:
+        n_lost, n = _flushes_to_zero(g, scale)
+        lost, total = lost + n_lost, total + n
+    return lost / total if total else float("nan")
+
+
+def probe_underflow(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_factor: float = 1.0,
+                    scale: float = 1.0) -> UnderflowCounts:
+    """Count FP16 gradient underflow of `model` on batch (x, y) in one FP32 forward/backward.
+
+    Works on an FP32 copy (the model, its BatchNorm statistics and its grads are left untouched).
+    """
+    probe = copy.deepcopy(model).float().train()
+    activation_grads: list[torch.Tensor] = []
+
+    def keep_output_grad(module, inputs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(lambda g: activation_grads.append(g.detach()))
+
+    leaves = [m for m in probe.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(keep_output_grad) for m in leaves]
+    try:
+        for p in probe.parameters():
+            p.grad = None
+        with torch.autocast(x.device.type, enabled=False):
+            logits = probe(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1)) * loss_factor
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    weight_grads = [p.grad for p in probe.parameters() if p.grad is not None]
+    return UnderflowCounts(
+        activation_grads=_fraction(activation_grads, 1.0),
+        activation_grads_scaled=_fraction(activation_grads, scale),
+        weight_grads=_fraction(weight_grads, 1.0),
+        weight_grads_scaled=_fraction(weight_grads, scale),
+        scale=scale,
+        n_activation_values=sum(g.numel() for g in activation_grads))
