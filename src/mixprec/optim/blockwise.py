@@ -1,0 +1,75 @@
+"""Block-wise quantization of a flat tensor with one FP32 absmax per block, and 4-bit packing.
+
+Storage of a tensor of n values in blocks of B:
+    absmax: FP32, ceil(n / B) values (the block's largest magnitude)
+    codes:  ceil(n / B) * B codes (the tail block is padded), uint8 or an FP8 dtype; 4-bit codes
+            pack two per byte, B / 2 bytes a block, byte j holding value j (low nibble) and value
+            j + B/2 (high nibble) of its block. This split-halves layout lets a kernel load the two
+            halves of a block as two contiguous vectors instead of de-interleaving nibbles.
+
+Quantize:   safe = max(absmax, MIN_BLOCK_ABSMAX); u = x * (code.max_value / safe); q = code.encode(u)
+Dequantize: x = code.decode(q) * (safe / code.max_value)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mixprec.optim.codes import MIN_BLOCK_ABSMAX, Code
+
+
+def num_blocks(numel: int, block: int) -> int:
+    return math.ceil(numel / block)
+
+
+def _pad_to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    x = x.reshape(-1)
+    pad = num_blocks(x.numel(), block) * block - x.numel()
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
+
+
+def block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
+    """FP32 max |x| of each block of a flat tensor (the padded tail counts as zeros)."""
+    return _pad_to_blocks(x.float(), block).view(-1, block).abs().amax(dim=1)
+
+
+def encode_multiplier(absmax: torch.Tensor, code: Code) -> torch.Tensor:
+    """Per-block factor taking values onto the code's range: max_value / max(absmax, tiny)."""
+    return code.max_value / absmax.clamp(min=MIN_BLOCK_ABSMAX)
+
+
+def decode_multiplier(absmax: torch.Tensor, code: Code) -> torch.Tensor:
+    """Per-block factor taking code values back: max(absmax, tiny) / max_value."""
+    return absmax.clamp(min=MIN_BLOCK_ABSMAX) / code.max_value
+
+
+def quantize_blockwise(x: torch.Tensor, code: Code, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a tensor (flattened) block by block; returns (codes, absmax). 4-bit codes are packed."""
+    absmax = block_absmax(x, block)
+    u = _pad_to_blocks(x.float(), block).view(-1, block) * encode_multiplier(absmax, code)[:, None]
+    q = code.encode(u.reshape(-1))
+    if code.bits == 4:
+        q = pack_4bit(q, block)
+    return q, absmax
+
+
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: Code, block: int,
+                         numel: int) -> torch.Tensor:
+    """FP32 values (flat, `numel` long) of block-quantized codes."""
+    if code.bits == 4:
+        q = unpack_4bit(q, block)
+    values = code.decode(q).view(-1, block) * decode_multiplier(absmax, code)[:, None]
+    return values.reshape(-1)[:numel]
+
+
+def pack_4bit(codes: torch.Tensor, block: int) -> torch.Tensor:
+    """Pack 4-bit codes (uint8 values < 16, whole blocks) two per byte in the split-halves layout."""
+    halves = codes.view(-1, 2, block // 2)
+    return (halves[:, 0] | (halves[:, 1] << 4)).reshape(-1)
+
+
+def unpack_4bit(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """Inverse of `pack_4bit`."""
+    p = packed.view(-1, block // 2)
+    return torch.stack([p & 0xF, p >> 4], dim=1).reshape(-1)

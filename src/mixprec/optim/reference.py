@@ -1,0 +1,131 @@
+"""The Adam/AdamW update of one parameter in plain PyTorch: the reference the fused kernel matches.
+
+It runs on any device. Every FP32 operation is spelled out in the order the kernel does it
+(no fused multiply-adds), so that the moments, and hence their quantization codes, come out bit
+for bit the same; only the bias corrections (exp2) and hence the parameters may differ by FP32
+rounding.
+
+    g = grad / grad_scale                                   (when a loss scaler passes its scale)
+    g = g + wd * p                                          (Adam: L2 decay through the gradient)
+    m = beta1 * m + (1 - beta1) * g                         (m, v dequantized to FP32 first)
+    v = beta2 * v + (1 - beta2) * g * g
+    t = step + 1;  bc1 = 1 - 2**(t log2 beta1);  bc2 = 1 - 2**(t log2 beta2)
+    delta = -(lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps) - (lr * wd) * p     (AdamW: decoupled decay)
+    p = round(p + delta)      nearest, stochastic, or Kahan-compensated for BF16/FP16 parameters
+    m, v -> state layout      (block-quantized codes from these FP32 values; the update used FP32)
+    when found_inf != 0: nothing changes, the step count included
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mixprec.optim import rounding as rnd
+from mixprec.optim.blockwise import quantize_blockwise
+from mixprec.optim.codes import get_state_format
+from mixprec.optim.state import state_to_moments
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    """One parameter group's hyper-parameters, with the FP32 constants both paths use."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled: bool          # AdamW (True) or Adam with L2 decay (False)
+    rounding: str            # "nearest" | "stochastic" | "kahan"
+    seed: int
+
+    @property
+    def one_minus_beta1(self) -> float:
+        return 1.0 - self.beta1
+
+    @property
+    def one_minus_beta2(self) -> float:
+        return 1.0 - self.beta2
+
+    @property
+    def log2_beta1(self) -> float:
+        return math.log2(self.beta1) if self.beta1 > 0 else -math.inf
+
+    @property
+    def log2_beta2(self) -> float:
+        return math.log2(self.beta2) if self.beta2 > 0 else -math.inf
+
+    @property
+    def lr_wd(self) -> float:
+        return self.lr * self.weight_decay
+
+
+def _f32(x: float, like: torch.Tensor) -> torch.Tensor:
+    """A Python float as an FP32 0-dim tensor (so every constant is rounded to FP32 once, as in the kernel)."""
+    return torch.tensor(x, dtype=torch.float32, device=like.device)
+
+
+def reference_step(param: torch.Tensor, grad: torch.Tensor, state: dict, hp: AdamHyper, *, tensor_id: int,
+                   grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
+    """Update `param` and its `state` in place (state created by state.init_state)."""
+    fmt = get_state_format(state["state_dtype"])
+    numel = param.numel()
+    g = grad.reshape(-1).float()
+    if grad_scale is not None:
+        g = g / grad_scale.float()
+    p32 = param.detach().reshape(-1).float()
+    if not hp.decoupled and hp.weight_decay != 0:
+        g = g + p32 * _f32(hp.weight_decay, g)
+    m_old, v_old = state_to_moments(state, numel)
+    m = m_old * _f32(hp.beta1, g) + g * _f32(hp.one_minus_beta1, g)
+    v = v_old * _f32(hp.beta2, g) + (g * g) * _f32(hp.one_minus_beta2, g)
+
+    t = state["step"].float() + 1.0
+    bc1 = 1.0 - torch.exp2(t * _f32(hp.log2_beta1, g))
+    bc2 = 1.0 - torch.exp2(t * _f32(hp.log2_beta2, g))
+    step_size = _f32(hp.lr, g) / bc1
+    inv_sqrt_bc2 = 1.0 / torch.sqrt(bc2)
+    denom = torch.sqrt(v) * inv_sqrt_bc2 + _f32(hp.eps, g)
+    delta = -(step_size * (m / denom))
+    if hp.decoupled and hp.weight_decay != 0:
+        delta = delta - p32 * _f32(hp.lr_wd, g)
+
+    new_param, new_state = _write_back(param, p32, delta, m, v, state, fmt, hp, tensor_id, t)
+    if found_inf is not None:  # select on the device: no host sync
+        skip = found_inf.reshape(()).to(param.device) != 0
+        new_param = torch.where(skip, param.reshape(-1), new_param)
+        new_state = {k: torch.where(skip, state[k], v) for k, v in new_state.items()}
+        t = torch.where(skip, state["step"], t)
+    param.detach().view(-1).copy_(new_param)
+    for k, v in new_state.items():
+        state[k].copy_(v)
+    state["step"].copy_(t)
+
+
+def _write_back(param, p32, delta, m, v, state, fmt, hp: AdamHyper, tensor_id: int, t):
+    """New parameter (flat, param dtype) and new state tensors, before the found_inf select."""
+    dtype = param.dtype
+    new_state: dict = {}
+    step_int = t.to(torch.int64)  # on the device: the random keys need no host sync
+    if dtype == torch.float32 or hp.rounding == "nearest":
+        new_param = (p32 + delta).to(dtype)
+    elif hp.rounding == "stochastic":
+        key = rnd.stream_key(hp.seed, tensor_id, step_int, rnd.STREAM_PARAM)
+        new_param = rnd.stochastic_round(p32 + delta, dtype, rnd.uniform(key, p32.numel(), p32.device))
+    else:  # kahan
+        new_param, comp = rnd.kahan_add(param.detach().reshape(-1), delta, state["kahan_comp"].reshape(-1))
+        new_state["kahan_comp"] = comp.view_as(state["kahan_comp"])
+
+    if fmt.quantized:
+        for key, x, code in (("exp_avg", m, fmt.m_code), ("exp_avg_sq", v, fmt.v_code)):
+            new_state[key + "_codes"], new_state[key + "_absmax"] = quantize_blockwise(x, code, fmt.block)
+    elif fmt.name == "bf16":  # stochastic rounding keeps beta2 = 0.999's small EMA steps (see optim docs)
+        for key, x, stream in (("exp_avg", m, rnd.STREAM_M), ("exp_avg_sq", v, rnd.STREAM_V)):
+            r = rnd.uniform(rnd.stream_key(hp.seed, tensor_id, step_int, stream), x.numel(), x.device)
+            new_state[key] = rnd.stochastic_round(x, torch.bfloat16, r).view_as(state[key])
+    else:
+        new_state["exp_avg"] = m.view_as(state["exp_avg"])
+        new_state["exp_avg_sq"] = v.view_as(state["exp_avg_sq"])
+    return new_param, new_state

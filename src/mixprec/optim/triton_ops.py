@@ -1,0 +1,96 @@
+"""Triton device functions the fused Adam kernel is built from: codes, hashing, rounding.
+
+Each mirrors a PyTorch function bit for bit (codes.Minifloat.encode/decode, rounding.mix32,
+rounding.stochastic_round, rounding.kahan_add); the kernel is compiled without FMA contraction so
+that FP32 products and sums round exactly as they do in the reference.
+Import only where triton is installed.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+RINT_MAGIC = 12582912.0   # 1.5 * 2**23: (x + M) - M rounds x in [0, 2**22) to an integer (RNE)
+
+
+@triton.jit
+def mix32(x):
+    """lowbias32 on uint32 (wrapping products), as rounding.mix32."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def uniform(offs, key):
+    """FP32 uniforms in [0, 1): mix32(index ^ key) >> 8, times 2**-24 (as rounding.uniform)."""
+    h = mix32(offs.to(tl.uint32) ^ key)
+    return (h >> 8).to(tl.float32) * 5.9604644775390625e-08
+
+
+@triton.jit
+def stream_key(base, step_u32, stream):
+    """rounding.stream_key, from the tensor's base key and the new step count."""
+    return mix32(mix32(base + step_u32) + stream)
+
+
+@triton.jit
+def stochastic_round(x, r, DT: tl.constexpr):
+    """rounding.stochastic_round: FP32 -> DT (bf16/fp16), up with probability of the fraction."""
+    a = tl.abs(x)
+    nearest = a.to(DT)
+    bits = nearest.to(tl.int16, bitcast=True)
+    above = nearest.to(tl.float32) > a
+    down_bits = tl.where(above, bits - 1, bits)
+    up_bits = tl.where(above, bits, bits + 1)
+    down = down_bits.to(DT, bitcast=True).to(tl.float32)
+    up = up_bits.to(DT, bitcast=True).to(tl.float32)
+    frac = tl.div_rn(a - down, up - down)
+    mag = tl.where(r < frac, up, down)
+    negative = (x.to(tl.int32, bitcast=True) >> 31) != 0
+    return tl.where(negative, -mag, mag).to(DT)
+
+
+@triton.jit
+def pow2(K: tl.constexpr):
+    """Exactly 2**K as an FP32 scalar (built from its bits; exp2 on the GPU is approximate)."""
+    return tl.full([], (K + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def minifloat_encode(u, EXP: tl.constexpr, MAN: tl.constexpr, SIGNED: tl.constexpr, SUB: tl.constexpr):
+    """codes.Minifloat.encode (int32 codes) of FP32 values already scaled onto the code's range."""
+    BIAS: tl.constexpr = (1 << EXP) - 1
+    SHIFT: tl.constexpr = 23 - MAN
+    MAXC: tl.constexpr = (1 << (EXP + MAN)) - 1
+    mag = tl.abs(u)
+    bits = mag.to(tl.int32, bitcast=True)
+    rounded = (bits + ((1 << (SHIFT - 1)) - 1) + ((bits >> SHIFT) & 1)) >> SHIFT
+    code = rounded - ((127 - BIAS) << MAN)
+    if SUB:
+        # min normal 2**(1 - BIAS); subnormal quantum 2**(1 - BIAS - MAN): both exact FP32 constants
+        min_normal = pow2(1 - BIAS)
+        scaled = mag * pow2(BIAS - 1 + MAN)
+        sub = ((scaled + RINT_MAGIC) - RINT_MAGIC).to(tl.int32)
+        code = tl.where(mag < min_normal, sub, code)
+    code = tl.minimum(tl.maximum(code, 0), MAXC)
+    if SIGNED:
+        code = code | (((u.to(tl.int32, bitcast=True) >> 31) & 1) << (EXP + MAN))
+    return code
+
+
+@triton.jit
+def minifloat_decode(code, EXP: tl.constexpr, MAN: tl.constexpr, SIGNED: tl.constexpr, SUB: tl.constexpr):
+    """codes.Minifloat.decode: FP32 values of int32 codes."""
+    BIAS: tl.constexpr = (1 << EXP) - 1
+    MAXC: tl.constexpr = (1 << (EXP + MAN)) - 1
+    mag = code & MAXC
+    value = ((mag + ((127 - BIAS) << MAN)) << (23 - MAN)).to(tl.float32, bitcast=True)
+    if SUB:
+        value = tl.where(mag < (1 << MAN), mag.to(tl.float32) * pow2(1 - BIAS - MAN), value)
+    if SIGNED:
+        value = tl.where(((code >> (EXP + MAN)) & 1) != 0, -value, value)
+    return value
