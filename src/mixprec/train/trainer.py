@@ -143,13 +143,23 @@ class Trainer:
         objective = loss * self.cfg.loss_factor if self.cfg.loss_factor != 1.0 else loss
         self.scaler.scale(objective).backward()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.clip_params, self.cfg.grad_clip * self.cfg.loss_factor)
+        self._clip_gradients()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if count_memory:
             self._state_bytes = memory.state_bytes(self.model, self.optimizer)[0]
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    def _clip_gradients(self) -> None:
+        """Clip the global norm to cfg.grad_clip, measured on the task's scale: under the small-gradient
+        task the norm is divided by the loss factor (a power of 2, exact), so clipping acts exactly as
+        in the default task (torch's clip adds 1e-6 to the norm, which a tiny norm would notice)."""
+        grads = [p.grad for p in self.clip_params if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.nn.utils.get_total_norm(grads)
+        torch.nn.utils.clip_grads_with_norm_(self.clip_params, self.cfg.grad_clip, norm / self.cfg.loss_factor)
 
     @torch.no_grad()
     def validate(self) -> float:
