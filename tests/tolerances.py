@@ -28,3 +28,9 @@ FP8_GEMM_VS_EMULATE_RTOL = 2.5e-4
 # With use_fast_accum (no periodic FP32 promotion: partial sums over all of K stay in the ~14-bit
 # accumulator), errors grow with K; measured bound allowed: 2e-3 normwise at K <= 4096.
 FP8_FAST_ACCUM_VS_EMULATE_RTOL = 2e-3
+
+# ---- train: models, data, loop (issue 3) ----
+# Hand-written attention vs torch's SDPA, and the hand-written RMSNorm vs F.rms_norm, in FP32: the same
+# sums in another order, so FP32_ORDER_* above. Rotary relative-position property (q(m).k(n) depends on
+# m - n only): the angles are FP32 sin/cos of products up to seq_len, ~1e-6 relative after the dot product.
+ROTARY_RELATIVE_ATOL = 1e-5
