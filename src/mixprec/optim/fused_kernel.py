@@ -139,14 +139,11 @@ def fused_adam_kernel(
     hi = lo + HALF
     bytes_lo = start // 2 + rows[:, None] * HALF + cols[None, :]   # 4-bit: byte j holds values j, j + HALF
     block_idx = start // BLOCK + rows
+    if HAS_FOUND_INF:  # a skipped step has no live elements: it loads and stores nothing
+        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
     mlo = lo < numel
     mhi = hi < numel
     mrow = block_idx * BLOCK < numel
-    if HAS_FOUND_INF:  # a skipped step loads and stores nothing
-        live = tl.load(found_inf_ptr) == 0
-        mlo = mlo & live
-        mhi = mhi & live
-        mrow = mrow & live
 
     p_ptr = _ptr(ptrs, tid, 0, P_DT)
     g_ptr = _ptr(ptrs, tid, 1, G_DT)

@@ -8,6 +8,7 @@ step counts advance by 1 - found_inf in one foreach op.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -93,8 +94,10 @@ class FusedAdamLauncher:
         rows_t = tuple(rows)
         cached = self._ptr_cache.get(key)
         if cached is None or cached[0] != rows_t:
-            host = torch.tensor(rows, dtype=torch.int64).pin_memory()
-            cached = (rows_t, host.to(device, non_blocking=True))
+            host = torch.tensor(rows, dtype=torch.int64)
+            if device.type == "cuda":  # pinned + non_blocking: the upload does not wait for the GPU
+                host = host.pin_memory().to(device, non_blocking=True)
+            cached = (rows_t, host)
             self._ptr_cache[key] = cached
 
         numels = tuple(p.numel() for p in params)
@@ -128,7 +131,7 @@ class FusedAdamLauncher:
         v_exp, v_man, v_sub, v_max, v_low = _code_args(fmt.v_code)
         block = fmt.block
         dummy = prog_start  # any device pointer: unused when HAS_GRAD_SCALE / HAS_FOUND_INF is False
-        with torch.cuda.device(device):
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             fused_adam_kernel[(prog_tensor.numel(),)](
                 ptrs, numels, bases, prog_tensor, prog_start,
                 grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,

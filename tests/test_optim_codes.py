@@ -1,0 +1,201 @@
+"""Quantization codes, block-wise storage and rounding of mixprec.optim (CPU, exact where deterministic)."""
+import pytest
+import torch
+
+from mixprec.optim import blockwise, codes, rounding
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small tensor ops: thread start-up costs more than it saves on the 2-core CI machines.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+MINIFLOATS = [codes.INT8_M, codes.INT8_V, codes.INT4_M, codes.INT4_V]
+
+
+@pytest.mark.parametrize("code", MINIFLOATS, ids=lambda c: c.name)
+def test_minifloat_table_shape(code):
+    table = code.table()
+    assert table.numel() == 2 ** code.bits
+    mags = table[: 2 ** (code.exp_bits + code.man_bits)]
+    assert torch.all(mags[1:] > mags[:-1]), "magnitudes must increase with the code"
+    assert mags[-1].item() == code.max_value
+    if code.subnormals:
+        assert mags[0].item() == 0.0
+    else:  # the second moment's codes have no zero: the smallest value is the lowest binade's start
+        assert mags[0].item() == code.min_normal > 0
+    if code.signed:
+        assert torch.equal(table[2 ** (code.bits - 1):], -mags)
+
+
+@pytest.mark.parametrize("code", MINIFLOATS, ids=lambda c: c.name)
+def test_minifloat_encode_is_nearest_table_entry(code):
+    table = code.table()
+    top = code.max_value
+    # random values over the whole range, log-spread magnitudes, exact table entries and midpoints
+    n = 100_000
+    u = torch.cat([
+        (torch.rand(n) * 2 - 1) * top * 1.1,
+        torch.sign(torch.randn(n)) * top * torch.exp2(-torch.rand(n) * 24),
+        table, (table[1:] + table[:-1]) / 2,
+        torch.tensor([0.0, -0.0, top, 2 * top, 1e-30]),
+    ])
+    if not code.signed:
+        u = u.abs()
+    got = code.encode(u)
+    assert got.dtype == torch.uint8
+    # every entry encodes to its own code (the signed codes' -0 included)
+    assert torch.equal(code.encode(table), torch.arange(2 ** code.bits, dtype=torch.uint8))
+    dist_got = (code.decode(got) - u.clamp(-top, top)).abs()
+    for chunk in range(0, u.numel(), 20_000):  # nearest entry (in chunks: the distance matrix is large)
+        uc = u[chunk:chunk + 20_000].clamp(-top, top)
+        best = (table[None, :] - uc[:, None]).abs().amin(dim=1)
+        assert torch.equal(dist_got[chunk:chunk + 20_000], best), code.name
+
+
+@pytest.mark.parametrize("code", MINIFLOATS, ids=lambda c: c.name)
+def test_minifloat_round_to_nearest_even_on_ties(code):
+    mags = code.table()[: 2 ** (code.exp_bits + code.man_bits)]
+    mid = (mags[1:] + mags[:-1]) / 2
+    got = code.encode(mid).long() & (2 ** (code.exp_bits + code.man_bits) - 1)
+    assert torch.all(got % 2 == 0), "ties go to the even code (the one whose last mantissa bit is 0)"
+
+
+def test_no_zero_codes_never_round_small_values_to_zero():
+    for code in (codes.INT8_V, codes.INT4_V):
+        tiny = torch.tensor([0.0, 1e-30, code.min_normal / 3])
+        assert torch.all(code.decode(code.encode(tiny)) == code.min_normal)
+    v = codes.FP8_V
+    assert torch.all(v.decode(v.encode(torch.tensor([0.0, 1e-12]))) == v.min_value)
+
+
+def test_fp8_code_is_the_hardware_format():
+    x = torch.randn(10_000) * 100
+    q = codes.FP8_M.encode(x)
+    assert q.dtype == torch.float8_e4m3fn
+    assert torch.equal(q.float(), x.clamp(-448, 448).to(torch.float8_e4m3fn).float())
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "fp8"])
+def test_blockwise_roundtrip(name):
+    fmt = codes.get_state_format(name)
+    n = 5 * fmt.block + 37  # a partial tail block
+    x = torch.randn(n) * torch.exp(torch.randn(n))
+    for code in (fmt.m_code, fmt.v_code):
+        xs = x if code.signed else x.abs()
+        q, absmax = blockwise.quantize_blockwise(xs, code, fmt.block)
+        nblocks = -(-n // fmt.block)
+        assert q.numel() == nblocks * fmt.block * fmt.bits // 8
+        assert torch.equal(absmax, torch.nn.functional.pad(xs, (0, nblocks * fmt.block - n)).view(nblocks, -1)
+                           .abs().amax(1))
+        back = blockwise.dequantize_blockwise(q, absmax, code, fmt.block, n)
+        # every value decodes to the table entry nearest to it (after scaling), so the error is at most
+        # half the largest gap of the table (or the distance to the smallest value for no-zero codes)
+        mags = code.decode(torch.arange(256, dtype=torch.int32).to(torch.uint8)).abs().unique() \
+            if name != "fp8" else None
+        scale = absmax.clamp(min=codes.MIN_BLOCK_ABSMAX) / code.max_value
+        per_value_scale = scale.repeat_interleave(fmt.block)[:n]
+        err = (back - xs).abs() / per_value_scale
+        if mags is not None:
+            mags = mags[mags <= code.max_value]
+            bound = max(((mags[1:] - mags[:-1]) / 2).max().item(), mags[0].item())
+        else:
+            bound = 16.0  # E4M3: half of the largest gap (256 .. 288 .. 448: gaps of 32)
+        assert err.max().item() <= bound * (1 + 1e-6)
+        # the block's largest value is exact up to FP32 rounding of the scale
+        assert torch.allclose(back.abs().view(-1)[:n].max(), xs.abs().max(), rtol=1e-6)
+
+
+def test_pack_4bit_layout_and_roundtrip():
+    block = 128
+    c = torch.randint(0, 16, (3 * block,), dtype=torch.uint8)
+    packed = blockwise.pack_4bit(c, block)
+    assert packed.numel() == c.numel() // 2
+    # byte j of a block holds value j (low nibble) and value j + 64 (high nibble)
+    assert packed[5].item() == c[5].item() | (c[64 + 5].item() << 4)
+    assert packed[64 + 3].item() == c[128 + 3].item() | (c[128 + 64 + 3].item() << 4)
+    assert torch.equal(blockwise.unpack_4bit(packed, block), c)
+
+
+def test_state_bytes_per_param():
+    assert codes.get_state_format("int8").bytes_per_param() <= 2.05
+    assert codes.get_state_format("fp8").bytes_per_param() <= 2.05
+    assert codes.get_state_format("int4").bytes_per_param() <= 1.1
+    assert codes.get_state_format("bf16").bytes_per_param() == 4
+    assert codes.get_state_format("fp32").bytes_per_param() == 8
+
+
+def _mix32_python(x: int) -> int:
+    m = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def test_mix32_matches_uint32_arithmetic():
+    xs = torch.randint(0, 2 ** 32, (1000,), dtype=torch.int64)
+    got = rounding.mix32(xs)
+    assert got.tolist() == [_mix32_python(int(x)) for x in xs]
+    assert rounding.mix32(12345) == _mix32_python(12345)
+
+
+def test_uniform_is_uniform_and_reproducible():
+    key = rounding.stream_key(seed=7, tensor_id=3, step=11, stream=0)
+    r = rounding.uniform(key, 200_000)
+    assert torch.equal(r, rounding.uniform(key, 200_000))
+    assert 0 <= r.min() and r.max() < 1
+    hist = torch.histc(r, bins=10, min=0, max=1) / r.numel()
+    assert (hist - 0.1).abs().max() < 0.005  # 20k samples a bin: std 0.0007
+    other = rounding.uniform(rounding.stream_key(seed=7, tensor_id=3, step=12, stream=0), 200_000)
+    assert abs(torch.corrcoef(torch.stack([r, other]))[0, 1]) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_round_neighbours_and_unbiased(dtype):
+    x = torch.randn(4000) * torch.exp2(torch.randint(-20, 10, (4000,)).float())
+    if dtype == torch.float16:
+        x = x.clamp(-60000, 60000)
+    a = x.abs()
+    # the two neighbours of |x| in dtype, through nextafter (independent of the implementation's bit steps)
+    n = a.to(dtype)
+    down = torch.where(n.float() > a, torch.nextafter(n, torch.zeros_like(n)), n).float()
+    up = torch.nextafter(down.to(dtype), torch.full_like(n, float("inf"))).float()
+    gap = up - down
+    reps = 200
+    total = torch.zeros_like(x, dtype=torch.float64)
+    for i in range(reps):
+        r = rounding.uniform(rounding.stream_key(1, 0, i, 0), x.numel())
+        y = rounding.stochastic_round(x, dtype, r).float()
+        assert torch.all((y.abs() == down) | (y.abs() == up)) and torch.all(torch.sign(y) * torch.sign(x) >= 0)
+        total += y.double()
+    bias = ((total / reps).float() - x) / gap
+    # unbiased: each mean of 200 draws within 6 sigma (sigma <= gap / (2 sqrt(200))), and no drift overall
+    assert bias.abs().max() <= 6 * 0.5 / reps ** 0.5
+    assert abs(bias.mean().item()) < 0.01
+
+
+def test_stochastic_round_exact_values_and_saturation():
+    x = torch.tensor([0.0, -0.0, 1.0, -2.5, 3.0e38, -3.0e38, 65504.0, 70000.0])
+    r = torch.full_like(x, 0.999)
+    y = rounding.stochastic_round(x[:4], torch.bfloat16, r[:4])
+    assert torch.equal(y.float(), x[:4]) and torch.signbit(y[1])
+    big = rounding.stochastic_round(x[4:6], torch.bfloat16, r[4:6]).float()
+    assert torch.all(torch.isfinite(big))
+    h = rounding.stochastic_round(x[6:], torch.float16, r[6:]).float()
+    assert h.tolist() == [65504.0, 65504.0]  # past the largest finite value it saturates
+
+
+def test_kahan_add_keeps_small_updates():
+    p = torch.ones(1000, dtype=torch.bfloat16)
+    comp = torch.zeros_like(p)
+    for _ in range(1000):
+        p, comp = rounding.kahan_add(p, torch.full((1000,), -1e-4), comp)
+    total = p.float() + comp.float()
+    assert torch.allclose(total, torch.full_like(total, 0.9), rtol=1e-3)
+    assert (p.float() - 0.9).abs().max() <= 2 ** -8  # the stored value is within an ulp of the truth
