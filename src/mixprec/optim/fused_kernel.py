@@ -161,8 +161,8 @@ def fused_adam_kernel(
     g_hi = tl.load(g_ptr + hi, mask=mhi, other=0.0).to(tl.float32)
     if HAS_GRAD_SCALE:
         gs = tl.load(grad_scale_ptr).to(tl.float32)
-        g_lo = tl.div_rn(g_lo, gs)
-        g_hi = tl.div_rn(g_hi, gs)
+        g_lo = tl.div_rn(g_lo, tl.zeros_like(g_lo) + gs)   # div_rn does not broadcast a scalar
+        g_hi = tl.div_rn(g_hi, tl.zeros_like(g_hi) + gs)
     if not DECOUPLED and HAS_WD:
         g_lo = g_lo + p_lo * weight_decay
         g_hi = g_hi + p_hi * weight_decay
