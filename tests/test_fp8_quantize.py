@@ -111,12 +111,13 @@ def test_non_contiguous_and_bf16_inputs():
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_dequantize_reads_granularity_from_scale_shape(granularity):
-    x = with_outliers(200, 300)
+@pytest.mark.parametrize("shape", [(200, 300), (256, 384), (128, 256)])   # partial tiles; whole tiles
+def test_dequantize_reads_granularity_from_scale_shape(granularity, shape):
+    x = with_outliers(*shape)
     q, scale = quantize(x, "fp8_e4m3", granularity)
     x_hat = dequantize(q, scale)
-    expected = torch.empty(200, 300, dtype=torch.float64)
-    for idx, rows, cols in groups((200, 300), granularity):
+    expected = torch.empty(*shape, dtype=torch.float64)
+    for idx, rows, cols in groups(shape, granularity):
         expected[rows, cols] = q[rows, cols].double() * scale[idx].item()
     assert torch.equal(x_hat, expected.float())    # the exact product, rounded once to FP32
     big = x.abs() > 1e-3 * x.abs().max()

@@ -33,6 +33,11 @@ def _tl_dtype(fmt: str):
     return tl.float8e4nv if get_fp8_format(fmt).name == "fp8_e4m3" else tl.float8e5
 
 
+def _grid_constants(f) -> dict:
+    return dict(M=f.mantissa_bits, MIN_NORMAL=f.min_normal,
+                MAGIC=2.0 ** (f.min_exponent - f.mantissa_bits + 23))
+
+
 def _torch_dtype(fmt: str) -> torch.dtype:
     return get_fp8_format(fmt).torch_dtype
 
@@ -47,7 +52,8 @@ def _scale(amax, FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr):
 
 
 @triton.jit
-def _codes(x, s, FMAX: tl.constexpr, OUT: tl.constexpr):
+def _codes(x, s, FMAX: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
+           MAGIC: tl.constexpr):
     # x / s rounded to odd (as quantize.odd_quotient; the FMA gives the division's exact remainder),
     # then saturated and rounded to nearest even: one correct rounding of the exact quotient
     r = tl.div_rn(x, s)
@@ -56,14 +62,29 @@ def _codes(x, s, FMAX: tl.constexpr, OUT: tl.constexpr):
     inexact_even = (remainder != 0) & ((bits & 1) == 0) & (r != 0)
     away_from_zero = (remainder > 0) == (r > 0)
     bits = tl.where(inexact_even, tl.where(away_from_zero, bits + 1, bits - 1), bits)
-    v = bits.to(tl.float32, bitcast=True)
-    return tl.minimum(tl.maximum(v, -FMAX), FMAX).to(OUT)
+    v = tl.minimum(tl.maximum(bits.to(tl.float32, bitcast=True), -FMAX), FMAX)
+    return _round_to_grid(v, M, MIN_NORMAL, MAGIC).to(OUT)    # on the grid already: the cast is exact
+
+
+@triton.jit
+def _round_to_grid(v, M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr):
+    # Round-to-nearest-even onto the FP8 grid in FP32 arithmetic (as mixprec.formats.round_to), so the
+    # result does not depend on how the cast rounds. Normal range: RNE on the bits below the M kept
+    # mantissa bits. Subnormal range: adding MAGIC = 2**(emin - M + 23) rounds |v| to the fixed quantum.
+    SHIFT: tl.constexpr = 23 - M
+    bits = v.to(tl.int32, bitcast=True)
+    lsb = (bits >> SHIFT) & 1
+    normal = ((bits + ((1 << (SHIFT - 1)) - 1) + lsb) & -(1 << SHIFT)).to(tl.float32, bitcast=True)
+    mag = (tl.abs(v) + MAGIC) - MAGIC
+    sub = tl.where(v < 0, -mag, mag)        # keep the sign of values that flush to zero
+    return tl.where(tl.abs(v) < MIN_NORMAL, sub, normal)
 
 
 @triton.jit
 def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, stride_r, stride_k,
                              FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
-                             OUT: tl.constexpr, B: tl.constexpr):
+                             OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                             MAGIC: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_r * B + tl.arange(0, B)
@@ -73,9 +94,9 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, stride_r
     a = tl.abs(x)
     row_s = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)      # x along K: one scale per row of the tile
     col_s = _scale(tl.max(a, axis=0), FMAX, POW2, EPS)      # x^T along R: one scale per column
-    tl.store(q_ptr + rows[:, None] * K + cols[None, :], _codes(x, row_s[:, None], FMAX, OUT), mask=mask)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], _codes(x, row_s[:, None], FMAX, OUT, M, MIN_NORMAL, MAGIC), mask=mask)
     tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)           # (K/B, R) buffer: outer-dim-major
-    qt = tl.trans(_codes(x, col_s[None, :], FMAX, OUT))
+    qt = tl.trans(_codes(x, col_s[None, :], FMAX, OUT, M, MIN_NORMAL, MAGIC))
     tl.store(qt_ptr + cols[:, None] * R + rows[None, :], qt, mask=tl.trans(mask))
     tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)          # (R/B, K) buffer
 
@@ -83,7 +104,8 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, stride_r
 @triton.jit
 def _quantize_128x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, stride_r, stride_k, NK,
                                FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
-                               OUT: tl.constexpr, B: tl.constexpr):
+                               OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                             MAGIC: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_r * B + tl.arange(0, B)
@@ -91,7 +113,7 @@ def _quantize_128x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, stride_r, stri
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_k, mask=mask, other=0.0).to(tl.float32)
     s = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS)
-    q = _codes(x, s, FMAX, OUT)
+    q = _codes(x, s, FMAX, OUT, M, MIN_NORMAL, MAGIC)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     tl.store(qt_ptr + cols[:, None] * R + rows[None, :], tl.trans(q), mask=tl.trans(mask))
     tl.store(s_ptr + pid_r * NK + pid_k, s)
@@ -109,7 +131,8 @@ def _amax_kernel(x_ptr, amax_ptr, R, K, stride_r, stride_k, B: tl.constexpr):
 @triton.jit
 def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K, stride_r, stride_k,
                    FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
-                   OUT: tl.constexpr, B: tl.constexpr):
+                   OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                             MAGIC: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_r * B + tl.arange(0, B)
@@ -117,7 +140,7 @@ def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K, stride_r, stride
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_k, mask=mask, other=0.0).to(tl.float32)
     s = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
-    q = _codes(x, s, FMAX, OUT)
+    q = _codes(x, s, FMAX, OUT, M, MIN_NORMAL, MAGIC)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     tl.store(qt_ptr + cols[:, None] * R + rows[None, :], tl.trans(q), mask=tl.trans(mask))
     if (pid_r == 0) & (pid_k == 0):
@@ -144,7 +167,7 @@ def _quantize_1x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple[t
     s = torch.empty((triton.cdiv(k, _BLOCK), r), dtype=torch.float32, device=x.device)
     st = torch.empty((triton.cdiv(r, _BLOCK), k), dtype=torch.float32, device=x.device)
     _quantize_1x128_t_kernel[_grid(r, k)](x, q, s, qt, st, r, k, x.stride(0), x.stride(1), FMAX=f.max,
-                                          POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK,
+                                          POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK, **_grid_constants(f),
                                           num_warps=_WARPS)
     return q, s, qt, st
 
@@ -168,7 +191,7 @@ def _quantize_128x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple
     nr, nk = _grid(r, k)
     s = torch.empty((nr, nk), dtype=torch.float32, device=x.device)
     _quantize_128x128_t_kernel[(nr, nk)](x, q, s, qt, r, k, x.stride(0), x.stride(1), nk, FMAX=f.max,
-                                         POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK,
+                                         POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK, **_grid_constants(f),
                                          num_warps=_WARPS)
     return q, s, qt
 
@@ -205,7 +228,7 @@ def _cast_t_op(x: torch.Tensor, amax: torch.Tensor, fmt: str, power_of_2: bool) 
     qt = torch.empty((k, r), dtype=f.torch_dtype, device=x.device)
     s = torch.empty((), dtype=torch.float32, device=x.device)
     _cast_t_kernel[_grid(r, k)](x, amax.float().reshape(()), q, qt, s, r, k, x.stride(0), x.stride(1), FMAX=f.max,
-                                POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK, num_warps=_WARPS)
+                                POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK, **_grid_constants(f), num_warps=_WARPS)
     return q, qt, s
 
 

@@ -147,9 +147,10 @@ def odd_quotient(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     r = x / s
     remainder = x.double() - r.double() * s.double()
     bits = r.view(torch.int32)
-    inexact_even = (remainder != 0) & ((bits & 1) == 0) & (r != 0)
-    away_from_zero = (remainder > 0) == (r > 0)
-    return torch.where(inexact_even, torch.where(away_from_zero, bits + 1, bits - 1), bits).view(torch.float32)
+    # +1 (one ulp away from zero) when the exact quotient lies further out than r, -1 when nearer;
+    # 0 when r is exact (remainder 0), is zero, or is already odd
+    step = (torch.sign(remainder) * torch.sign(r)).to(torch.int32) * (1 - (bits & 1))
+    return (bits + step).view(torch.float32)
 
 
 def _divide(x: torch.Tensor, scale: torch.Tensor, granularity: str, b: int) -> torch.Tensor:
@@ -172,7 +173,17 @@ def _divide(x: torch.Tensor, scale: torch.Tensor, granularity: str, b: int) -> t
 def dequantize(q: torch.Tensor, scale: torch.Tensor, *, block_size: int = 128,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """q * scale in `dtype` (FP32 by default), the granularity read off the scale's shape."""
-    return (q.float() * expand_scale(scale.float(), q.shape, block_size=block_size)).to(dtype)
+    scale = scale.float()
+    b = block_size
+    if q.dim() == 2 and scale.dim() == 2 and q.shape[0] % b == 0 and q.shape[1] % b == 0:
+        r, k = q.shape   # whole tiles: broadcast the scale over a tiled view instead of expanding it
+        nr = r // b if scale.shape[0] == r // b and r != b else None
+        nk = k // b if scale.shape[1] == k // b and k != b else None
+        if nk is not None and (nr is not None or scale.shape[0] in (1, r)):
+            rows = (nr, b) if nr is not None else (r, 1)
+            s = scale.reshape(rows[0], 1, nk, 1) if nr is not None else scale.reshape(scale.shape[0], 1, nk, 1)
+            return (q.float().reshape(rows[0], rows[1], nk, b) * s).reshape(r, k).to(dtype)
+    return (q.float() * expand_scale(scale, q.shape, block_size=block_size)).to(dtype)
 
 
 class AmaxHistory:

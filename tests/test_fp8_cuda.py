@@ -1,0 +1,120 @@
+"""FP8 fast paths on the GPU (run on the lent H100): Triton quantization equals the PyTorch path bit for
+bit; cuBLAS FP8 GEMMs (cublas and triton backends) equal emulate within FP32 accumulation-order
+tolerances; Float8Linear on every backend, eager and under inductor."""
+import pytest
+import torch
+from torch import nn
+
+from mixprec.fp8 import Float8Config, Float8Linear, quantize, resolve_backend
+from mixprec.fp8.gemm import mm_nt
+from mixprec.fp8.recipes import GRANULARITY, quantize_pair
+from tolerances import (BF16_OUTPUT_RTOL, FP8_COMPILED_VS_EAGER_GRAD_RTOL, FP8_FAST_ACCUM_VS_EMULATE_RTOL,
+                        FP8_GEMM_VS_EMULATE_RTOL)
+
+pytestmark = pytest.mark.cuda
+RECIPES = ("blockwise", "tensorwise", "rowwise", "delayed")
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+@pytest.fixture(autouse=True)
+def _needs_fp8():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need compute capability 8.9+")
+
+
+def test_auto_picks_triton_on_hopper():
+    assert resolve_backend("auto", "cuda") == "triton"
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("granularity", ["1x128", "128x128", "tensorwise"])
+@pytest.mark.parametrize("power_of_2", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "bf16", "odd"])
+def test_triton_quantization_equals_pytorch_bit_for_bit(fmt, granularity, power_of_2, layout):
+    r, k = (1000, 1300) if layout == "odd" else (512, 768)          # odd: partial tiles on both dims
+    x = torch.randn(r, k, device="cuda") * torch.exp(torch.randn(r, k, device="cuda"))
+    x[:, 3] *= 1e4
+    if layout == "transposed":
+        x = x.t().contiguous().t()
+    if layout == "bf16":
+        x = x.bfloat16()
+    a_t, at_t = quantize_pair(x, fmt, granularity, backend="triton", power_of_2=power_of_2)
+    a_ref, at_ref = quantize_pair(x, fmt, granularity, backend="cublas", power_of_2=power_of_2)
+    for got, ref in ((a_t, a_ref), (at_t, at_ref)):
+        assert same_bytes(got.q, ref.q)
+        assert torch.equal(got.scale, ref.scale)
+    q, s = quantize(x.cpu(), fmt, granularity, power_of_2=power_of_2)     # and the CPU reference
+    assert same_bytes(a_t.q.cpu(), q) and torch.equal(a_t.scale.cpu(), s)
+
+
+@pytest.mark.parametrize("recipe", ["blockwise", "tensorwise", "rowwise"])
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_cublas_gemms_equal_emulate(recipe, fast_accum):
+    if fast_accum and recipe == "blockwise":
+        pytest.skip("blockwise GEMMs always promote")
+    m, n, k = 1024, 768, 2048
+    act, wgt = GRANULARITY[recipe]
+    pow2 = recipe == "rowwise"
+    x = torch.randn(m, k, device="cuda")
+    w = torch.randn(n, k, device="cuda") * 0.02
+    dy = torch.randn(m, n, device="cuda")
+    xa, xt = quantize_pair(x, "fp8_e4m3", act, backend="cublas", power_of_2=pow2)
+    wa, wt = quantize_pair(w, "fp8_e4m3", wgt, backend="cublas", power_of_2=pow2)
+    bwd = "fp8_e5m2" if recipe == "tensorwise" else "fp8_e4m3"
+    da, dt = quantize_pair(dy, bwd, act, backend="cublas", power_of_2=pow2)
+    tol = FP8_FAST_ACCUM_VS_EMULATE_RTOL if fast_accum else FP8_GEMM_VS_EMULATE_RTOL
+    for a, b in ((xa, wa), (da, wt), (dt, xt)):        # forward, input grad, weight grad
+        for out_dtype in (torch.float32, torch.bfloat16):
+            got = mm_nt(a, b, out_dtype=out_dtype, backend="cublas", fast_accum=fast_accum)
+            ref = mm_nt(a, b, out_dtype=torch.float32, backend="emulate")
+            bound = tol if out_dtype == torch.float32 else tol + BF16_OUTPUT_RTOL
+            assert got.dtype == out_dtype and rel_err(got, ref) <= bound, (recipe, out_dtype, rel_err(got, ref))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("backend", ["cublas", "triton"])
+def test_float8_linear_backends_equal_emulate(recipe, backend):
+    torch.manual_seed(0)
+    base = nn.Linear(1024, 768, device="cuda")
+    x = torch.randn(4, 250, 1024, device="cuda")     # M = 1000 tokens: not a multiple of 16 or 128
+    dy = torch.randn(4, 250, 768, device="cuda")
+    results = {}
+    for b in ("emulate", backend):
+        layer = Float8Linear.from_linear(base, Float8Config(recipe=recipe, backend=b, fast_accum=False))
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(dy)
+        results[b] = (y.detach(), xi.grad, base.weight.grad.clone(), base.bias.grad.clone())
+        base.weight.grad = base.bias.grad = None
+    for name, got, ref in zip(("y", "dx", "dW", "db"), results[backend], results["emulate"]):
+        assert rel_err(got, ref) <= FP8_GEMM_VS_EMULATE_RTOL, (name, rel_err(got, ref))
+
+
+@pytest.mark.parametrize("recipe", ["blockwise", "tensorwise", "rowwise"])
+def test_inductor_compiled_model_matches_eager(recipe):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 2048, bias=False), nn.GELU(), nn.Linear(2048, 1024, bias=False)).cuda()
+    for i in (0, 2):
+        model[i] = Float8Linear.from_linear(model[i], Float8Config(recipe=recipe, fast_accum=False))
+    x = torch.randn(2048, 1024, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_eager = model(x)
+    y_eager.float().pow(2).mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = compiled(x)
+    y.float().pow(2).mean().backward()
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, y_eager) <= FP8_GEMM_VS_EMULATE_RTOL + 2 * BF16_OUTPUT_RTOL   # y rounded twice
+    for p, g in zip(model.parameters(), grads):
+        assert rel_err(p.grad, g) <= FP8_COMPILED_VS_EAGER_GRAD_RTOL, rel_err(p.grad, g)
