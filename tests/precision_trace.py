@@ -89,13 +89,15 @@ class PrecisionTrace(TorchDispatchMode):
             self.records.append((module, name, ins, outs))
         return out
 
-    def by_module(self) -> dict[str, set[tuple[tuple[str, ...], tuple[str, ...]]]]:
-        """module -> {(input precisions, output precisions)}: comparable across devices (op names differ)."""
+    def by_module(self, op_outputs: bool = True) -> dict[str, set[tuple[tuple[str, ...], tuple[str, ...]]]]:
+        """module -> {(input precisions, output precisions)}: comparable across devices (op names differ).
+
+        A GEMM's raw output is half natively and FP32-then-rounded when emulated, so GEMMs contribute
+        their inputs (the module's output is recorded apart); op_outputs=False does so for every op.
+        """
         summary: dict[str, set] = defaultdict(set)
         for module, op, ins, outs in self.records:
-            # A GEMM's raw output is half natively and FP32-then-rounded when emulated: compare its
-            # inputs here and the module's output below.
-            summary[module].add((ins, () if op in GEMM_OPS else outs))
+            summary[module].add((ins, outs if op_outputs and op not in GEMM_OPS else ()))
         for module, outs in self.outputs.items():
             summary[module].add((("output",), outs))
         return summary

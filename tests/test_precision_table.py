@@ -137,7 +137,8 @@ def test_cpu_and_cuda_apply_the_same_table(recipe):
             model = mp.prepare(make().to(device), recipe)
             torch.manual_seed(1)
             x = inputs(device)
-            summaries.append(trace_forward(model, x, recipe, loss, x).by_module())
+            # Emulated FP16 rounds each op's output in a separate cast: compare inputs and module outputs.
+            summaries.append(trace_forward(model, x, recipe, loss, x).by_module(op_outputs=recipe != "fp16-mixed"))
         cpu, cuda = summaries
         for module in set(cpu) | set(cuda):
             # RNN kernels differ in how they split their work, not in precision: compare output precisions.

@@ -80,7 +80,7 @@ class _HalfInputsFP32Output(torch.autograd.Function):
         gh = g32.to(xh.dtype)
         with torch.autocast(grad.device.type, enabled=False):
             grad_x = _gemm(gh, wh, xh.dtype).to(ctx.x_dtype).reshape(ctx.x_shape)  # a half activation gradient
-            grad_w = _gemm(gh.t().contiguous(), xh, torch.float32).to(ctx.w_dtype)  # FP32 master gradient
+            grad_w = _gemm(gh.t(), xh, torch.float32).to(ctx.w_dtype)  # FP32 master gradient
             grad_b = g32.float().sum(0).to(ctx.w_dtype) if ctx.has_bias else None
         return grad_x, grad_w, grad_b, None
 

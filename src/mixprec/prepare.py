@@ -53,8 +53,12 @@ class _RuleModule:
             return self._mixprec_half_forward(device_type, *args, **kwargs)
         first = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
         in_dtype = logical_dtype(first) if first is not None else torch.float32
-        with torch.autocast(device_type, enabled=False):
-            out = super().forward(*map_tensors(to_fp32, args), **map_tensors(to_fp32, kwargs))
+        args, kwargs = map_tensors(to_fp32, args), map_tensors(to_fp32, kwargs)
+        if self._mixprec_autocast_off:
+            with torch.autocast(device_type, enabled=False):
+                out = super().forward(*args, **kwargs)
+        else:  # FP32 inputs and weights already keep every op of a norm or an embedding in FP32
+            out = super().forward(*args, **kwargs)
         if precision is Precision.FP32_CAST_BACK and in_dtype != torch.float32:
             if emulation.is_logical_fp16(first):
                 return map_tensors(emulation.to_fp16_values, out)
@@ -172,6 +176,7 @@ def prepare(model: nn.Module, policy: Policy | str, *, head: str | None = None) 
             module.__class__ = _wrap_class(type(module), rule.precision)
             module._mixprec_compute_dtype = policy.compute_dtype
             module._mixprec_emulate_fp16 = emulate
+            module._mixprec_autocast_off = _runs_autocast_ops(module, rule)
         plan.append(ModulePlan(name, original_class(module).__name__, role,
                                rule.precision if rule else None, rule.why if rule else "",
                                None))
@@ -192,6 +197,21 @@ def _needs_wrapper(module: nn.Module, precision: Precision) -> bool:
     if precision is Precision.HALF:  # Linear/Conv follow autocast by themselves; LSTM needs the wrapper
         return isinstance(module, (nn.LSTM, nn.LSTMCell)) or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
     return True
+
+
+_AUTOCAST_LOWERED = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)
+
+
+def _runs_autocast_ops(module: nn.Module, rule: rules.ModuleRule) -> bool:
+    """Whether an FP32 rule must switch autocast off inside the module.
+
+    Built-in norms and embeddings on FP32 inputs run no op that autocast lowers to half, and an
+    autocast-off region inside a compiled graph splits fusions (measured: ~4% of a GPT step), so they
+    skip it. Modules with GEMMs inside (RNNs, attention, the head, anything a user registers) need it.
+    """
+    if rule not in rules.BUILTIN_MODULE_RULES or rule.precision is Precision.FP32_OUTPUT:
+        return True
+    return any(isinstance(m, _AUTOCAST_LOWERED) for m in module.modules())
 
 
 def _param_dtype(module: nn.Module) -> torch.dtype | None:
