@@ -6,8 +6,10 @@
              torch._scaled_mm (cuBLASLt); needs CUDA compute capability 8.9+ (Ada, Hopper, newer).
     triton   GEMMs as cublas, quantization in Triton kernels that read each tensor once and write
              the codes and their transpose together (the backward's layouts) in the same pass.
-    auto     triton where Triton is installed and the GPU has FP8 tensor cores, else cublas,
-             else emulate.
+    auto     on a GPU with FP8 tensor cores: triton in eager mode; under torch.compile, cublas for
+             the tensorwise, rowwise and delayed recipes (inductor fuses their quantization into the
+             neighbouring kernels, measured faster than the opaque Triton calls) and triton for
+             blockwise; emulate elsewhere. benchmarks/results/fp8.md has the measurements.
 """
 from __future__ import annotations
 
@@ -48,9 +50,11 @@ def _device_name(device: torch.device) -> str:
     return str(device)
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
+def resolve_backend(backend: str, device: torch.device | str, *, recipe: str = "blockwise",
+                    compiling: bool | None = None) -> str:
     """The concrete backend ("emulate", "cublas" or "triton") that `backend` means on `device`.
 
+    recipe and compiling (default: whether torch.compile is tracing now) refine "auto" (see above).
     Raises ValueError for an unknown name, and for cublas/triton where the device cannot run FP8
     GEMMs, naming backend="emulate" as the way out.
     """
@@ -62,7 +66,11 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if backend == "auto":
         if not fp8_gemm_supported(device):
             return "emulate"
-        return "triton" if triton_available() else "cublas"
+        if compiling is None:
+            compiling = torch.compiler.is_compiling()
+        if not triton_available() or (compiling and recipe != "blockwise"):
+            return "cublas"
+        return "triton"
     if not fp8_gemm_supported(device):
         raise ValueError(f"FP8 backend {backend!r} needs a CUDA GPU of compute capability 8.9+ for FP8 GEMMs, "
                          f"but the tensors are on {_device_name(device)}; use backend='emulate' "
@@ -72,12 +80,16 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return backend
 
 
-def backend_info(backend: str = "auto", device: torch.device | str | None = None) -> str:
-    """One line saying which backend `backend` resolves to on `device` (default: current CUDA device or
-    the CPU) and what it does, e.g. for mp.explain."""
+def backend_info(backend: str = "auto", device: torch.device | str | None = None, *,
+                 recipe: str = "blockwise") -> str:
+    """Which backend `backend` resolves to on `device` (default: the current CUDA device or the CPU),
+    eager and under torch.compile, and what it does, e.g. for mp.explain."""
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
-    chosen = resolve_backend(backend, device)
-    picked = f"{backend} -> {chosen}" if backend != chosen else chosen
-    return f"FP8 backend {picked} on {_device_name(device)}: {_DESCRIPTIONS[chosen]}"
+    lines = []
+    for mode, compiling in (("eager", False), ("torch.compile", True)):
+        chosen = resolve_backend(backend, device, recipe=recipe, compiling=compiling)
+        picked = f"{backend} -> {chosen}" if backend != chosen else chosen
+        lines.append(f"FP8 backend ({recipe}, {mode}) {picked} on {_device_name(device)}: {_DESCRIPTIONS[chosen]}")
+    return "\n".join(lines)

@@ -26,7 +26,13 @@ import triton.language as tl
 from mixprec.fp8.quantize import AMAX_EPS, get_fp8_format
 
 _BLOCK = 128           # DeepSeek-V3's tile; also the only block torch._scaled_mm scales
-_WARPS = 8             # 128x128 FP32 tile: 64 values per thread at 256 threads
+
+# A 128x128 FP32 tile is 64 values per thread at 8 warps: measured per shape which warp count keeps it
+# in registers best (autotuned once per shape; training shapes repeat).
+_TILE_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
+# Tensorwise kernels have no tile the scale depends on: rectangles trade registers for parallelism.
+_FREE_CONFIGS = [triton.Config({"BR": br, "BK": bk}, num_warps=w)
+                 for br, bk in ((128, 128), (64, 128), (128, 64), (64, 64)) for w in (4, 8)]
 
 
 def _tl_dtype(fmt: str):
@@ -75,11 +81,12 @@ def _round_to_grid(v, M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.const
     bits = v.to(tl.int32, bitcast=True)
     lsb = (bits >> SHIFT) & 1
     normal = ((bits + ((1 << (SHIFT - 1)) - 1) + lsb) & -(1 << SHIFT)).to(tl.float32, bitcast=True)
-    mag = (tl.abs(v) + MAGIC) - MAGIC
-    sub = tl.where(v < 0, -mag, mag)        # keep the sign of values that flush to zero
+    mag = ((tl.abs(v) + MAGIC) - MAGIC).to(tl.int32, bitcast=True)
+    sub = (mag | (bits & -0x80000000)).to(tl.float32, bitcast=True)   # v's sign bit: -0.0 stays -0.0
     return tl.where(tl.abs(v) < MIN_NORMAL, sub, normal)
 
 
+@triton.autotune(configs=_TILE_CONFIGS, key=["R", "K"])
 @triton.jit
 def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, stride_r, stride_k,
                              FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
@@ -101,6 +108,7 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, stride_r
     tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)          # (R/B, K) buffer
 
 
+@triton.autotune(configs=_TILE_CONFIGS, key=["R", "K"])
 @triton.jit
 def _quantize_128x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, stride_r, stride_k, NK,
                                FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
@@ -119,24 +127,26 @@ def _quantize_128x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, stride_r, stri
     tl.store(s_ptr + pid_r * NK + pid_k, s)
 
 
+@triton.autotune(configs=_FREE_CONFIGS, key=["R", "K"])
 @triton.jit
-def _amax_kernel(x_ptr, amax_ptr, R, K, stride_r, stride_k, B: tl.constexpr):
-    rows = tl.program_id(0) * B + tl.arange(0, B)
-    cols = tl.program_id(1) * B + tl.arange(0, B)
+def _amax_kernel(x_ptr, amax_ptr, R, K, stride_r, stride_k, BR: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_k, mask=mask, other=0.0).to(tl.float32)
     tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), axis=1), axis=0))   # |x| >= 0: float max is exact
 
 
+@triton.autotune(configs=_FREE_CONFIGS, key=["R", "K"])
 @triton.jit
 def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K, stride_r, stride_k,
                    FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
-                   OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
-                             MAGIC: tl.constexpr):
+                   OUT: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                   MAGIC: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_r * B + tl.arange(0, B)
-    cols = pid_k * B + tl.arange(0, B)
+    rows = pid_r * BR + tl.arange(0, BR)
+    cols = pid_k * BK + tl.arange(0, BK)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_k, mask=mask, other=0.0).to(tl.float32)
     s = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
@@ -149,6 +159,10 @@ def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K, stride_r, stride
 
 def _grid(r: int, k: int) -> tuple[int, int]:
     return triton.cdiv(r, _BLOCK), triton.cdiv(k, _BLOCK)
+
+
+def _free_grid(r: int, k: int):
+    return lambda meta: (triton.cdiv(r, meta["BR"]), triton.cdiv(k, meta["BK"]))
 
 
 def _check(x: torch.Tensor) -> None:
@@ -167,8 +181,7 @@ def _quantize_1x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple[t
     s = torch.empty((triton.cdiv(k, _BLOCK), r), dtype=torch.float32, device=x.device)
     st = torch.empty((triton.cdiv(r, _BLOCK), k), dtype=torch.float32, device=x.device)
     _quantize_1x128_t_kernel[_grid(r, k)](x, q, s, qt, st, r, k, x.stride(0), x.stride(1), FMAX=f.max,
-                                          POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK, **_grid_constants(f),
-                                          num_warps=_WARPS)
+                                          POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK, **_grid_constants(f))
     return q, s, qt, st
 
 
@@ -191,8 +204,7 @@ def _quantize_128x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple
     nr, nk = _grid(r, k)
     s = torch.empty((nr, nk), dtype=torch.float32, device=x.device)
     _quantize_128x128_t_kernel[(nr, nk)](x, q, s, qt, r, k, x.stride(0), x.stride(1), nk, FMAX=f.max,
-                                         POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK, **_grid_constants(f),
-                                         num_warps=_WARPS)
+                                         POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK, **_grid_constants(f))
     return q, s, qt
 
 
@@ -208,8 +220,7 @@ def _(x, fmt, power_of_2):
 def _amax_op(x: torch.Tensor) -> torch.Tensor:
     _check(x)
     out = torch.zeros((), dtype=torch.float32, device=x.device)
-    _amax_kernel[_grid(*x.shape)](x, out, x.shape[0], x.shape[1], x.stride(0), x.stride(1), B=_BLOCK,
-                                  num_warps=_WARPS)
+    _amax_kernel[_free_grid(*x.shape)](x, out, x.shape[0], x.shape[1], x.stride(0), x.stride(1))
     return out
 
 
@@ -227,8 +238,8 @@ def _cast_t_op(x: torch.Tensor, amax: torch.Tensor, fmt: str, power_of_2: bool) 
     q = torch.empty((r, k), dtype=f.torch_dtype, device=x.device)
     qt = torch.empty((k, r), dtype=f.torch_dtype, device=x.device)
     s = torch.empty((), dtype=torch.float32, device=x.device)
-    _cast_t_kernel[_grid(r, k)](x, amax.float().reshape(()), q, qt, s, r, k, x.stride(0), x.stride(1), FMAX=f.max,
-                                POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK, **_grid_constants(f), num_warps=_WARPS)
+    _cast_t_kernel[_free_grid(r, k)](x, amax.float().reshape(()), q, qt, s, r, k, x.stride(0), x.stride(1), FMAX=f.max,
+                                     POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), **_grid_constants(f))
     return q, qt, s
 
 

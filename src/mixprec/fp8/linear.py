@@ -109,7 +109,7 @@ class Float8Linear(nn.Linear):
             out_dtype = torch.get_autocast_dtype(device_type)
         else:
             out_dtype = x.dtype
-        backend = resolve_backend(cfg.backend, x.device)
+        backend = resolve_backend(cfg.backend, x.device, recipe=cfg.recipe)
         delayed = cfg.recipe == "delayed"
         return _Float8LinearFunction.apply(
             x, self.weight, self.bias, cfg.recipe, cfg.forward_format, cfg.backward_format,

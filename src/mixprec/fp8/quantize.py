@@ -90,7 +90,10 @@ def scale_from_amax(amax: torch.Tensor, fmt: str | torch.dtype | Format, *, powe
     into the exponent unless the mantissa is already zero, and masking the mantissa leaves 2**ceil(log2).
     """
     f = get_fp8_format(fmt)
-    scale = amax.float().clamp(min=AMAX_EPS) / f.max
+    amax = amax.float()
+    # divide by a tensor: CUDA turns division by a Python scalar into a multiplication by its
+    # reciprocal, which is not the correctly rounded quotient
+    scale = amax.clamp(min=AMAX_EPS) / torch.full((), f.max, dtype=torch.float32, device=amax.device)
     if power_of_2:
         bits = scale.view(torch.int32)
         scale = ((bits + 0x7FFFFF) & -0x800000).view(torch.float32)
