@@ -18,8 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mixprec.optim.triton_ops import (minifloat_decode, minifloat_encode, stochastic_round, stream_key,
-                                      uniform)
+from mixprec.optim.triton_ops import minifloat_decode, minifloat_encode, random_bits, stochastic_round, stream_key
 
 # State layouts (constexpr STATE) and parameter roundings (constexpr ROUNDING).
 STATE_DENSE_F32, STATE_DENSE_BF16, STATE_MINIFLOAT, STATE_FP8 = 0, 1, 2, 3
@@ -27,11 +26,15 @@ ROUND_NEAREST, ROUND_STOCHASTIC, ROUND_KAHAN = 0, 1, 2
 # Columns of the pointer table.
 COLUMNS = ("param", "grad", "m", "v", "m_absmax", "v_absmax", "step", "kahan_comp")
 NCOLS = len(COLUMNS)
-MIN_ABSMAX = 2.0 ** -100   # codes.MIN_BLOCK_ABSMAX
+MIN_ABSMAX = tl.constexpr(2.0 ** -100)   # codes.MIN_BLOCK_ABSMAX
 
 
 @triton.jit
-def _ptr(table, tid, COL: tl.constexpr, DT: tl.constexpr):
+def _ptr(table, tid, COL: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr = False):
+    """Column COL of the tensor's row of the pointer table, as a pointer to DT (16-byte aligned if told:
+    the hint must sit on the conversion itself, it does not survive being returned through a call)."""
+    if ALIGNED:
+        return tl.multiple_of(tl.load(table + tid * 8 + COL).to(tl.pointer_type(DT)), 16)
     return tl.load(table + tid * 8 + COL).to(tl.pointer_type(DT))
 
 
@@ -64,7 +67,7 @@ def _block_absmax(x_lo, x_hi):
 
 
 @triton.jit
-def _store_moment(ptr, absmax_ptr, x_lo, x_hi, lo, hi, mlo, mhi, bytes_lo, block_idx, mrow, key,
+def _store_moment(ptr, absmax_ptr, x_lo, x_hi, lo, hi, mlo, mhi, bytes_lo, block_idx, mrow, rb_lo, rb_hi,
                   STATE: tl.constexpr, PACK4: tl.constexpr, S_DT: tl.constexpr, CODE_MAX: tl.constexpr,
                   CODE_LOW: tl.constexpr, EXP: tl.constexpr, MAN: tl.constexpr, SIGNED: tl.constexpr, SUB: tl.constexpr):
     """Write one moment back in its layout (codes + absmax, BF16 stochastically rounded, or FP32)."""
@@ -86,8 +89,8 @@ def _store_moment(ptr, absmax_ptr, x_lo, x_hi, lo, hi, mlo, mhi, bytes_lo, block
                 tl.store(ptr + lo, c_lo.to(tl.uint8), mask=mlo)
                 tl.store(ptr + hi, c_hi.to(tl.uint8), mask=mhi)
     elif STATE == 1:
-        tl.store(ptr + lo, stochastic_round(x_lo, uniform(lo, key), tl.bfloat16), mask=mlo)
-        tl.store(ptr + hi, stochastic_round(x_hi, uniform(hi, key), tl.bfloat16), mask=mhi)
+        tl.store(ptr + lo, stochastic_round(x_lo, rb_lo, tl.bfloat16), mask=mlo)
+        tl.store(ptr + hi, stochastic_round(x_hi, rb_hi, tl.bfloat16), mask=mhi)
     else:
         tl.store(ptr + lo, x_lo, mask=mlo)
         tl.store(ptr + hi, x_hi, mask=mhi)
@@ -105,7 +108,7 @@ def _param_delta(p, m, v, step_size, inv_sqrt_bc2, eps, lr_wd, DECOUPLED: tl.con
 @triton.jit
 def _store_param(p_ptr, c_ptr, p, delta, offs, mask, key, ROUNDING: tl.constexpr, P_DT: tl.constexpr):
     if ROUNDING == 1:
-        tl.store(p_ptr + offs, stochastic_round(p + delta, uniform(offs, key), P_DT), mask=mask)
+        tl.store(p_ptr + offs, stochastic_round(p + delta, random_bits(offs, key), P_DT), mask=mask)
     elif ROUNDING == 2:
         comp = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = delta + comp
@@ -125,30 +128,52 @@ def fused_adam_kernel(
     M_EXP: tl.constexpr, M_MAN: tl.constexpr, M_SUB: tl.constexpr, M_MAX: tl.constexpr, M_LOW: tl.constexpr,
     V_EXP: tl.constexpr, V_MAN: tl.constexpr, V_SUB: tl.constexpr, V_MAX: tl.constexpr, V_LOW: tl.constexpr,
     ROUNDING: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
-    HALF: tl.constexpr = BLOCK // 2
+    TILE: tl.constexpr = BLOCK * ROWS
     pid = tl.program_id(0)
     tid = tl.load(prog_tensor + pid)
-    start = tl.load(prog_start + pid)
+    start = tl.multiple_of(tl.load(prog_start + pid), TILE)
     numel = tl.load(numels + tid)
+    if HAS_FOUND_INF:  # a skipped step has no live elements: it loads and stores nothing
+        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
+    if ALIGNED:  # numel and every address divisible by 16 (checked on the host): masks and pointers are
+        numel = tl.multiple_of(numel, 16)   # constant / aligned over 16 elements, so loads are 16-byte vectors
+    _adam_tile(ptrs, tid, start, numel, rng_base, grad_scale_ptr, lr, beta1, one_minus_beta1, beta2,
+               one_minus_beta2, log2_beta1, log2_beta2, eps, weight_decay, lr_wd, P_DT, G_DT, M_DT, V_DT,
+               STATE, PACK4, M_EXP, M_MAN, M_SUB, M_MAX, M_LOW, V_EXP, V_MAN, V_SUB, V_MAX, V_LOW,
+               ROUNDING, DECOUPLED, HAS_WD, HAS_GRAD_SCALE, ALIGNED, BLOCK, ROWS)
+
+
+@triton.jit
+def _adam_tile(
+    ptrs, tid, start, numel, rng_base, grad_scale_ptr,
+    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, weight_decay, lr_wd,
+    P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr, V_DT: tl.constexpr,
+    STATE: tl.constexpr, PACK4: tl.constexpr,
+    M_EXP: tl.constexpr, M_MAN: tl.constexpr, M_SUB: tl.constexpr, M_MAX: tl.constexpr, M_LOW: tl.constexpr,
+    V_EXP: tl.constexpr, V_MAN: tl.constexpr, V_SUB: tl.constexpr, V_MAX: tl.constexpr, V_LOW: tl.constexpr,
+    ROUNDING: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+):
+    """One program's ROWS blocks of one tensor; elements at or past `numel` are masked off."""
+    HALF: tl.constexpr = BLOCK // 2
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, HALF)
     lo = start + rows[:, None] * BLOCK + cols[None, :]
     hi = lo + HALF
     bytes_lo = start // 2 + rows[:, None] * HALF + cols[None, :]   # 4-bit: byte j holds values j, j + HALF
     block_idx = start // BLOCK + rows
-    if HAS_FOUND_INF:  # a skipped step has no live elements: it loads and stores nothing
-        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
     mlo = lo < numel
     mhi = hi < numel
     mrow = block_idx * BLOCK < numel
 
-    p_ptr = _ptr(ptrs, tid, 0, P_DT)
-    g_ptr = _ptr(ptrs, tid, 1, G_DT)
-    m_ptr = _ptr(ptrs, tid, 2, M_DT)
-    v_ptr = _ptr(ptrs, tid, 3, V_DT)
+    p_ptr = _ptr(ptrs, tid, 0, P_DT, ALIGNED)
+    g_ptr = _ptr(ptrs, tid, 1, G_DT, ALIGNED)
+    m_ptr = _ptr(ptrs, tid, 2, M_DT, ALIGNED)
+    v_ptr = _ptr(ptrs, tid, 3, V_DT, ALIGNED)
+    c_ptr = _ptr(ptrs, tid, 7, P_DT, ALIGNED)
     ma_ptr = _ptr(ptrs, tid, 4, tl.float32)
     va_ptr = _ptr(ptrs, tid, 5, tl.float32)
     t = tl.load(_ptr(ptrs, tid, 6, tl.float32)) + 1.0
@@ -183,10 +208,17 @@ def fused_adam_kernel(
     v_lo = tl.where(mlo, v_lo * beta2 + (g_lo * g_lo) * one_minus_beta2, 0.0)
     v_hi = tl.where(mhi, v_hi * beta2 + (g_hi * g_hi) * one_minus_beta2, 0.0)
 
-    _store_moment(m_ptr, ma_ptr, m_lo, m_hi, lo, hi, mlo, mhi, bytes_lo, block_idx, mrow,
-                  stream_key(base, step_u32, 1), STATE, PACK4, M_DT, M_MAX, M_LOW, M_EXP, M_MAN, True, M_SUB)
-    _store_moment(v_ptr, va_ptr, v_lo, v_hi, lo, hi, mlo, mhi, bytes_lo, block_idx, mrow,
-                  stream_key(base, step_u32, 2), STATE, PACK4, V_DT, V_MAX, V_LOW, V_EXP, V_MAN, False, V_SUB)
+    # BF16 state: one random 32-bit number per element, low half for m, high half for v
+    rb_lo = lo.to(tl.uint32)
+    rb_hi = hi.to(tl.uint32)
+    if STATE == 1:
+        key_mv = stream_key(base, step_u32, 1)
+        rb_lo = random_bits(lo, key_mv)
+        rb_hi = random_bits(hi, key_mv)
+    _store_moment(m_ptr, ma_ptr, m_lo, m_hi, lo, hi, mlo, mhi, bytes_lo, block_idx, mrow, rb_lo, rb_hi,
+                  STATE, PACK4, M_DT, M_MAX, M_LOW, M_EXP, M_MAN, True, M_SUB)
+    _store_moment(v_ptr, va_ptr, v_lo, v_hi, lo, hi, mlo, mhi, bytes_lo, block_idx, mrow, rb_lo >> 16, rb_hi >> 16,
+                  STATE, PACK4, V_DT, V_MAX, V_LOW, V_EXP, V_MAN, False, V_SUB)
 
     bc1 = 1.0 - tl.exp2(t * log2_beta1)
     bc2 = 1.0 - tl.exp2(t * log2_beta2)
@@ -194,7 +226,6 @@ def fused_adam_kernel(
     inv_sqrt_bc2 = tl.div_rn(1.0, tl.sqrt_rn(bc2))
     d_lo = _param_delta(p_lo, m_lo, v_lo, step_size, inv_sqrt_bc2, eps, lr_wd, DECOUPLED, HAS_WD)
     d_hi = _param_delta(p_hi, m_hi, v_hi, step_size, inv_sqrt_bc2, eps, lr_wd, DECOUPLED, HAS_WD)
-    c_ptr = _ptr(ptrs, tid, 7, P_DT)
     key_p = stream_key(base, step_u32, 0)
     _store_param(p_ptr, c_ptr, p_lo, d_lo, lo, mlo, key_p, ROUNDING, P_DT)
     _store_param(p_ptr, c_ptr, p_hi, d_hi, hi, mhi, key_p, ROUNDING, P_DT)

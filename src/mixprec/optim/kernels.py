@@ -1,7 +1,8 @@
 """Launching the fused Adam kernel: bucketing tensors, the pointer and program tables, step counts.
 
 Per `step` and parameter group: tensors are bucketed by (parameter dtype, gradient dtype, state
-layout, rounding), each bucket is one launch of fused_kernel.fused_adam_kernel. The tables live on
+layout, rounding, 16-byte alignment), each bucket is one launch of fused_kernel.fused_adam_kernel
+(a model whose tensor sizes are multiples of 16 and whose tensors all have low-bit state gets one). The tables live on
 the GPU; they are rebuilt only when an address changes (new gradient tensors) and uploaded from
 pinned memory without blocking, so a step does not wait for the GPU. After the launch the per-tensor
 step counts advance by 1 - found_inf in one foreach op.
@@ -51,6 +52,16 @@ def _code_args(code) -> tuple[int, int, bool, float, float]:
     return 0, 0, False, 1.0, -1.0
 
 
+def _aligned(p: torch.Tensor, state: dict) -> bool:
+    """Whether the kernel may use 16-byte vector accesses: numel and every address divisible by 16.
+
+    (Tensors of other sizes go to a launch of their own, with element-wise masks.)
+    """
+    if p.numel() % 16 or p.data_ptr() % 16 or p.grad.data_ptr() % 16:
+        return False
+    return all(t.data_ptr() % 16 == 0 for t in state.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+
 class FusedAdamLauncher:
     """Builds (and caches) the tables of each bucket and launches the fused kernel."""
 
@@ -69,7 +80,7 @@ class FusedAdamLauncher:
         buckets: dict[tuple, list[int]] = {}
         for i, (p, st) in enumerate(zip(params, states)):
             rounding = hp.rounding if p.dtype != torch.float32 else "nearest"
-            key = (p.device, p.dtype, p.grad.dtype, st["state_dtype"], rounding)
+            key = (p.device, p.dtype, p.grad.dtype, st["state_dtype"], rounding, _aligned(p, st))
             buckets.setdefault(key, []).append(i)
         for key, idx in buckets.items():
             self._launch(key, [params[i] for i in idx], [states[i] for i in idx], [tensor_ids[i] for i in idx],
@@ -117,7 +128,7 @@ class FusedAdamLauncher:
     def _launch(self, key, params, states, tensor_ids, hp: AdamHyper, grad_scale, found_inf) -> None:
         from mixprec.optim.fused_kernel import (ROUND_KAHAN, ROUND_NEAREST, ROUND_STOCHASTIC, STATE_DENSE_BF16,
                                                 STATE_DENSE_F32, STATE_FP8, STATE_MINIFLOAT, fused_adam_kernel)
-        device, p_dtype, g_dtype, state_dtype, rounding = key
+        device, p_dtype, g_dtype, state_dtype, rounding, aligned = key
         fmt = get_state_format(state_dtype)
         ptrs, (numels, bases, prog_tensor, prog_start) = self._tables(key, params, states, tensor_ids, hp.seed)
         if fmt.quantized:
@@ -143,6 +154,6 @@ class FusedAdamLauncher:
                 V_EXP=v_exp, V_MAN=v_man, V_SUB=v_sub, V_MAX=v_max, V_LOW=v_low,
                 ROUNDING={"nearest": ROUND_NEAREST, "stochastic": ROUND_STOCHASTIC, "kahan": ROUND_KAHAN}[rounding],
                 DECOUPLED=hp.decoupled, HAS_WD=hp.weight_decay != 0,
-                HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+                HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
                 BLOCK=block, ROWS=_TILE // block, num_warps=_NUM_WARPS, enable_fp_fusion=False,
             )

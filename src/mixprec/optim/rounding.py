@@ -21,8 +21,9 @@ _MASK32 = 0xFFFFFFFF
 MIX_MUL1 = 0x7FEB352D
 MIX_MUL2 = 0x846CA68B
 GOLDEN = 0x9E3779B9   # odd constant spreading tensor ids over 32 bits
-# The three random streams a step can draw: parameter rounding, first and second moment (bf16 state).
-STREAM_PARAM, STREAM_M, STREAM_V = 0, 1, 2
+# The random streams a step draws: parameter rounding, and the moments of BF16 state (one 32-bit number
+# per element: its low half rounds m, its high half v).
+STREAM_PARAM, STREAM_MOMENTS = 0, 1
 
 
 def _mul32(x: torch.Tensor | int, c: int) -> torch.Tensor | int:
@@ -53,21 +54,31 @@ def stream_key(seed: int, tensor_id: int, step: int | torch.Tensor, stream: int)
     return mix32(((mix32((base + step) & _MASK32)) + stream) & _MASK32)
 
 
-def uniform(key: int | torch.Tensor, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """FP32 uniforms in [0, 1) with 24 random bits: mix32(index ^ key) >> 8, times 2**-24."""
+def random_bits(key: int | torch.Tensor, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """32 random bits per element (int64 tensor): mix32(index ^ key)."""
     idx = torch.arange(numel, dtype=torch.int64, device=device)
-    return (mix32(idx ^ key) >> 8).float() * (2.0 ** -24)
+    return mix32(idx ^ key)
 
 
-def stochastic_round(x: torch.Tensor, dtype: torch.dtype, rand: torch.Tensor) -> torch.Tensor:
-    """Round FP32 `x` to `dtype` (bf16 or fp16) up in magnitude with probability equal to the fraction.
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, rbits: torch.Tensor) -> torch.Tensor:
+    """Round FP32 `x` to `dtype` (bf16 or fp16), up in magnitude with probability equal to the fraction.
 
-    With down/up the neighbours of |x| in `dtype`: result = up if rand < (|x| - down) / (up - down),
-    else down; the gap is a power of two, so the fraction is exact. Past the largest finite value
-    it saturates (the gap to inf gives a fraction of 0).
+    `rbits`: random integers (int64 tensor); the low 16 bits are used for BF16, bits 8..31 for FP16.
+    BF16 is FP32's top half: add 16 random bits to the FP32 pattern and cut the low half off (a carry,
+    i.e. rounding up, happens with probability low_half / 2**16; it saturates nowhere: values near
+    BF16's max are far from any optimizer state or weight).
+    FP16: with down/up the neighbours of |x|, up if u < (|x| - down) / (up - down), u = bits 8..31 of
+    rbits times 2**-24 (the gap is a power of two, so the fraction is exact); past the largest finite
+    value it saturates (the gap to inf gives a fraction of 0).
     """
-    if dtype not in (torch.bfloat16, torch.float16):
+    if dtype == torch.bfloat16:
+        bits = x.float().view(torch.int32).to(torch.int64) & _MASK32
+        rounded = (bits + (rbits & 0xFFFF)) & 0xFFFF0000
+        rounded = torch.where(rounded >= 2 ** 31, rounded - 2 ** 32, rounded).to(torch.int32)
+        return rounded.view(torch.float32).to(torch.bfloat16)
+    if dtype != torch.float16:
         raise ValueError(f"stochastic rounding targets bfloat16 or float16, not {dtype}")
+    rand = ((rbits & _MASK32) >> 8).float() * (2.0 ** -24)
     x = x.float()
     a = x.abs()
     nearest = a.to(dtype)

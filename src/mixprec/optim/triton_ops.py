@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-RINT_MAGIC = 12582912.0   # 1.5 * 2**23: (x + M) - M rounds x in [0, 2**22) to an integer (RNE)
+RINT_MAGIC = tl.constexpr(12582912.0)   # 1.5 * 2**23: (x + M) - M rounds x in [0, 2**22) to an integer (RNE)
 
 
 @triton.jit
@@ -25,10 +25,9 @@ def mix32(x):
 
 
 @triton.jit
-def uniform(offs, key):
-    """FP32 uniforms in [0, 1): mix32(index ^ key) >> 8, times 2**-24 (as rounding.uniform)."""
-    h = mix32(offs.to(tl.uint32) ^ key)
-    return (h >> 8).to(tl.float32) * 5.9604644775390625e-08
+def random_bits(offs, key):
+    """32 random bits per element: mix32(index ^ key) (as rounding.random_bits)."""
+    return mix32(offs.to(tl.uint32) ^ key)
 
 
 @triton.jit
@@ -38,8 +37,13 @@ def stream_key(base, step_u32, stream):
 
 
 @triton.jit
-def stochastic_round(x, r, DT: tl.constexpr):
-    """rounding.stochastic_round: FP32 -> DT (bf16/fp16), up with probability of the fraction."""
+def stochastic_round(x, rbits, DT: tl.constexpr):
+    """rounding.stochastic_round: FP32 -> DT (bf16/fp16), up in magnitude with probability of the fraction."""
+    if DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + (rbits & 0xFFFF)) & 0xFFFF0000
+        return rounded.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    r = (rbits >> 8).to(tl.float32) * 5.9604644775390625e-08
     a = tl.abs(x)
     nearest = a.to(DT)
     bits = nearest.to(tl.int16, bitcast=True)
