@@ -198,7 +198,8 @@ class Trainer:
                 last = self.step == cfg.steps
                 if self.step % cfg.log_every == 0 or last or self._interrupted:
                     self._end_window(window, time.perf_counter() - window_start, bar)
-                    window = []
+                    window, window_start = [], time.perf_counter()
+                paused = time.perf_counter()  # validation and checkpoints are not training time
                 if self.step % cfg.eval_every == 0 or last:
                     self._record_validation(bar)
                 if self._interrupted:
@@ -210,7 +211,7 @@ class Trainer:
                     raise KeyboardInterrupt
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not last:
                     self.save()
-                window_start = time.perf_counter()  # validation and checkpoints are not training time
+                window_start += time.perf_counter() - paused
             self.save()
         finally:
             self._restore_interrupt_handler(previous_handler)

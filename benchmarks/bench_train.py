@@ -1,0 +1,166 @@
+"""The trainer's overhead on a GPU: `mixprec train` against a bare loop, in the same process.
+
+Model: the 12-layer d=1024 GPT of REFERENCE.md section 7 (16 heads, T=1024, B=8, SDPA attention,
+learned positions, tied head), bytes of the Python standard library as data, bf16 recipes.
+
+Variants, alternated A B C A B C (the best of each pair is reported, so clock warm-up favours none):
+  A  bare loop:  torch.autocast(bf16), fused AdamW, grad-norm clip, same batches; no logging
+  B  mixprec loop: the same loop with mp.prepare + mp.autocast (the library's precision rules) and the
+     LossScaler (a pass-through for BF16), still no logging: isolates the rules' cost from the trainer's
+  C  the trainer: mixprec.train.Trainer as `mixprec train` runs it (progress bar, metrics.jsonl every
+     10 steps, validation every 100 steps, checkpoint cadence 500, so none inside the timed window)
+
+Each variant runs WARMUP steps, then TIMED steps timed with torch.cuda.synchronize + perf_counter.
+The final checkpoint's write time is measured apart and amortised over the default cadence.
+
+    PYTHONPATH=src python3 benchmarks/bench_train.py [--out DIR] [--recipe bf16-mixed] [--timed 100]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import mixprec as mp
+from mixprec.train.config import TrainConfig
+from mixprec.train.data import batches_for
+from mixprec.train.models import build_model
+from mixprec.train.trainer import ADAM_EPS, BETAS, Trainer
+
+WARMUP = 10
+SIZES = dict(n_layer=12, n_head=16, d_model=1024, seq_len=1024, attention="sdpa")
+BATCH = 8
+# --dry-run: a tiny model on the CPU, to check the script itself before spending GPU time
+DRY_SIZES = dict(n_layer=1, n_head=2, d_model=32, seq_len=32, attention="sdpa")
+DEVICE = "cuda"
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _config(out: str, recipe: str, steps: int) -> TrainConfig:
+    return TrainConfig(model="gpt", recipe=recipe, steps=steps, batch_size=BATCH, device=DEVICE, out=out,
+                       warmup=WARMUP, **SIZES)
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS, eps=ADAM_EPS, fused=DEVICE == "cuda")
+
+
+def bare_loop(cfg: TrainConfig, data, steps: int, use_mixprec: bool) -> float:
+    """Seconds for `steps` steps after WARMUP, of a hand-written loop."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model_config()).to(DEVICE)
+    policy = mp.Policy.from_recipe(cfg.recipe)
+    dtype = policy.compute_dtype
+    if use_mixprec:
+        model = mp.prepare(model, policy)
+    optimizer = _optimizer(model, cfg)
+    scaler = mp.LossScaler.for_policy(policy) if use_mixprec else torch.amp.GradScaler(
+        enabled=dtype == torch.float16)
+    start = 0.0
+    for step in range(WARMUP + steps):
+        if step == WARMUP:
+            _sync()
+            start = time.perf_counter()
+        x, y = (t.to(DEVICE, non_blocking=True) for t in data.train_batch(step))
+        context = mp.autocast(policy) if use_mixprec else torch.autocast(DEVICE, dtype=dtype)
+        with context:
+            logits = model(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    _sync()
+    return time.perf_counter() - start
+
+
+def trainer_run(cfg: TrainConfig, steps: int) -> tuple[float, float, float]:
+    """(seconds for the timed steps, trainer's own tokens/s, seconds to write the final checkpoint)."""
+    marks: dict[int, float] = {}
+
+    def on_step(step: int) -> None:
+        if step in (WARMUP, WARMUP + steps):
+            _sync()
+            marks[step] = time.perf_counter()
+
+    trainer = Trainer(cfg, progress=True, on_step=on_step)
+    summary = trainer.run()
+    _sync()
+    t = time.perf_counter()
+    trainer.save()
+    checkpoint_s = time.perf_counter() - t
+    del trainer
+    return marks[WARMUP + steps] - marks[WARMUP], summary.items_per_s, checkpoint_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/bench_train")
+    parser.add_argument("--recipe", default="bf16-mixed")
+    parser.add_argument("--timed", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script only")
+    args = parser.parse_args()
+    global DEVICE
+    if args.dry_run:
+        DEVICE = "cpu"
+        SIZES.update(DRY_SIZES)
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench_train.py needs a CUDA GPU (it measures the trainer's overhead on one); "
+                         "--dry-run checks the script on the CPU")
+    steps = args.timed
+    cfg = _config(str(Path(args.out) / args.recipe), args.recipe, WARMUP + steps)
+    data = batches_for("gpt", batch_size=BATCH, seq_len=SIZES["seq_len"], seed=cfg.seed)
+    tokens = steps * BATCH * SIZES["seq_len"]
+    times: dict[str, list[float]] = {"bare": [], "mixprec": [], "trainer": []}
+    own, ckpt = [], []
+    for _ in range(args.repeats):
+        for name in times:
+            gc.collect()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+            if name == "trainer":
+                seconds, rate, checkpoint_s = trainer_run(cfg, steps)
+                own.append(rate)
+                ckpt.append(checkpoint_s)
+            else:
+                seconds = bare_loop(cfg, data, steps, use_mixprec=name == "mixprec")
+            times[name].append(seconds)
+            print(f"{name:8s} {tokens / seconds:10,.0f} tokens/s", flush=True)
+    best = {k: tokens / min(v) for k, v in times.items()}
+    step_s = min(times["trainer"]) / steps
+    result = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)", "torch": torch.__version__, "recipe": args.recipe,
+              "sizes": SIZES, "batch": BATCH, "timed_steps": steps, "tokens_per_s": best,
+              "all_seconds": times, "trainer_own_tokens_per_s": own, "checkpoint_seconds": ckpt,
+              "trainer_vs_bare": best["trainer"] / best["bare"], "trainer_vs_mixprec_loop": best["trainer"] / best["mixprec"],
+              "mixprec_loop_vs_bare": best["mixprec"] / best["bare"],
+              "checkpoint_amortised_at_500": min(ckpt) / (500 * step_s),
+              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "bench_train.json").write_text(json.dumps(result, indent=1))
+    print(f"\n{result['device']}, torch {result['torch']}, GPT {SIZES}, B={BATCH}, {args.recipe}, "
+          f"{steps} timed steps, best of {args.repeats}")
+    print("| loop | tokens/s | vs bare |\n| --- | --- | --- |")
+    for name, label in (("bare", "bare loop, torch.autocast"), ("mixprec", "bare loop, mp.prepare + mp.autocast"),
+                        ("trainer", "mixprec train (Trainer)")):
+        print(f"| {label} | {best[name]:,.0f} | {best[name] / best['bare']:.3f}x |")
+    print(f"trainer / mixprec loop: {result['trainer_vs_mixprec_loop']:.3f}x; checkpoint write "
+          f"{min(ckpt):.2f} s = {result['checkpoint_amortised_at_500']:.1%} of 500 steps")
+
+
+if __name__ == "__main__":
+    main()
