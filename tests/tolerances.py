@@ -58,9 +58,11 @@ OPTIM_8BIT_LOSS_RTOL = 0.01
 OPTIM_FP32_VS_TORCH_RTOL = 1e-5
 OPTIM_FP32_VS_TORCH_ATOL = 1e-6
 # Fused kernel vs the CPU reference: codes, scales and FP32/BF16 moments exact; FP32 parameters differ
-# only through the bias corrections (GPU exp2 is approximate, ~2 ulp), a few FP32 ulps of the parameter.
+# only through the bias corrections (GPU exp2 is approximate, ~2 ulp), a few FP32 ulps of the parameter,
+# or, where a parameter crosses zero, a few ulps of the step itself (lr = 1e-2 in the test: ulp 9.3e-10;
+# 2 ulps per step were seen in the Triton interpreter, whose exp2 is numpy's), 3 steps: ~1e-8.
 OPTIM_KERNEL_PARAM_RTOL = 2 ** -21
-OPTIM_KERNEL_PARAM_ATOL = 1e-9
+OPTIM_KERNEL_PARAM_ATOL = 1e-8
 # BF16/FP16 parameters: those few ulps of FP32 flip a rounding decision on rare elements (one ulp of
 # the parameter's dtype each); allowed on at most this fraction of the elements.
 OPTIM_KERNEL_FLIP_FRACTION = 1e-3

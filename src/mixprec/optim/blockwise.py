@@ -35,13 +35,18 @@ def block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def encode_multiplier(absmax: torch.Tensor, code: Code) -> torch.Tensor:
-    """Per-block factor taking values onto the code's range: max_value / max(absmax, tiny)."""
-    return code.max_value / absmax.clamp(min=MIN_BLOCK_ABSMAX)
+    """Per-block factor taking values onto the code's range: max_value / max(absmax, tiny).
+
+    Both operands are tensors: torch computes `float / tensor` as reciprocal(tensor) * float (two
+    roundings), while the kernel divides once (div_rn); a 1-ulp difference flips codes near ties.
+    """
+    top = torch.full_like(absmax, code.max_value)
+    return torch.div(top, absmax.clamp(min=MIN_BLOCK_ABSMAX))
 
 
 def decode_multiplier(absmax: torch.Tensor, code: Code) -> torch.Tensor:
-    """Per-block factor taking code values back: max(absmax, tiny) / max_value."""
-    return absmax.clamp(min=MIN_BLOCK_ABSMAX) / code.max_value
+    """Per-block factor taking code values back: max(absmax, tiny) / max_value (one IEEE division)."""
+    return torch.div(absmax.clamp(min=MIN_BLOCK_ABSMAX), torch.full_like(absmax, code.max_value))
 
 
 def quantize_blockwise(x: torch.Tensor, code: Code, block: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,7 +86,7 @@ def reference_step(param: torch.Tensor, grad: torch.Tensor, state: dict, hp: Ada
     bc1 = 1.0 - torch.exp2(t * _f32(hp.log2_beta1, g))
     bc2 = 1.0 - torch.exp2(t * _f32(hp.log2_beta2, g))
     step_size = _f32(hp.lr, g) / bc1
-    inv_sqrt_bc2 = 1.0 / torch.sqrt(bc2)
+    inv_sqrt_bc2 = torch.div(torch.ones_like(bc2), torch.sqrt(bc2))  # one division, as div_rn
     denom = torch.sqrt(v) * inv_sqrt_bc2 + _f32(hp.eps, g)
     delta = -(step_size * (m / denom))
     if hp.decoupled and hp.weight_decay != 0:
