@@ -210,3 +210,58 @@ def test_pure_bf16_training_moves_with_stochastic_rounding_and_kahan():
             p.grad = torch.zeros_like(p)
             opt.step()
         assert (p.float().mean().item() < 1.0) == moves, rounding
+
+
+def test_mixprec_loss_scaler_drives_it():
+    # mp.LossScaler hands its scale and found_inf to the optimizer, which divides and skips inside the update
+    import mixprec as mp
+    model = torch.nn.Linear(128, 64)
+    twin = torch.nn.Linear(128, 64)
+    twin.load_state_dict(model.state_dict())
+    opt = mo.AdamW(model.parameters(), lr=1e-2, state_dtype="int8")
+    ref = mo.AdamW(twin.parameters(), lr=1e-2, state_dtype="int8")
+    scaler = mp.LossScaler(init_scale=2.0 ** 12)
+    x = torch.randn(32, 128)
+    scaler.scale(model(x).square().mean()).backward()
+    ran = scaler.step(opt)
+    scaler.update()
+    twin(x).square().mean().backward()
+    ref.step()
+    assert bool(ran)
+    # the scale is a power of two, so unscaling inside the update is exact: the same step as unscaled grads
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    # an overflow: nothing moves, the step count stays, the scale backs off
+    w = model.weight.detach().clone()
+    codes_before = opt.state[model.weight]["exp_avg_codes"].clone()
+    scaler.scale(model(x).square().mean() * float("inf")).backward()
+    ran = scaler.step(opt)
+    scaler.update()
+    assert not bool(ran)
+    assert torch.equal(model.weight, w) and float(opt.state[model.weight]["step"]) == 1.0
+    assert torch.equal(opt.state[model.weight]["exp_avg_codes"], codes_before)
+    assert scaler.get_scale() == 2.0 ** 11
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "int4"])
+def test_works_under_core_master_weights(state_dtype):
+    # BF16 model, FP32 masters (mp.MasterWeights): the low-bit AdamW steps the masters exactly as it steps
+    # an FP32 copy of the model given the same (upcast) gradients, and the model gets the masters, rounded.
+    import mixprec as mp
+    torch.manual_seed(3)
+    half = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).bfloat16()
+    fp32 = copy.deepcopy(half).float()   # the masters' starting values
+    opt = mp.MasterWeights(mo.AdamW(half.parameters(), lr=1e-2, weight_decay=0.1, state_dtype=state_dtype))
+    ref = mo.AdamW(fp32.parameters(), lr=1e-2, weight_decay=0.1, state_dtype=state_dtype)
+    for _ in range(3):
+        x = torch.randn(16, 64)
+        half(x.bfloat16()).float().square().mean().backward()
+        for m, q in zip(mp.master_params(opt), fp32.parameters()):
+            q.grad = m.grad.clone()
+        opt.step()
+        ref.step()
+        opt.zero_grad(set_to_none=True)
+        for m, q, p in zip(mp.master_params(opt), fp32.parameters(), half.parameters()):
+            assert torch.equal(m, q)
+            assert torch.equal(p, q.detach().to(torch.bfloat16))
+    assert opt.optimizer.state[next(iter(mp.master_params(opt)))]["state_dtype"] == state_dtype  # quantized

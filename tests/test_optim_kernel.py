@@ -125,3 +125,81 @@ def test_kernel_is_one_launch_per_group():
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert sum("fused_adam_kernel" in n for n in names) == 1, names
+
+
+@pytest.mark.cuda
+def test_kernel_step_with_loss_scaler_inputs_needs_no_host_sync():
+    if not kernels.triton_available():
+        pytest.skip("needs triton")
+    import mixprec as mp
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda()
+    opt = mo.AdamW(model.parameters(), lr=1e-3, state_dtype="int8")
+    scaler = mp.LossScaler(init_scale=2.0 ** 12)
+    x = torch.randn(64, 256, device="cuda")
+
+    def iteration(poison: bool):
+        loss = model(x).square().mean() * (float("inf") if poison else 1.0)
+        scaler.scale(loss).backward()
+        torch.cuda.set_sync_debug_mode("error")  # any host sync inside the step raises
+        try:
+            ran = scaler.step(opt)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return ran
+
+    iteration(False)  # compile and build the tables
+    w = model[0].weight.detach().clone()
+    assert not bool(iteration(True)) and torch.equal(model[0].weight, w)   # skipped on the device
+    assert bool(iteration(False)) and not torch.equal(model[0].weight, w)
+    assert float(opt.state[model[0].weight]["step"]) == 2.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernel is tested instead")
+def test_kernel_matches_reference_in_triton_interpreter():
+    # Where triton is installed without a GPU, its interpreter runs the kernel on CPU tensors (slow: small
+    # shapes, a few cases). The interpreter truncates FP32->BF16 and rounds FP8 half-up, where the GPU rounds
+    # to nearest even, so its float casts are replaced by torch's for the comparison.
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+    env = dict(__import__("os").environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("all equal"), out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def _interpreter_main() -> None:
+    """The interpreter check (run in a subprocess with TRITON_INTERPRET=1: the flag is read at import)."""
+    import numpy as np
+    import triton.runtime.interpreter as interp
+    as_torch = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                "fp8e4nv": torch.float8_e4m3fn, "fp8e5": torch.float8_e5m2}
+    bits = {1: (np.uint8, torch.uint8), 2: (np.uint16, torch.int16), 4: (np.uint32, torch.int32)}
+    original = interp._convert_float
+
+    def convert(data, src, dst, rounding_mode):
+        s, d = as_torch.get(src.name), as_torch.get(dst.name)
+        if s is None or d is None:
+            return original(data, src, dst, rounding_mode)
+        t = torch.from_numpy(np.ascontiguousarray(data).copy()).view(s).to(d)
+        return t.view(bits[d.itemsize][1]).numpy().view(bits[d.itemsize][0])
+
+    interp._convert_float = convert
+    mo.AdamW._use_kernel = lambda self, p: self.backend != "torch"   # the launcher on CPU tensors
+    kernels.triton_available.cache_clear()
+    kernels.triton_available = lambda: True
+    SHAPES[:] = [(5000,), (64, 129), (100,), (2048,)]
+    problems = []
+    for case in [CASES[i] for i in (2, 3, 4, 6, 7, 8)]:
+        problems += [f"{_cuda_case(case)}: {p}" for p in _compare_runs(*case, device="cpu", steps=2)]
+    problems += _compare_runs("int8", torch.float16, "stochastic", True, "cpu", steps=2, grad_scale=1024.0,
+                              found_inf=0.0)
+    problems += _compare_runs("int4", torch.float32, "nearest", True, "cpu", steps=1, grad_scale=4.0, found_inf=1.0)
+    print("\n".join(problems) if problems else "all equal")
+
+
+if __name__ == "__main__":
+    import sys
+    sys.path.insert(0, __import__("os").path.dirname(__file__))
+    _interpreter_main()
