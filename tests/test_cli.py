@@ -34,12 +34,17 @@ def test_train_writes_checkpoint_and_metrics(tmp_path, capsys):
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 6
 
 
-def test_python_dash_m_runs_the_cnn(tmp_path):
+def test_python_dash_m_runs_the_cnn_with_plain_progress_in_a_log(tmp_path):
+    """Progress written to a pipe (a CI log, not a terminal): whole lines, no carriage-return redraws."""
     result = subprocess.run([sys.executable, "-m", "mixprec", "train", "--model", "cnn", "--channels", "4",
-                             "--recipe", "bf16-mixed", "--steps", "3", "--batch-size", "8", "--out",
-                             str(tmp_path / "cnn"), "--quiet"], capture_output=True, text=True, timeout=120)
+                             "--recipe", "bf16-mixed", "--steps", "3", "--eval-every", "3", "--batch-size", "8",
+                             "--out", str(tmp_path / "cnn")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "images/s" in result.stdout and (tmp_path / "cnn" / "checkpoint.pt").is_file()
+    assert "\r" not in result.stderr
+    progress = result.stderr.splitlines()
+    assert progress[0].startswith("cnn bf16-mixed: step 3: validation loss")
+    assert progress[-1].startswith("cnn bf16-mixed: step 3/3 (100%)") and "images/s" in progress[-1]
 
 
 def test_compare_writes_table_curves_and_plot(tmp_path, capsys):
@@ -56,7 +61,16 @@ def test_compare_writes_table_curves_and_plot(tmp_path, capsys):
     assert float(rows[0]["val vs fp32"]) == 0.0 and float(rows[2]["final loss scale"]) > 1
     assert rows[1]["final loss scale"] == ""                      # fp16-noscale has no scaler
     for row in rows:
-        assert 0 <= float(row["FP16 underflow, no scale"]) <= 1 and float(row["tokens/s"]) > 0
+        assert 0 < float(row["FP16 underflow, unscaled"]) <= 1 and float(row["tokens/s"]) > 0
+    # underflow at the recipe's own scale: none for fp32 (no FP16), scale 1 for fp16-noscale, far less
+    # once fp16-mixed scales by 2**16
+    scaled = "FP16 underflow, recipe's scale"
+    assert rows[0][scaled] == ""
+    assert rows[1][scaled] == rows[1]["FP16 underflow, unscaled"]
+    assert float(rows[2][scaled]) < float(rows[2]["FP16 underflow, unscaled"]) / 10
+    fp32_row = next(line for line in printed.splitlines() if line.startswith("| fp32 |"))
+    cells = [c.strip() for c in fp32_row.strip("|").split("|")]
+    assert cells[-3] == "-" and cells[-1] == "-"                  # no loss scale, no FP16 underflow of its own
     curves = json.loads((out / "curves.json").read_text())
     assert set(curves["runs"]) == {"fp32", "fp16-noscale", "fp16-mixed"}
     assert len(curves["runs"]["fp32"]["train_loss"]) == 3 and curves["meta"]["unigram_entropy"] > 2
@@ -78,6 +92,26 @@ def test_compare_small_grad_shows_the_underflow_loss_scaling_prevents(tmp_path):
     assert runs["fp16-mixed"]["underflow"]["activation_grads_scaled"] < 0.1
     assert val["fp16-noscale"] > 1.1 * val["fp32"]                # measured: +25 % after 12 steps
     assert abs(val["fp16-mixed"] - val["fp32"]) < 0.01 * val["fp32"]  # measured: +0.00 %
+
+
+def test_compare_runs_fp8_recipes_and_says_how_much_is_fp8(tmp_path, capsys):
+    """FP8 recipes run through mp.prepare on the CPU (emulated). d_model 256 is the smallest width whose
+    block layers reach FP8's min_features; at the tiny default width the note says nothing is FP8."""
+    out = tmp_path / "fp8"
+    sizes = ["--n-layer", "1", "--n-head", "2", "--d-model", "256", "--seq-len", "32", "--batch-size", "4",
+             "--eval-batches", "1", "--quiet"]
+    assert main(["compare", "--recipes", "bf16-mixed,fp8-blockwise", "--steps", "2", "--out", str(out), *sizes]) == 0
+    printed = capsys.readouterr().out
+    assert "fp8-blockwise: 4 of 5 Linear layers in FP8" in printed   # qkv, proj, 2 MLP; the tied head stays
+    runs = json.loads((out / "curves.json").read_text())["runs"]
+    assert runs["fp8-blockwise"]["fp8_layers"] == [4, 5] and runs["bf16-mixed"]["fp8_layers"] is None
+    assert runs["fp8-blockwise"]["train_loss"] != runs["bf16-mixed"]["train_loss"]  # FP8 GEMMs did run
+    assert "fp8-blockwise: 4 of 5" in (out / "table.md").read_text()
+
+
+def test_train_fp8_on_a_model_too_small_for_fp8_says_so(tmp_path, capsys):
+    assert main(["train", "--recipe", "fp8-rowwise", "--steps", "1", "--out", str(tmp_path / "run"), *TINY]) == 0
+    assert "FP8: 0 of 5 Linear layers" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -115,6 +149,9 @@ def test_resume_of_another_model_or_recipe_exits_2(tmp_path, capsys):
     assert "holds a run with recipe='fp32'" in err and "asks for recipe='bf16-mixed'" in err and err.count("\n") == 1
     assert main(["train", "--resume", str(out), "--model", "lstm"]) == 2
     assert "holds a run with model='gpt'" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "is at step 1 of 1: nothing to do; give --steps larger than 1" in err and err.count("\n") == 1
 
 
 def test_missing_corpus_exits_2_naming_the_path(tmp_path, monkeypatch, capsys):

@@ -104,3 +104,35 @@ def test_training_reduces_the_loss(tmp_path):
     assert summary.final_train_loss < summary.train_losses[0] - 1.0  # from ~5.5 nats (uniform bytes) downward
     assert summary.peak_memory_bytes > sum(p.numel() * 4 for p in Trainer(
         _config(tmp_path, "size", steps=1), progress=False).model.parameters())
+
+
+def test_progress_off_a_terminal_prints_whole_lines_at_an_interval():
+    import io
+
+    from mixprec.train.progress import Progress
+
+    log = io.StringIO()                                # not a terminal: isatty() is False
+    bar = Progress(total=4, initial=0, desc="gpt fp32", stream=log, interval=3600.0)
+    for step in range(4):
+        bar.set_fields({"loss": f"{5 - step:.3f}", "tokens/s": "1,000", "scale": "-"})
+        bar.update()
+    bar.write("step 4: validation loss 1.5000")
+    bar.close()
+    bar.close()
+    assert log.getvalue().splitlines() == [          # within the interval: only the message and the final line
+        "gpt fp32: step 4: validation loss 1.5000",
+        "gpt fp32: step 4/4 (100%), 0:00 elapsed, loss 2.000, tokens/s 1,000, scale -"]
+
+    log = io.StringIO()
+    bar = Progress(total=3, initial=1, desc="gpt fp32", stream=log, interval=0.0)
+    bar.update()
+    bar.update()
+    bar.close()                                      # step 3 was just printed: not again
+    assert [line.split(",")[0] for line in log.getvalue().splitlines()] == ["gpt fp32: step 2/3 (67%)",
+                                                                            "gpt fp32: step 3/3 (100%)"]
+    quiet = io.StringIO()
+    bar = Progress(total=2, initial=0, desc="x", stream=quiet, enabled=False, interval=0.0)
+    bar.update()
+    bar.write("hidden")
+    bar.close()
+    assert quiet.getvalue() == ""

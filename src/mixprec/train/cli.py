@@ -129,6 +129,9 @@ def _setup_train(args: argparse.Namespace):
         state = load_checkpoint(args.resume)
         overrides["out"] = args.out or args.resume
         cfg = resumed_config(state["config"], overrides, args.resume)
+        if cfg.steps <= state["step"]:
+            raise UsageError(f"--resume {args.resume} is at step {state['step']} of {cfg.steps}: nothing to do; "
+                             f"give --steps larger than {state['step']} to train on")
     else:
         model, recipe = overrides.get("model", "gpt"), overrides.get("recipe", "bf16-mixed")
         overrides["out"] = args.out or str(Path("runs") / f"{model}-{recipe}")
@@ -147,12 +150,18 @@ def _setup(setup, args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from mixprec.train.trainer import fp8_coverage
+
     trainer = _setup(_setup_train, args)
     cfg = trainer.cfg
     n_params = sum(p.numel() for p in trainer.model.parameters())
     print(f"mixprec train: {cfg.model} ({n_params:,} parameters), recipe {cfg.recipe} "
           f"({trainer.policy.describe()}), {cfg.steps} steps on {cfg.device}"
           + (f", resuming at step {trainer.step}" if trainer.step else "") + f"; output in {cfg.out}", flush=True)
+    if trainer.policy.fp8 is not None:
+        fp8, total = fp8_coverage(trainer.model)
+        print(f"FP8: {fp8} of {total} Linear layers" + ("" if fp8 else " (all below min_features=256 or "
+              "kept in high precision: this run computes as bf16-mixed; try --d-model 256)"), flush=True)
     summary = trainer.run()
     scale = "-" if summary.final_scale is None else f"{summary.final_scale:g}"
     print(f"done: step {summary.steps_done}, train loss {summary.final_train_loss:.4f}, validation loss "
@@ -180,7 +189,7 @@ def _setup_compare(args: argparse.Namespace) -> tuple[TrainConfig, list[str], Pa
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from mixprec.train.experiments import run_comparison
-    from mixprec.train.report import describe, markdown_table, write_outputs
+    from mixprec.train.report import describe, markdown_table, notes, write_outputs
 
     base, names, out = _setup(_setup_compare, args)
     print(f"mixprec compare: {base.model}, recipes {', '.join(names)}, {base.steps} steps each on {base.device}; "
@@ -191,6 +200,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(describe(comparison))
     print()
     print(markdown_table(comparison))
+    for line in notes(comparison):
+        print(line)
     print()
     print(f"table: {paths['table_md']} and {paths['table_csv']}; curves: {paths['curves']}")
     print(f"plot: {paths['plot']}" if paths["plot"] else "plot: not written (matplotlib is not installed)")

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
+import mixprec as mp
 from mixprec.policy import recipes as known_recipes
 from mixprec.train.config import TrainConfig
-from mixprec.train.trainer import RunSummary, Trainer
+from mixprec.train.trainer import RunSummary, Trainer, fp8_coverage
 from mixprec.train.underflow import UnderflowCounts, probe_underflow
 
 DEFAULT_RECIPES = ("fp32", "fp16-noscale", "fp16-mixed", "bf16-mixed")
@@ -28,6 +29,7 @@ class RecipeResult:
     summary: RunSummary | None = None
     underflow: UnderflowCounts | None = None
     error: str | None = None      # a recipe that could not run (e.g. FP8 on hardware without it)
+    fp8_layers: tuple[int, int] | None = None   # FP8 recipes: (Linear layers in FP8, Linear layers)
 
 
 @dataclass
@@ -43,6 +45,11 @@ class Comparison:
         """The row others are compared with: fp32 when it ran, else the first recipe that ran."""
         ran = [r for r in self.results if r.summary is not None]
         return next((r for r in ran if r.recipe == "fp32"), ran[0] if ran else None)
+
+
+def computes_in_fp16(policy: mp.Policy) -> bool:
+    """Whether the recipe's matmuls (and so its activation gradients) run in FP16."""
+    return torch.float16 in (policy.compute_dtype, policy.param_dtype)
 
 
 def parse_recipes(text: str) -> list[str]:
@@ -77,8 +84,9 @@ def run_comparison(base: TrainConfig, recipe_names: list[str], out: Path | str, 
         try:
             result.summary = trainer.run()
             x, y = (t.to(trainer.device) for t in trainer.data.train_batch(cfg.steps))
-            result.underflow = probe_underflow(trainer.model, x, y, loss_factor=cfg.loss_factor,
-                                               scale=result.summary.final_scale or 1.0)
+            fp16_scale = (result.summary.final_scale or 1.0) if computes_in_fp16(trainer.policy) else None
+            result.underflow = probe_underflow(trainer.model, x, y, loss_factor=cfg.loss_factor, scale=fp16_scale)
+            result.fp8_layers = fp8_coverage(trainer.model) if trainer.policy.fp8 is not None else None
         except (RuntimeError, NotImplementedError) as e:
             result.error = _record_error(out / recipe, e)
         results.append(result)

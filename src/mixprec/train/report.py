@@ -10,7 +10,7 @@ from typing import Any
 from mixprec.train.experiments import Comparison, RecipeResult
 
 COLUMNS = ("recipe", "train loss", "val loss", "val vs ref", "{items}/s", "peak memory", "skipped steps",
-           "final loss scale", "FP16 underflow, no scale", "FP16 underflow, at scale")
+           "final loss scale", "FP16 underflow, unscaled", "FP16 underflow, recipe's scale")
 
 
 def columns(comparison: Comparison) -> list[str]:
@@ -35,8 +35,10 @@ def _fmt_row(values: list[Any], result: RecipeResult) -> list[str]:
     if result.summary is None:
         return [result.recipe, f"failed: {result.error}"] + [""] * (len(values) - 2)
     recipe, train, val, rel, rate, mem, skipped, scale, under, under_scaled = values
+    # '-': the recipe has no loss scale, or does not compute in FP16 (nothing of its own to lose)
+    scaled = "n/a" if result.underflow is None else "-" if under_scaled is None else _percent(under_scaled)
     return [recipe, _loss(train), _loss(val), _percent(rel, signed=True), f"{rate:,.0f}", _bytes(mem), str(skipped),
-            "-" if scale is None else f"{scale:g}", _percent(under), _percent(under_scaled)]
+            "-" if scale is None else f"{scale:g}", _percent(under), scaled]
 
 
 def markdown_table(comparison: Comparison) -> str:
@@ -63,12 +65,30 @@ def describe(comparison: Comparison) -> str:
         text += f"\ndata: {m['corpus']}"
     ref = comparison.reference
     text += (f"\nlosses in nats; 'val vs {ref.recipe if ref else 'ref'}': relative difference of the final validation "
-             f"loss; FP16 underflow: fraction of activation-gradient values nonzero in FP32 that FP16 flushes to "
-             f"zero (probe step after training)")
+             f"loss; FP16 underflow: fraction of activation-gradient values, nonzero in FP32, that FP16 flushes to "
+             f"zero (one FP32 probe step on the trained model), 'unscaled' as in the 2018 paper (what FP16 would "
+             f"lose), \"recipe's scale\" after multiplying by the recipe's final loss scale (1 for fp16-noscale), "
+             f"'-' for recipes that do not compute in FP16")
     memory = next((r.summary.memory_measure for r in comparison.results if r.summary), None)
     if memory:
         text += f"; peak memory: {memory}"
     return text
+
+
+def notes(comparison: Comparison) -> list[str]:
+    """Lines for under the table: how much of each FP8 recipe's model actually ran in FP8."""
+    lines = []
+    for r in comparison.results:
+        if r.fp8_layers is None:
+            continue
+        fp8, total = r.fp8_layers
+        line = f"{r.recipe}: {fp8} of {total} Linear layers in FP8"
+        if fp8 == 0:
+            line += (" (mixprec.fp8.convert keeps layers under min_features=256 features, the head and attention "
+                     "scores in high precision): this row computes as bf16-mixed; a model with --d-model 256 "
+                     "or more puts its block layers in FP8")
+        lines.append(line)
+    return lines
 
 
 def write_outputs(comparison: Comparison, out: Path | str) -> dict[str, Path | None]:
@@ -78,7 +98,8 @@ def write_outputs(comparison: Comparison, out: Path | str) -> dict[str, Path | N
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path | None] = {"table_md": out / "table.md", "table_csv": out / "table.csv",
                                      "curves": out / "curves.json", "plot": out / "loss_curves.png"}
-    paths["table_md"].write_text(describe(comparison) + "\n\n" + markdown_table(comparison) + "\n")
+    paths["table_md"].write_text(describe(comparison) + "\n\n" + markdown_table(comparison) + "\n"
+                                 + "".join(f"\n{line}\n" for line in notes(comparison)))
     with paths["table_csv"].open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns(comparison) + ["error"])
@@ -101,7 +122,8 @@ def _curves(comparison: Comparison) -> dict[str, Any]:
             "final_train_loss": s.final_train_loss, "final_val_loss": s.final_val_loss,
             f"{s.item_name}_per_s": s.items_per_s, "peak_memory_bytes": s.peak_memory_bytes,
             "memory_measure": s.memory_measure, "skipped_steps": s.skipped_steps, "final_loss_scale": s.final_scale,
-            "seconds": s.seconds, "underflow": vars(r.underflow) if r.underflow else None}
+            "seconds": s.seconds, "underflow": vars(r.underflow) if r.underflow else None,
+            "fp8_layers": r.fp8_layers}
     return {"meta": comparison.meta, "config": comparison.base.to_dict(), "runs": runs}
 
 

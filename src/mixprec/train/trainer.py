@@ -23,14 +23,15 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 import mixprec as mp
+from mixprec.fp8.convert import report as fp8_report
 from mixprec.train import checkpoint, memory
 from mixprec.train.config import TrainConfig
 from mixprec.train.data import batches_for
 from mixprec.train.metrics import MetricsLog
 from mixprec.train.models import build_model
+from mixprec.train.progress import Progress
 
 BETAS = (0.9, 0.95)     # GPT-3 / LLaMA: beta2 0.95 reacts faster than 0.999 on short, noisy runs
 ADAM_EPS = 1e-8
@@ -56,6 +57,13 @@ class RunSummary:
     final_scale: float | None                        # None: the recipe uses no loss scaling
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def fp8_coverage(model: torch.nn.Module) -> tuple[int, int]:
+    """(Linear layers that mp.prepare put in FP8, Linear layers): FP8 recipes leave small layers,
+    the head and the attention scores in high precision (mixprec.fp8.convert's default filter)."""
+    decisions = fp8_report(model)
+    return sum(d.fp8 for d in decisions), len(decisions)
 
 
 class Trainer:
@@ -182,8 +190,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.model.train()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step",
-                   desc=f"{cfg.model} {cfg.recipe}", dynamic_ncols=True, leave=True)
+        bar = Progress(total=cfg.steps, initial=self.step, desc=f"{cfg.model} {cfg.recipe}", enabled=self.progress)
         previous_handler = self._install_interrupt_handler()
         window: list[torch.Tensor] = []
         window_start = time.perf_counter()
@@ -192,13 +199,13 @@ class Trainer:
                 count_memory = self.device.type == "cpu" and not self._state_bytes
                 window.append(self.train_step(self.step, count_memory=count_memory))
                 self.step += 1
-                bar.update(1)
                 if self.on_step is not None:
                     self.on_step(self.step)
                 last = self.step == cfg.steps
                 if self.step % cfg.log_every == 0 or last or self._interrupted:
                     self._end_window(window, time.perf_counter() - window_start, bar)
                     window, window_start = [], time.perf_counter()
+                bar.update(1)
                 paused = time.perf_counter()  # validation and checkpoints are not training time
                 if self.step % cfg.eval_every == 0 or last:
                     self._record_validation(bar)
@@ -232,8 +239,8 @@ class Trainer:
                   "skipped_steps": self.scaler.num_skipped_steps if scale is not None else 0}
         if self.metrics is not None:
             self.metrics.write(record)
-        bar.set_postfix({"loss": f"{record['train_loss']:.3f}", f"{self.item_name}/s": f"{rate:,.0f}",
-                         "scale": "-" if scale is None else f"{scale:g}"}, refresh=False)
+        bar.set_fields({"loss": f"{record['train_loss']:.3f}", f"{self.item_name}/s": f"{rate:,.0f}",
+                        "scale": "-" if scale is None else f"{scale:g}"})
 
     def throughput(self) -> float:
         """Items per second of training steps, leaving out the first log window (warm-up) when there
@@ -247,8 +254,7 @@ class Trainer:
         self.val_curve.append((self.step, val))
         if self.metrics is not None:
             self.metrics.write({"step": self.step, "val_loss": val})
-        if self.progress:
-            bar.write(f"step {self.step}: validation loss {val:.4f}")
+        bar.write(f"step {self.step}: validation loss {val:.4f}")
 
     def _summary(self, seconds: float) -> RunSummary:
         n = min(FINAL_LOSS_WINDOW, len(self.train_losses))

@@ -5,7 +5,8 @@ zero in FP16: in Multibox SSD 67 % did, which is why it scales the loss. The pro
 forward and backward pass in FP32 (no autocast) on a training batch, records the gradient of every
 leaf module's output (the activation gradients) and of every parameter, and counts the values that
 are nonzero in FP32 but round to zero in FP16 (|g| < 2**-25, half FP16's smallest subnormal) -
-without scaling, and multiplied by the run's final loss scale.
+without scaling (the paper's measure, for any recipe: what FP16 would lose), and, for a recipe that
+computes in FP16, multiplied by that recipe's loss scale (what its FP16 backward does lose).
 """
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ from torch import nn
 class UnderflowCounts:
     """Fractions of gradient values (of all values counted) that FP16 flushes to zero."""
 
-    activation_grads: float       # no scaling: the paper's measure
-    activation_grads_scaled: float  # after multiplying by the loss scale
+    activation_grads: float                 # no scaling: the paper's measure
+    activation_grads_scaled: float | None   # after multiplying by the loss scale; None: no FP16 scale given
     weight_grads: float
-    weight_grads_scaled: float
-    scale: float
+    weight_grads_scaled: float | None
+    scale: float | None
     n_activation_values: int
 
 
@@ -45,10 +46,12 @@ def _fraction(grads: list[torch.Tensor], scale: float) -> float:
 
 
 def probe_underflow(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_factor: float = 1.0,
-                    scale: float = 1.0) -> UnderflowCounts:
+                    scale: float | None = None) -> UnderflowCounts:
     """Count FP16 gradient underflow of `model` on batch (x, y) in one FP32 forward/backward.
 
-    Works on an FP32 copy (the model, its BatchNorm statistics and its grads are left untouched).
+    `scale`: the loss scale of a recipe that computes in FP16 (1.0 for unscaled FP16); None leaves the
+    scaled fractions out. Works on an FP32 copy (the model, its BatchNorm statistics and its grads are
+    left untouched).
     """
     probe = copy.deepcopy(model).float().train()
     activation_grads: list[torch.Tensor] = []
@@ -73,8 +76,8 @@ def probe_underflow(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_
     weight_grads = [p.grad for p in probe.parameters() if p.grad is not None]
     return UnderflowCounts(
         activation_grads=_fraction(activation_grads, 1.0),
-        activation_grads_scaled=_fraction(activation_grads, scale),
+        activation_grads_scaled=None if scale is None else _fraction(activation_grads, scale),
         weight_grads=_fraction(weight_grads, 1.0),
-        weight_grads_scaled=_fraction(weight_grads, scale),
+        weight_grads_scaled=None if scale is None else _fraction(weight_grads, scale),
         scale=scale,
         n_activation_values=sum(g.numel() for g in activation_grads))
