@@ -35,17 +35,26 @@ def triton_available() -> bool:
     return _TRITON
 
 
+@torch.compiler.assume_constant_result
+def _cuda_capability(index: int | None) -> tuple[int, int]:
+    """(major, minor) of CUDA device `index` (None: the current one); (0, 0) without CUDA.
+
+    A constant to torch.compile: Float8Linear.forward asks on every call, and the answer never changes.
+    """
+    if not torch.cuda.is_available():
+        return (0, 0)
+    return tuple(torch.cuda.get_device_capability(index))
+
+
 def fp8_gemm_supported(device: torch.device | str) -> bool:
     """Whether `device` has FP8 tensor cores that torch._scaled_mm drives (CUDA, capability >= 8.9)."""
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and _cuda_capability(device.index) >= (8, 9)
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda" and torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability(device)
+    if device.type == "cuda" and _cuda_capability(device.index) != (0, 0):
+        major, minor = _cuda_capability(device.index)
         return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
     return str(device)
 

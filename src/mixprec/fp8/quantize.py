@@ -137,7 +137,7 @@ def quantize(x: torch.Tensor, fmt: str | torch.dtype | Format = "fp8_e4m3", gran
         raise TypeError(f"quantize needs a floating-point tensor, got {x.dtype}")
     current = group_amax(x, granularity, block_size=block_size) if amax is None else amax
     scale = scale_from_amax(current, f, power_of_2=power_of_2)
-    q = cast_to(_divide(x.float(), scale, granularity, block_size), f, saturate=True)
+    q = cast_to(_divide(x.float(), scale, granularity, block_size, f), f, saturate=True)
     return q, scale
 
 
@@ -156,20 +156,47 @@ def odd_quotient(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return (bits + step).view(torch.float32)
 
 
-def _divide(x: torch.Tensor, scale: torch.Tensor, granularity: str, b: int) -> torch.Tensor:
-    """x / scale (rounded to odd) with the scale broadcast over its group by reshaping x into tiles."""
+def fp8_quotient(x: torch.Tensor, s: torch.Tensor, f: Format) -> torch.Tensor:
+    """An FP32 quotient x / s whose round-to-nearest-even to FP8 `f` is the correct rounding of the exact one.
+
+    Rounding the plain FP32 quotient r once more goes wrong only where r lies exactly on a tie of the
+    FP8 grid; there, and only there, the round-to-odd quotient is needed. In eager mode only those
+    few values (found as the r whose FP32 neighbours round to different FP8 values) take the float64
+    remainder, which keeps the CPU path fast; traced by torch.compile, a select over the whole tensor
+    fuses into one kernel instead (no data-dependent shapes).
+    """
+    if torch.compiler.is_compiling():
+        r = x / s
+        return torch.where(_near_fp8_tie(r, f), odd_quotient(x, s), r)
+    r = x / s
+    idx = _near_fp8_tie(r, f).nonzero(as_tuple=True)
+    r[idx] = odd_quotient(x.expand_as(r)[idx], s.expand_as(r)[idx])
+    return r
+
+
+def _near_fp8_tie(r: torch.Tensor, f: Format) -> torch.Tensor:
+    """Where r's two FP32 neighbours round to different FP8 values (r on a tie, or next to one)."""
+    # past the format's max both neighbours cast to the same NaN/inf byte: no candidate (saturated later)
+    inf = torch.full((), float("inf"), device=r.device)
+    up = torch.nextafter(r, inf).to(f.torch_dtype).view(torch.uint8)
+    down = torch.nextafter(r, -inf).to(f.torch_dtype).view(torch.uint8)
+    return (up != down) & (r != 0)    # r = 0: +0 and -0 differ in bytes, and the exact quotient rounds to 0
+
+
+def _divide(x: torch.Tensor, scale: torch.Tensor, granularity: str, b: int, f: Format) -> torch.Tensor:
+    """x / scale (see fp8_quotient) with the scale broadcast over its group by reshaping x into tiles."""
     if granularity not in ("1x128", "128x128"):
-        return odd_quotient(x, scale)
+        return fp8_quotient(x, scale, f)
     k = x.shape[-1]
     nk = _ceil_div(k, b)
     if granularity == "1x128":
         xp = F.pad(x, (0, nk * b - k)) if k % b else x
-        y = odd_quotient(xp.reshape(*x.shape[:-1], nk, b), scale.unsqueeze(-1)).reshape(*x.shape[:-1], nk * b)
+        y = fp8_quotient(xp.reshape(*x.shape[:-1], nk, b), scale.unsqueeze(-1), f).reshape(*x.shape[:-1], nk * b)
         return y[..., :k] if k % b else y
     r = x.shape[0]
     nr = _ceil_div(r, b)
     xp = F.pad(x, (0, nk * b - k, 0, nr * b - r)) if (k % b or r % b) else x
-    y = odd_quotient(xp.reshape(nr, b, nk, b), scale[:, None, :, None]).reshape(nr * b, nk * b)
+    y = fp8_quotient(xp.reshape(nr, b, nk, b), scale[:, None, :, None], f).reshape(nr * b, nk * b)
     return y[:r, :k] if (k % b or r % b) else y
 
 

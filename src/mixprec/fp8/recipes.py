@@ -52,7 +52,9 @@ def quantize_pair(x: torch.Tensor, fmt: str, granularity: str, *, backend: str, 
     else:
         q, s = quantize(x, fmt, granularity, block_size=block_size, power_of_2=power_of_2, amax=used_amax)
         if granularity in ("1x128", "rowwise"):      # a different grouping along the other dimension
-            qt, st = quantize(x.t(), fmt, granularity, block_size=block_size, power_of_2=power_of_2)
+            # eager: one transposing copy, then every pass of quantize reads contiguous memory
+            xt = x.t() if torch.compiler.is_compiling() else x.t().contiguous()
+            qt, st = quantize(xt, fmt, granularity, block_size=block_size, power_of_2=power_of_2)
         else:                                        # same groups: transpose codes and scales
             qt, st = q.t().contiguous(), s.t()
     if history is not None:
