@@ -1,12 +1,13 @@
 """mixprec.optim.AdamW / Adam: the API, state layouts, checkpoints, loss-scaler inputs, bad input (CPU)."""
 import copy
+import math
 
 import pytest
 import torch
 
 import mixprec.optim as mo
 from mixprec.optim import blockwise, codes
-from tolerances import OPTIM_FP32_VS_TORCH_ATOL, OPTIM_FP32_VS_TORCH_RTOL
+from tolerances import OPTIM_BIAS_CORRECTION_RTOL, OPTIM_FP32_VS_TORCH_ATOL, OPTIM_FP32_VS_TORCH_RTOL
 
 
 @pytest.fixture(autouse=True)
@@ -265,3 +266,17 @@ def test_works_under_core_master_weights(state_dtype):
             assert torch.equal(m, q)
             assert torch.equal(p, q.detach().to(torch.bfloat16))
     assert opt.optimizer.state[next(iter(mp.master_params(opt)))]["state_dtype"] == state_dtype  # quantized
+
+
+def test_bias_correction_is_accurate_where_one_minus_beta_power_cancels():
+    from mixprec.optim.reference import one_minus_exp
+    t = torch.cat([torch.arange(1, 2001), torch.randint(2001, 10 ** 6, (4000,))]).float()
+    for beta in (0.9, 0.95, 0.99, 0.999, 0.9999):
+        x = t * torch.tensor(math.log(beta), dtype=torch.float32)
+        exact = -torch.expm1(x.double())           # of the FP32 argument: the series' own error only
+        got = one_minus_exp(x).double()
+        assert ((got - exact).abs() / exact).max().item() <= OPTIM_BIAS_CORRECTION_RTOL, beta
+        # the naive 1 - exp(x) fails the bar at beta = 0.999 (1 - 0.999 cancels 10 bits)
+        if beta == 0.999:
+            naive = (1.0 - torch.exp(x)).double()
+            assert ((naive - exact).abs() / exact).max().item() > 100 * OPTIM_BIAS_CORRECTION_RTOL

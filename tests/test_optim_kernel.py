@@ -1,8 +1,8 @@
 """The fused Triton AdamW kernel against the pure-PyTorch reference on the CPU (GPU: marked cuda).
 
 Codes, block scales, step counts and FP32/BF16 moments must be equal bit for bit; parameters agree to
-FP32 rounding (the GPU's exp2 in the bias corrections is approximate), which on BF16/FP16 parameters
-may flip a rounding decision on rare elements.
+FP32 rounding (the bias corrections of late steps use the GPU's approximate exp), which on BF16/FP16
+parameters may flip a rounding decision on rare elements.
 """
 import copy
 
@@ -86,7 +86,8 @@ def _cuda_case(case):
 def test_kernel_matches_reference(case):
     if not kernels.triton_available():
         pytest.skip("needs triton")
-    assert _compare_runs(*case, device="cuda") == []
+    problems = _compare_runs(*case, device="cuda")
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.cuda
@@ -94,8 +95,9 @@ def test_kernel_matches_reference(case):
 def test_kernel_loss_scaler_inputs(state_dtype):
     if not kernels.triton_available():
         pytest.skip("needs triton")
-    assert _compare_runs(state_dtype, torch.float16, "stochastic", True, "cuda", grad_scale=1024.0,
-                         found_inf=0.0) == []
+    problems = _compare_runs(state_dtype, torch.float16, "stochastic", True, "cuda", grad_scale=1024.0,
+                             found_inf=0.0)
+    assert not problems, "\n".join(problems)
     # found_inf = 1: the kernel writes nothing (parameters, codes, scales, step count all unchanged)
     p = torch.nn.Parameter(torch.randn(10_000, device="cuda"))
     opt = mo.AdamW([p], state_dtype=state_dtype)
@@ -137,10 +139,11 @@ def test_kernel_step_with_loss_scaler_inputs_needs_no_host_sync():
     scaler = mp.LossScaler(init_scale=2.0 ** 12)
     x = torch.randn(64, 256, device="cuda")
 
-    def iteration(poison: bool):
+    def iteration(poison: bool, check_sync: bool = True):
         loss = model(x).square().mean() * (float("inf") if poison else 1.0)
         scaler.scale(loss).backward()
-        torch.cuda.set_sync_debug_mode("error")  # any host sync inside the step raises
+        if check_sync:
+            torch.cuda.set_sync_debug_mode("error")  # any host sync inside the step raises
         try:
             ran = scaler.step(opt)
         finally:
@@ -149,7 +152,7 @@ def test_kernel_step_with_loss_scaler_inputs_needs_no_host_sync():
         opt.zero_grad(set_to_none=True)
         return ran
 
-    iteration(False)  # compile and build the tables
+    iteration(False, check_sync=False)  # the first step compiles the kernel and uploads its tables
     w = model[0].weight.detach().clone()
     assert not bool(iteration(True)) and torch.equal(model[0].weight, w)   # skipped on the device
     assert bool(iteration(False)) and not torch.equal(model[0].weight, w)

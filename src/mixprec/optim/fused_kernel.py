@@ -18,7 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mixprec.optim.triton_ops import minifloat_decode, minifloat_encode, random_bits, stochastic_round, stream_key
+from mixprec.optim.triton_ops import (minifloat_decode, minifloat_encode, one_minus_exp, random_bits, stochastic_round,
+                                      stream_key)
 
 # State layouts (constexpr STATE) and parameter roundings (constexpr ROUNDING).
 STATE_DENSE_F32, STATE_DENSE_BF16, STATE_MINIFLOAT, STATE_FP8 = 0, 1, 2, 3
@@ -122,7 +123,7 @@ def _store_param(p_ptr, c_ptr, p, delta, offs, mask, key, ROUNDING: tl.constexpr
 @triton.jit
 def fused_adam_kernel(
     ptrs, numels, rng_base, prog_tensor, prog_start, grad_scale_ptr, found_inf_ptr,
-    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, weight_decay, lr_wd,
+    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, ln_beta1, ln_beta2, eps, weight_decay, lr_wd,
     P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr, V_DT: tl.constexpr,
     STATE: tl.constexpr, PACK4: tl.constexpr,
     M_EXP: tl.constexpr, M_MAN: tl.constexpr, M_SUB: tl.constexpr, M_MAX: tl.constexpr, M_LOW: tl.constexpr,
@@ -141,7 +142,7 @@ def fused_adam_kernel(
     if ALIGNED:  # numel and every address divisible by 16 (checked on the host): masks and pointers are
         numel = tl.multiple_of(numel, 16)   # constant / aligned over 16 elements, so loads are 16-byte vectors
     _adam_tile(ptrs, tid, start, numel, rng_base, grad_scale_ptr, lr, beta1, one_minus_beta1, beta2,
-               one_minus_beta2, log2_beta1, log2_beta2, eps, weight_decay, lr_wd, P_DT, G_DT, M_DT, V_DT,
+               one_minus_beta2, ln_beta1, ln_beta2, eps, weight_decay, lr_wd, P_DT, G_DT, M_DT, V_DT,
                STATE, PACK4, M_EXP, M_MAN, M_SUB, M_MAX, M_LOW, V_EXP, V_MAN, V_SUB, V_MAX, V_LOW,
                ROUNDING, DECOUPLED, HAS_WD, HAS_GRAD_SCALE, ALIGNED, BLOCK, ROWS)
 
@@ -149,7 +150,7 @@ def fused_adam_kernel(
 @triton.jit
 def _adam_tile(
     ptrs, tid, start, numel, rng_base, grad_scale_ptr,
-    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, log2_beta1, log2_beta2, eps, weight_decay, lr_wd,
+    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, ln_beta1, ln_beta2, eps, weight_decay, lr_wd,
     P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr, V_DT: tl.constexpr,
     STATE: tl.constexpr, PACK4: tl.constexpr,
     M_EXP: tl.constexpr, M_MAN: tl.constexpr, M_SUB: tl.constexpr, M_MAX: tl.constexpr, M_LOW: tl.constexpr,
@@ -220,8 +221,8 @@ def _adam_tile(
     _store_moment(v_ptr, va_ptr, v_lo, v_hi, lo, hi, mlo, mhi, bytes_lo, block_idx, mrow, rb_lo >> 16, rb_hi >> 16,
                   STATE, PACK4, V_DT, V_MAX, V_LOW, V_EXP, V_MAN, False, V_SUB)
 
-    bc1 = 1.0 - tl.exp2(t * log2_beta1)
-    bc2 = 1.0 - tl.exp2(t * log2_beta2)
+    bc1 = one_minus_exp(t * ln_beta1)   # accurate 1 - beta**t (GPU exp2 is approximate and 1 - x cancels)
+    bc2 = one_minus_exp(t * ln_beta2)
     step_size = tl.div_rn(lr, bc1)
     inv_sqrt_bc2 = tl.div_rn(1.0, tl.sqrt_rn(bc2))
     d_lo = _param_delta(p_lo, m_lo, v_lo, step_size, inv_sqrt_bc2, eps, lr_wd, DECOUPLED, HAS_WD)

@@ -62,6 +62,13 @@ def _aligned(p: torch.Tensor, state: dict) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in state.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
 
 
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A table onto the device; pinned + non_blocking, so the upload does not wait for the GPU."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class FusedAdamLauncher:
     """Builds (and caches) the tables of each bucket and launches the fused kernel."""
 
@@ -105,10 +112,7 @@ class FusedAdamLauncher:
         rows_t = tuple(rows)
         cached = self._ptr_cache.get(key)
         if cached is None or cached[0] != rows_t:
-            host = torch.tensor(rows, dtype=torch.int64)
-            if device.type == "cuda":  # pinned + non_blocking: the upload does not wait for the GPU
-                host = host.pin_memory().to(device, non_blocking=True)
-            cached = (rows_t, host)
+            cached = (rows_t, _upload(torch.tensor(rows, dtype=torch.int64), device))
             self._ptr_cache[key] = cached
 
         numels = tuple(p.numel() for p in params)
@@ -120,8 +124,8 @@ class FusedAdamLauncher:
             first = torch.cumsum(counts, 0) - counts
             prog_start = (torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)) * _TILE
             bases = [rnd.tensor_base_key(seed, t) for t in tensor_ids]
-            progs = tuple(x.to(device) for x in (torch.tensor(numels, dtype=torch.int64), torch.tensor(bases),
-                                                  prog_tensor, prog_start.to(torch.int64)))
+            progs = tuple(_upload(x, device) for x in (torch.tensor(numels, dtype=torch.int64), torch.tensor(bases),
+                                                       prog_tensor, prog_start.to(torch.int64)))
             self._prog_cache[prog_key] = progs
         return cached[1], progs
 
@@ -146,7 +150,7 @@ class FusedAdamLauncher:
             fused_adam_kernel[(prog_tensor.numel(),)](
                 ptrs, numels, bases, prog_tensor, prog_start,
                 grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
-                hp.lr, hp.beta1, hp.one_minus_beta1, hp.beta2, hp.one_minus_beta2, hp.log2_beta1, hp.log2_beta2,
+                hp.lr, hp.beta1, hp.one_minus_beta1, hp.beta2, hp.one_minus_beta2, hp.ln_beta1, hp.ln_beta2,
                 hp.eps, hp.weight_decay, hp.lr_wd,
                 P_DT=_tl_dtype(p_dtype), G_DT=_tl_dtype(g_dtype), M_DT=_tl_dtype(m_dtype), V_DT=_tl_dtype(v_dtype),
                 STATE=state, PACK4=fmt.bits == 4,

@@ -2,14 +2,14 @@
 
 It runs on any device. Every FP32 operation is spelled out in the order the kernel does it
 (no fused multiply-adds), so that the moments, and hence their quantization codes, come out bit
-for bit the same; only the bias corrections (exp2) and hence the parameters may differ by FP32
-rounding.
+for bit the same; only the bias corrections of late steps (an exp) and hence the parameters may
+differ by FP32 rounding.
 
     g = grad / grad_scale                                   (when a loss scaler passes its scale)
     g = g + wd * p                                          (Adam: L2 decay through the gradient)
     m = beta1 * m + (1 - beta1) * g                         (m, v dequantized to FP32 first)
     v = beta2 * v + (1 - beta2) * g * g
-    t = step + 1;  bc1 = 1 - 2**(t log2 beta1);  bc2 = 1 - 2**(t log2 beta2)
+    t = step + 1;  bc1 = 1 - beta1**t;  bc2 = 1 - beta2**t     (one_minus_exp(t ln beta), accurate)
     delta = -(lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps) - (lr * wd) * p     (AdamW: decoupled decay)
     p = round(p + delta)      nearest, stochastic, or Kahan-compensated for BF16/FP16 parameters
     m, v -> state layout      (block-quantized codes from these FP32 values; the update used FP32)
@@ -50,12 +50,12 @@ class AdamHyper:
         return 1.0 - self.beta2
 
     @property
-    def log2_beta1(self) -> float:
-        return math.log2(self.beta1) if self.beta1 > 0 else -math.inf
+    def ln_beta1(self) -> float:
+        return math.log(self.beta1) if self.beta1 > 0 else -math.inf
 
     @property
-    def log2_beta2(self) -> float:
-        return math.log2(self.beta2) if self.beta2 > 0 else -math.inf
+    def ln_beta2(self) -> float:
+        return math.log(self.beta2) if self.beta2 > 0 else -math.inf
 
     @property
     def lr_wd(self) -> float:
@@ -65,6 +65,27 @@ class AdamHyper:
 def _f32(x: float, like: torch.Tensor) -> torch.Tensor:
     """A Python float as an FP32 0-dim tensor (so every constant is rounded to FP32 once, as in the kernel)."""
     return torch.tensor(x, dtype=torch.float32, device=like.device)
+
+
+# 1/k! for k = 1..10: expm1's Taylor series, which for |x| <= 1/2 reaches FP32 precision by its 10th term
+# (0.5**9 / 10! = 5e-10 relative).
+EXPM1_COEFFS = tuple(1.0 / math.factorial(k) for k in range(1, 11))
+# Below this x, 1 - e**x >= 0.39: the plain exp loses nothing to cancellation.
+SERIES_LIMIT = -0.5
+
+
+def one_minus_exp(x: torch.Tensor) -> torch.Tensor:
+    """1 - e**x for FP32 x <= 0 (the bias correction 1 - beta**t with x = t ln beta), within 2 ulps.
+
+    1 - exp2(t log2 beta) cancels: with beta2 = 0.999 at t = 1, an exp off by one ulp (GPU exp is
+    approximate) puts 1e-4 relative error into bc2. Near zero a Horner series in plain FP32 products
+    and sums (the kernel's too, bit for bit); below SERIES_LIMIT the exp, where nothing cancels.
+        p = c10; p = p x + c9; ...; p = p x + c1;  1 - e**x = -(p x)
+    """
+    p = _f32(EXPM1_COEFFS[-1], x)
+    for c in reversed(EXPM1_COEFFS[:-1]):
+        p = p * x + _f32(c, x)
+    return torch.where(x > SERIES_LIMIT, -(p * x), 1.0 - torch.exp(x))
 
 
 def reference_step(param: torch.Tensor, grad: torch.Tensor, state: dict, hp: AdamHyper, *, tensor_id: int,
@@ -83,8 +104,8 @@ def reference_step(param: torch.Tensor, grad: torch.Tensor, state: dict, hp: Ada
     v = v_old * _f32(hp.beta2, g) + (g * g) * _f32(hp.one_minus_beta2, g)
 
     t = state["step"].float() + 1.0
-    bc1 = 1.0 - torch.exp2(t * _f32(hp.log2_beta1, g))
-    bc2 = 1.0 - torch.exp2(t * _f32(hp.log2_beta2, g))
+    bc1 = one_minus_exp(t * _f32(hp.ln_beta1, g))
+    bc2 = one_minus_exp(t * _f32(hp.ln_beta2, g))
     step_size = _f32(hp.lr, g) / bc1
     inv_sqrt_bc2 = torch.div(torch.ones_like(bc2), torch.sqrt(bc2))  # one division, as div_rn
     denom = torch.sqrt(v) * inv_sqrt_bc2 + _f32(hp.eps, g)

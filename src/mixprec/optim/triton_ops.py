@@ -98,3 +98,20 @@ def minifloat_decode(code, EXP: tl.constexpr, MAN: tl.constexpr, SIGNED: tl.cons
     if SIGNED:
         value = tl.where(((code >> (EXP + MAN)) & 1) != 0, -value, value)
     return value
+
+
+@triton.jit
+def one_minus_exp(x):
+    """reference.one_minus_exp: 1 - e**x for x <= 0 (bias corrections), the same Horner series in FP32
+    (bit for bit, with FMA contraction off) above -0.5, the exp below it. Coefficients: 1/k!, k = 10..1."""
+    p = 2.755731922398589e-07
+    p = p * x + 2.7557319223985893e-06
+    p = p * x + 2.48015873015873e-05
+    p = p * x + 0.0001984126984126984
+    p = p * x + 0.001388888888888889
+    p = p * x + 0.008333333333333333
+    p = p * x + 0.041666666666666664
+    p = p * x + 0.16666666666666666
+    p = p * x + 0.5
+    p = p * x + 1.0
+    return tl.where(x > -0.5, -(p * x), 1.0 - tl.exp(x))
