@@ -14,6 +14,13 @@ MIXED_FINAL_LOSS_RTOL = 0.01
 EMULATED_VS_NATIVE_FP16_LOSS_RTOL = 1e-3
 EMULATED_VS_NATIVE_FP16_GRAD_RTOL = 2e-2
 
+# The head-fused cross entropy against F.cross_entropy on the same FP32 logits (issue 2). Loss: FP32
+# log-sum-exp in another order, so FP32_ORDER_RTOL. Gradients: the logits' gradient is rounded to the
+# GEMM's half dtype in both paths, from FP32 values that differ by a few FP32 ulps, so a value near a
+# rounding boundary can land one half ulp apart (2**-8 relative for BF16); normwise through the GEMMs
+# that is far below 1e-3.
+HEAD_LOSS_GRAD_RTOL = 1e-3
+
 # ---- FP8 (issue 4) ----
 # Float8Linear (blockwise) against FP32 on inputs with outliers: the issue's bar. E4M3 keeps 3 mantissa
 # bits, a uniform rounding error of 2**-4 relative at most, i.e. an SQNR near 31 dB per quantized operand

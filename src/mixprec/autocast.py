@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from mixprec import emulation, rules
+from mixprec import emulation, head_loss, rules
 from mixprec.policy import Policy
 from mixprec.rules import Precision
 
@@ -103,6 +103,10 @@ class PrecisionMode(TorchFunctionMode):
         if not torch.is_autocast_enabled(device_type):
             return func(*args, **kwargs)
         emulate = self.emulate_cpu and device_type == "cpu"
+        if func is F.cross_entropy and device_type == "cuda":
+            fused = head_loss.fused_cross_entropy(*args, **kwargs)
+            if fused is not None:
+                return fused
         if rule is not None:
             return self._apply_rule(rule.precision, func, args, kwargs, first, device_type, emulate)
         if emulate:

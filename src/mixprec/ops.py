@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from mixprec import emulation
+from mixprec import emulation, head_loss
 from mixprec.autocast import logical_dtype, to_fp32
 
 
@@ -59,12 +59,8 @@ class _HalfInputsFP32Output(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, compute_dtype):
-        # With autocast off, mp.autocast's mode leaves these casts alone: real half tensors, also when FP16
-        # is emulated, so that the backward's half GEMMs see half gradients.
+    def forward(ctx, x, weight, bias, xh, wh):
         with torch.autocast(x.device.type, enabled=False):
-            xh = x.reshape(-1, x.shape[-1]).to(compute_dtype)
-            wh = weight.to(compute_dtype)
             out = _gemm(xh, wh.t(), torch.float32)
             if bias is not None:
                 out = out + bias.float()
@@ -82,10 +78,18 @@ class _HalfInputsFP32Output(torch.autograd.Function):
             grad_x = _gemm(gh, wh, xh.dtype).to(ctx.x_dtype).reshape(ctx.x_shape)  # a half activation gradient
             grad_w = _gemm(gh.t(), xh, torch.float32).to(ctx.w_dtype)  # FP32 master gradient
             grad_b = g32.float().sum(0).to(ctx.w_dtype) if ctx.has_bias else None
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def linear_fp32_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        compute_dtype: torch.dtype) -> torch.Tensor:
     """A Linear whose GEMM inputs are half and whose accumulation and output are FP32."""
-    return _HalfInputsFP32Output.apply(x, weight, bias, compute_dtype)
+    # With autocast off, mp.autocast's mode leaves these casts alone: real half tensors, also when FP16
+    # is emulated, so that the backward's half GEMMs see half gradients.
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        xh = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+        wh = weight.to(compute_dtype)
+    logits = _HalfInputsFP32Output.apply(x, weight, bias, xh, wh)
+    if bias is None and not torch.compiler.is_compiling():  # see mixprec.head_loss
+        head_loss.remember_head(logits, x, weight, xh, wh)
+    return logits
