@@ -5,7 +5,7 @@ layout, rounding, 16-byte alignment), each bucket is one launch of fused_kernel.
 (a model whose tensor sizes are multiples of 16 and whose tensors all have low-bit state gets one). The tables live on
 the GPU; they are rebuilt only when an address changes (new gradient tensors) and uploaded from
 pinned memory without blocking, so a step does not wait for the GPU. After the launch the per-tensor
-step counts advance by 1 - found_inf in one foreach op.
+step counts advance by 1 - found_inf in one foreach op (no host sync).
 """
 from __future__ import annotations
 
@@ -96,7 +96,10 @@ class FusedAdamLauncher:
         if found_inf is None:
             torch._foreach_add_(steps, 1.0)
         else:
-            torch._foreach_add_(steps, 1.0 - found_inf.to(steps[0].device, torch.float32).reshape(()))
+            # A list of the same 0-dim tensor, as torch's fused AdamW does: the (list, Tensor) overload
+            # synchronized with the host on the H200 (torch 2.11), caught by the sync-debug test.
+            increment = 1.0 - found_inf.to(steps[0].device, torch.float32).reshape(())
+            torch._foreach_add_(steps, [increment] * len(steps))
 
     def _tables(self, key, params, states, tensor_ids, seed):
         device = params[0].device
