@@ -90,6 +90,31 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]   # no temporary file left behind
 
 
+def test_background_checkpoint_holds_the_state_at_save_time(tmp_path, monkeypatch):
+    """The loop goes on changing parameters in place while the thread writes: the file must hold the
+    values of the moment save() was called, and a failed write surfaces at the next wait()."""
+    writer = checkpoint.CheckpointWriter(tmp_path)
+    weight = torch.randn(64, 64)
+    expected = weight.clone()
+    losses = [1.0, 2.0]
+    writer.save({"step": 5, "model": {"w": weight}, "train_losses": losses})
+    weight.add_(1.0)                  # the next optimizer step, while the write may still be running
+    losses.append(3.0)
+    writer.wait()
+    state = load_checkpoint(tmp_path)
+    assert state["step"] == 5 and torch.equal(state["model"]["w"], expected) and state["train_losses"] == [1.0, 2.0]
+
+    def full_disk(directory, state):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk)
+    writer.save({"step": 6})
+    with pytest.raises(OSError, match="disk full"):
+        writer.wait()
+    writer.wait()                     # reported once
+    assert load_checkpoint(tmp_path)["step"] == 5
+
+
 def test_small_grad_task_leaves_fp32_training_unchanged(tmp_path):
     """The loss factor (2**-14), Adam's eps and the clip threshold scale together by a power of 2: FP32
     runs the same trajectory bit for bit, so only the recipes' handling of small gradients differs."""

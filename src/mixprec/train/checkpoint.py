@@ -5,12 +5,18 @@ data position: batches are a function of (seed, step)), the model, optimizer and
 and the random number generators' states. It is written to a temporary file in the same directory and
 moved over the old one with os.replace, which is atomic on POSIX and Windows: a reader sees the old
 checkpoint or the new one, never half of one.
+
+During training, CheckpointWriter writes in a background thread: the loop waits only for a copy of
+the state in CPU memory (a 150M-parameter GPT's 1.8 GB checkpoint took 2.75 s to write on the lent
+H200's disk, 14 % of 500 steps, had the loop waited for it).
 """
 from __future__ import annotations
 
 import os
 import random
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +77,58 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of `obj` whose tensors are new CPU tensors (dicts, lists and tuples copied too), so that
+    training may go on changing the originals in place while the copy is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints into `directory` without holding up training.
+
+        save(state):  wait for the previous write; copy `state` to CPU memory (the caller waits for
+                      this much); write it atomically (save_checkpoint) in a background thread
+        wait():       return once the last write is on disk; re-raise its error, if it had one
+
+    The thread is not a daemon: a process that exits mid-write finishes the write first, so the
+    checkpoint on disk is always a whole one. `snapshot_seconds` and `write_seconds` time the last save.
+    """
+
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.snapshot_seconds = self.write_seconds = 0.0
+
+    def save(self, state: dict[str, Any]) -> Path:
+        self.wait()
+        start = time.perf_counter()
+        copy = snapshot(state)
+        self.snapshot_seconds = time.perf_counter() - start
+        self._thread = threading.Thread(target=self._write, args=(copy,), name="mixprec-checkpoint")
+        self._thread.start()
+        return checkpoint_path(self.directory)
+
+    def _write(self, state: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        try:
+            save_checkpoint(self.directory, state)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._error = e
+        self.write_seconds = time.perf_counter() - start
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

@@ -82,6 +82,7 @@ class Trainer:
                              f"(torch.cuda.is_available() is False); use --device cpu")
         self.cfg, self.progress, self.on_step = cfg, progress, on_step
         self.save_checkpoints, self.out = save_checkpoints, Path(cfg.out)
+        self.checkpoints = checkpoint.CheckpointWriter(self.out)
         self.device = torch.device(cfg.device)
         self.policy = mp.Policy.from_recipe(cfg.recipe)
         model_cfg = cfg.model_config()
@@ -211,6 +212,7 @@ class Trainer:
                     self._record_validation(bar)
                 if self._interrupted:
                     path = self.save()
+                    self.checkpoints.wait()  # on disk before we say so
                     bar.close()
                     if path is not None:
                         print(f"Interrupted at step {self.step}: checkpoint saved to {path}; continue with: "
@@ -220,6 +222,7 @@ class Trainer:
                     self.save()
                 window_start += time.perf_counter() - paused
             self.save()
+            self.checkpoints.wait()
         finally:
             self._restore_interrupt_handler(previous_handler)
             bar.close()
@@ -289,10 +292,11 @@ class Trainer:
         self.val_curve = [tuple(v) for v in state["val_curve"]]
 
     def save(self) -> Path | None:
-        """Write the checkpoint atomically into the output directory (unless checkpoints are off)."""
+        """Checkpoint into the output directory (unless checkpoints are off): the state is copied now
+        and written atomically in the background; `self.checkpoints.wait()` waits for the write."""
         if not self.save_checkpoints:
             return None
-        return checkpoint.save_checkpoint(self.out, self.state_dict())
+        return self.checkpoints.save(self.state_dict())
 
     # ---- Ctrl-C --------------------------------------------------------------------------------
     def _install_interrupt_handler(self):
