@@ -11,7 +11,9 @@ linear layer are
 
 Scale layouts torch._scaled_mm accepts (torch 2.11, CUDA 13, H100; 128x128 x 128x128 is refused):
 tensorwise x tensorwise, rowwise x rowwise, 1x128 x 128x128, 128x128 x 1x128, 1x128 x 1x128. The
-1x128 scales are passed outer-dim-major (the (M, K/128) scale of A with strides (1, M)).
+1x128 scales are passed outer-dim-major (the (M, K/128) scale of A with strides (1, M)); 128x128
+scales row-major with the count of K tiles a multiple of 4 (cuBLAS pads its scale rows to 4), so K is
+zero-padded to 512 when a 128x128 operand takes part (tests/test_fp8_gemm.py checks the layouts).
 """
 from __future__ import annotations
 
@@ -64,20 +66,28 @@ def _scaled_mm_nt(a: Operand, b: Operand, out_dtype: torch.dtype, fast_accum: bo
     blockwise = a.granularity in _BLOCKWISE
     if blockwise and block != 128:
         raise ValueError(f"torch._scaled_mm scales blocks of 128; got block_size {block}; use backend='emulate'")
-    # cuBLASLt needs K % 16; blockwise scales cover whole 128-wide tiles, so pad to those
-    multiple = 128 if blockwise else 16
+    # cuBLASLt needs K % 16. Blockwise scales cover whole 128-wide tiles of K, and with a 128x128 operand
+    # cuBLAS wants the count of K tiles a multiple of 4 (its scale rows are padded to 4; PyTorch checks
+    # that stride), so K is padded to 512 there: zero codes add nothing, their padded scales are 1.
+    multiple = 16 if not blockwise else 4 * block if "128x128" in (a.granularity, b.granularity) else block
     qa, qb = _pad_k(a.q.contiguous(), multiple), _pad_k(b.q.contiguous(), multiple)
-    sa, sb = _scale_layout(a, is_b=False), _scale_layout(b, is_b=True)
+    k_tiles = qa.shape[1] // block
+    sa, sb = _scale_layout(a, is_b=False, k_tiles=k_tiles), _scale_layout(b, is_b=True, k_tiles=k_tiles)
     return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
-def _scale_layout(op: Operand, *, is_b: bool) -> torch.Tensor:
-    """The scale in the shape and strides torch._scaled_mm checks (for b it checks scale_b.t())."""
+def _scale_layout(op: Operand, *, is_b: bool, k_tiles: int) -> torch.Tensor:
+    """The scale in the shape and strides torch._scaled_mm checks (for b it checks scale_b.t()).
+
+    k_tiles: blockwise scales get columns of 1.0 up to this many tiles of (padded) K.
+    """
     s, g = op.scale.float(), op.granularity
     if g == "tensorwise":
         return s.reshape(())
     if g == "rowwise":
         return s.reshape(1, -1) if is_b else s.reshape(-1, 1).contiguous()
+    if g in _BLOCKWISE and s.shape[1] < k_tiles:
+        s = F.pad(s, (0, k_tiles - s.shape[1]), value=1.0)
     if g == "1x128":
         # outer-dim-major: the (R, K/128) scale has strides (1, R), i.e. it is the transpose of a
         # contiguous (K/128, R) tensor; b passes that contiguous tensor itself
