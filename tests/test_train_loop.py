@@ -1,5 +1,6 @@
 """The training loop: resumed == uninterrupted (bitwise on the CPU), Ctrl-C saves first, atomic
 checkpoints, metrics, and the small-gradient task."""
+import copy
 import json
 import os
 import signal
@@ -161,3 +162,20 @@ def test_progress_off_a_terminal_prints_whole_lines_at_an_interval():
     bar.write("hidden")
     bar.close()
     assert quiet.getvalue() == ""
+
+
+def test_underflow_probe_runs_fp8_layers_in_fp32():
+    """The probe's gradients are FP32 ones: an FP8-converted model probes as its plain twin."""
+    import mixprec as mp
+    from mixprec.train.models import build_model
+    from mixprec.train.underflow import probe_underflow
+
+    cfg = TrainConfig(model="gpt", n_layer=1, n_head=2, d_model=256, seq_len=16)
+    torch.manual_seed(0)
+    plain = build_model(cfg.model_config())
+    fp8 = mp.prepare(copy.deepcopy(plain), mp.Policy.from_recipe("fp8-blockwise"))
+    assert any(type(m).__name__ == "Float8Linear" for m in fp8.modules())
+    x, y = torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16))
+    factor = 2.0 ** -14  # small gradients, so that a good share of them underflows
+    assert probe_underflow(fp8, x, y, loss_factor=factor) == probe_underflow(plain, x, y, loss_factor=factor)
+    assert any(type(m).__name__ == "Float8Linear" for m in fp8.modules())   # the model itself is untouched

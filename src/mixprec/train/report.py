@@ -64,14 +64,15 @@ def describe(comparison: Comparison) -> str:
     else:
         text += f"\ndata: {m['corpus']}"
     ref = comparison.reference
-    text += (f"\nlosses in nats; 'val vs {ref.recipe if ref else 'ref'}': relative difference of the final validation "
-             f"loss; FP16 underflow: fraction of activation-gradient values, nonzero in FP32, that FP16 flushes to "
-             f"zero (one FP32 probe step on the trained model), 'unscaled' as in the 2018 paper (what FP16 would "
-             f"lose), \"recipe's scale\" after multiplying by the recipe's final loss scale (1 for fp16-noscale), "
-             f"'-' for recipes that do not compute in FP16")
+    text += (f"\nlosses in nats (train: mean of the last 10 steps); 'val vs {ref.recipe if ref else 'ref'}': relative "
+             f"difference of the final validation loss")
     memory = next((r.summary.memory_measure for r in comparison.results if r.summary), None)
     if memory:
-        text += f"; peak memory: {memory}"
+        text += f"\npeak memory: {memory}"
+    text += ("\nFP16 underflow: share of activation-gradient values, nonzero in FP32, that FP16 flushes to zero "
+             "(one FP32 probe step on each trained model): 'unscaled' as in the 2018 paper (what FP16 would lose); "
+             "\"recipe's scale\" at the recipe's final loss scale (1 for fp16-noscale); '-': the recipe does not "
+             "compute in FP16")
     return text
 
 

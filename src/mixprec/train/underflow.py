@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixprec.fp8.linear import Float8Linear
+
 
 @dataclass(frozen=True)
 class UnderflowCounts:
@@ -45,6 +47,18 @@ def _fraction(grads: list[torch.Tensor], scale: float) -> float:
     return lost / total if total else float("nan")
 
 
+def _without_fp8(model: nn.Module) -> nn.Module:
+    """The model with each Float8Linear (which quantizes whatever autocast says) replaced by an
+    nn.Linear holding the same weights, so that the probe's backward is FP32 throughout."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Float8Linear):
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            plain.weight, plain.bias = module.weight, module.bias   # the copy's own Parameters
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, plain)
+    return model
+
+
 def probe_underflow(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_factor: float = 1.0,
                     scale: float | None = None) -> UnderflowCounts:
     """Count FP16 gradient underflow of `model` on batch (x, y) in one FP32 forward/backward.
@@ -53,7 +67,7 @@ def probe_underflow(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_
     scaled fractions out. Works on an FP32 copy (the model, its BatchNorm statistics and its grads are
     left untouched).
     """
-    probe = copy.deepcopy(model).float().train()
+    probe = _without_fp8(copy.deepcopy(model)).float().train()
     activation_grads: list[torch.Tensor] = []
 
     def keep_output_grad(module, inputs, output):
