@@ -103,6 +103,8 @@ def test_fp8_recipes_through_policy_prepare_autocast():
         model = mp.prepare(TinyLM(), policy)
         assert isinstance(model.block.down, Float8Linear)
         assert model.block.down.config.recipe == recipe.split("-")[1]
+        explained = mp.explain(policy, model)                 # what went FP8 and why, per layer
+        assert "block.down" in explained and "4 of 10 Linear layers in FP8" in explained
         idx = torch.randint(0, 512, (2, 32))
         with mp.autocast(policy):
             h = model.block.down(torch.randn(2, 32, 1024))

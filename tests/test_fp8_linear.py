@@ -153,3 +153,24 @@ def test_bad_backend_and_recipe_name_the_way_out():
         Float8Config(forward_format="bf16")
     with pytest.raises(TypeError):
         Float8Linear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_backward_saves_input_and_weight_in_fp8(recipe):
+    """What autograd keeps between forward and backward: FP8 codes (a quarter of FP32) plus small scales."""
+    layer = Float8Linear(256, 384, config=Float8Config(recipe=recipe, backend="emulate"))
+    x = torch.randn(512, 256, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    big = [t for t in saved if t.numel() >= 256 * 128]
+    assert sorted(t.numel() for t in big) == [256 * 384, 256 * 512]     # x^T and W^T, nothing else large
+    assert all(t.dtype in fp8 for t in big), [t.dtype for t in big]
+    assert sum(t.numel() * t.element_size() for t in saved) < 0.3 * 4 * (x.numel() + layer.weight.numel())
+    y.sum().backward()

@@ -86,7 +86,7 @@ def test_scales_and_codes_equal_float64_reference(fmt, granularity, values):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("granularity", ["tensorwise", "rowwise", "1x128", "128x128"])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_power_of_2_scales_exact(fmt, granularity):
     x = with_outliers(130, 260)
     check_exact(x, fmt, granularity, power_of_2=True)
