@@ -179,3 +179,23 @@ def test_underflow_probe_runs_fp8_layers_in_fp32():
     factor = 2.0 ** -14  # small gradients, so that a good share of them underflows
     assert probe_underflow(fp8, x, y, loss_factor=factor) == probe_underflow(plain, x, y, loss_factor=factor)
     assert any(type(m).__name__ == "Float8Linear" for m in fp8.modules())   # the model itself is untouched
+
+
+def test_metrics_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
+    """TensorBoard is optional (not installed here): a stand-in writer checks what MetricsLog sends it."""
+    from mixprec.train import metrics
+
+    scalars = []
+
+    class Writer:
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            scalars.append("closed")
+
+    monkeypatch.setattr(metrics, "_tensorboard_writer", lambda directory: Writer())
+    Trainer(_config(tmp_path, "tb", recipe="fp16-mixed", steps=2, log_every=2, eval_every=2), progress=False).run()
+    tags = {tag for tag, _, step in scalars[:-1] if step == 2}
+    assert {"train_loss", "tokens_per_s", "lr", "loss_scale", "skipped_steps", "val_loss"} <= tags
+    assert scalars[-1] == "closed"
