@@ -39,6 +39,8 @@ _TO_FP16 = frozenset([torch.Tensor.half])
 
 
 def _first_tensor(args: Any, kwargs: dict) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):  # the common case, first: this runs for every op
+        return args[0]
     for a in (*args, *kwargs.values()):
         if isinstance(a, torch.Tensor):
             return a
@@ -97,13 +99,13 @@ class PrecisionMode(TorchFunctionMode):
         if rule is None and not self.emulate_cpu and func not in _CPU_MISSING_GEMMS:
             return func(*args, **kwargs)
         first = _first_tensor(args, kwargs)
-        if first is None:
+        if first is None or (rule is None and not first.is_cpu):  # off the CPU only the table applies
             return func(*args, **kwargs)
         device_type = first.device.type
         if not torch.is_autocast_enabled(device_type):
             return func(*args, **kwargs)
         emulate = self.emulate_cpu and device_type == "cpu"
-        if func is F.cross_entropy and device_type == "cuda":
+        if func is F.cross_entropy and device_type == "cuda" and head_loss.ENABLED:
             fused = head_loss.fused_cross_entropy(*args, **kwargs)
             if fused is not None:
                 return fused

@@ -36,6 +36,9 @@ class HeadOutput:
         self.x, self.weight, self.xh, self.wh = x, weight, xh, wh
 
 
+# Off: F.cross_entropy always runs op by op (for debugging, and for traces of aten ops, which cannot see
+# inside the Triton kernels).
+ENABLED = True
 _last_head: HeadOutput | None = None
 
 
