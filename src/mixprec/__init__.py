@@ -1,5 +1,5 @@
 """mixprec: mixed precision training for PyTorch (FP16, BF16, FP8) made safe and automatic."""
-from mixprec import formats, ops, rules
+from mixprec import formats, fp8, ops, optim, rules
 from mixprec.autocast import autocast
 from mixprec.compat import LossScaleOptimizer, initialize, load_state_dict, scale_loss, state_dict
 from mixprec.explain import explain
@@ -12,5 +12,5 @@ from mixprec.scaler import LossScaler
 __version__ = "0.1.0"
 
 __all__ = ["Float8Config", "LossScaleOptimizer", "LossScaler", "MasterWeights", "Policy", "autocast", "explain",
-           "formats", "initialize", "load_state_dict", "master_params", "ops", "opt_levels", "prepare", "recipes",
+           "formats", "fp8", "initialize", "load_state_dict", "master_params", "ops", "opt_levels", "optim", "prepare", "recipes",
            "rules", "scale_loss", "state_dict", "__version__"]
