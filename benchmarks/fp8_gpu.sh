@@ -25,11 +25,11 @@ LINEAR_COMPILED=bf16:compiled,mixprec-tensorwise:compiled,mixprec-rowwise:compil
 GPT_VARIANTS="bf16 mixprec-tensorwise mixprec-blockwise torchao-tensorwise torchao-rowwise mixprec-rowwise"
 pids=()
 if has tests; then
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 4 -rf tests/test_fp8_cuda.py > "$OUT/cuda_tests.log" 2>&1 &
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -n 4 -rf tests/test_fp8_cuda.py > "$OUT/cuda_tests.log" 2>&1 &
   pids+=($!)
 fi
 if has compare; then
-  ( timeout 170 python3 -m mixprec compare $CMP_ARGS --recipes bf16-mixed,fp8-blockwise,fp8-tensorwise,fp8-rowwise \
+  ( timeout 130 python3 -m mixprec compare $CMP_ARGS --recipes bf16-mixed,fp8-blockwise,fp8-tensorwise,fp8-rowwise \
         --d-model 256 --quiet --out /tmp/cmp > /tmp/compare.log 2>&1
     echo "exit $?" >> /tmp/compare.log
     cat /tmp/compare.log /tmp/cmp/table.md > "$OUT/compare_gpu.md" 2>&1
@@ -38,12 +38,12 @@ if has compare; then
 fi
 if has gpt; then   # one layer: the same block graph as the 4-layer model, a quarter of the memory
   for v in $GPT_VARIANTS; do
-    timeout 150 python3 benchmarks/bench_fp8.py gpt --warm-only --variants "$v" $EXTRA --layers 1 > "/tmp/warm_gpt_$v.log" 2>&1 &
+    timeout 130 python3 benchmarks/bench_fp8.py gpt --warm-only --variants "$v" $EXTRA --layers 1 > "/tmp/warm_gpt_$v.log" 2>&1 &
     pids+=($!)
   done
 fi
 if has linear; then
-  timeout 150 python3 benchmarks/bench_fp8.py linear --warm-only --variants "$LINEAR_COMPILED" $EXTRA > /tmp/warm_linear.log 2>&1 &
+  timeout 130 python3 benchmarks/bench_fp8.py linear --warm-only --variants "$LINEAR_COMPILED" $EXTRA > /tmp/warm_linear.log 2>&1 &
   pids+=($!)
 fi
 for p in "${pids[@]}"; do wait "$p"; done
@@ -52,10 +52,10 @@ has compare && tail -12 "$OUT/compare_gpu.md" >> "$LOG"
 tail -n 2 /tmp/warm_*.log >> "$LOG" 2>/dev/null
 say "phase B: timed benchmarks"
 
-has quantize && timeout 45 python3 benchmarks/bench_fp8.py quantize $EXTRA --json "$OUT/quantize.json" 2>&1 | grep -v Warning >> "$LOG"
+has quantize && timeout 40 python3 benchmarks/bench_fp8.py quantize $EXTRA --json "$OUT/quantize.json" 2>&1 | grep -v Warning >> "$LOG"
 say "quantize done"
-has linear && timeout 100 python3 benchmarks/bench_fp8.py linear $EXTRA --json "$OUT/linear.json" 2>&1 | grep -v Warning >> "$LOG"
+has linear && timeout 90 python3 benchmarks/bench_fp8.py linear $EXTRA --json "$OUT/linear.json" 2>&1 | grep -v Warning >> "$LOG"
 say "linear done"
-has gpt && timeout 150 python3 benchmarks/bench_fp8.py gpt --variants "${GPT_VARIANTS// /,}" $EXTRA --json "$OUT/gpt.json" 2>&1 | grep -v Warning >> "$LOG"
+has gpt && timeout 130 python3 benchmarks/bench_fp8.py gpt --variants "${GPT_VARIANTS// /,}" $EXTRA --json "$OUT/gpt.json" 2>&1 | grep -v Warning >> "$LOG"
 say "gpt done"
 grep -E "^\|" "$LOG" | tail -40
