@@ -20,6 +20,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -59,7 +60,9 @@ def table(rows: list[dict], cols: list[str]) -> str:
 
 
 def failure(err: BaseException) -> str:
-    """The first line of an error, short enough for a table cell; a variant that fails is reported, not hidden."""
+    """The first line of an error, short enough for a table cell; a variant that fails is reported, not hidden
+    (the whole traceback goes to stderr)."""
+    traceback.print_exception(err)
     return f"failed: {type(err).__name__}: {str(err).strip().splitlines()[0][:110] if str(err).strip() else ''}"
 
 

@@ -35,12 +35,8 @@ def triton_available() -> bool:
     return _TRITON
 
 
-@torch.compiler.assume_constant_result
 def _cuda_capability(index: int | None) -> tuple[int, int]:
-    """(major, minor) of CUDA device `index` (None: the current one); (0, 0) without CUDA.
-
-    A constant to torch.compile: Float8Linear.forward asks on every call, and the answer never changes.
-    """
+    """(major, minor) of CUDA device `index` (None: the current one); (0, 0) without CUDA."""
     if not torch.cuda.is_available():
         return (0, 0)
     return tuple(torch.cuda.get_device_capability(index))
@@ -60,10 +56,12 @@ def _device_name(device: torch.device) -> str:
 
 
 def resolve_backend(backend: str, device: torch.device | str, *, recipe: str = "blockwise",
-                    compiling: bool | None = None) -> str:
+                    compiling: bool | None = None, fp8_capable: bool | None = None) -> str:
     """The concrete backend ("emulate", "cublas" or "triton") that `backend` means on `device`.
 
     recipe and compiling (default: whether torch.compile is tracing now) refine "auto" (see above).
+    fp8_capable: whether `device` runs FP8 GEMMs, when the caller already knows (Float8Linear looks
+    it up when its weight changes device, so that torch.compile traces no CUDA query); None: ask.
     Raises ValueError for an unknown name, and for cublas/triton where the device cannot run FP8
     GEMMs, naming backend="emulate" as the way out.
     """
@@ -72,15 +70,16 @@ def resolve_backend(backend: str, device: torch.device | str, *, recipe: str = "
     device = torch.device(device)
     if backend == "emulate":
         return "emulate"
+    capable = fp8_gemm_supported(device) if fp8_capable is None else fp8_capable
     if backend == "auto":
-        if not fp8_gemm_supported(device):
+        if not capable:
             return "emulate"
         if compiling is None:
             compiling = torch.compiler.is_compiling()
         if not triton_available() or (compiling and recipe != "blockwise"):
             return "cublas"
         return "triton"
-    if not fp8_gemm_supported(device):
+    if not capable:
         raise ValueError(f"FP8 backend {backend!r} needs a CUDA GPU of compute capability 8.9+ for FP8 GEMMs, "
                          f"but the tensors are on {_device_name(device)}; use backend='emulate' "
                          "(exact FP8 quantization, FP32 GEMMs) on this device")

@@ -88,7 +88,7 @@ def _round_to_grid(v, M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.const
 
 @triton.autotune(configs=_TILE_CONFIGS, key=["R", "K"])
 @triton.jit
-def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, stride_r, stride_k,
+def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
                              FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                              OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
                              MAGIC: tl.constexpr):
@@ -97,7 +97,7 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, stride_r
     rows = pid_r * B + tl.arange(0, B)
     cols = pid_k * B + tl.arange(0, B)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_k, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     a = tl.abs(x)
     row_s = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)      # x along K: one scale per row of the tile
     col_s = _scale(tl.max(a, axis=0), FMAX, POW2, EPS)      # x^T along R: one scale per column
@@ -110,7 +110,7 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, stride_r
 
 @triton.autotune(configs=_TILE_CONFIGS, key=["R", "K"])
 @triton.jit
-def _quantize_128x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, stride_r, stride_k, NK,
+def _quantize_128x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, NK,
                                FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                                OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
                              MAGIC: tl.constexpr):
@@ -119,7 +119,7 @@ def _quantize_128x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, stride_r, stri
     rows = pid_r * B + tl.arange(0, B)
     cols = pid_k * B + tl.arange(0, B)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_k, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS)
     q = _codes(x, s, FMAX, OUT, M, MIN_NORMAL, MAGIC)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
@@ -129,17 +129,17 @@ def _quantize_128x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, stride_r, stri
 
 @triton.autotune(configs=_FREE_CONFIGS, key=["R", "K"])
 @triton.jit
-def _amax_kernel(x_ptr, amax_ptr, R, K, stride_r, stride_k, BR: tl.constexpr, BK: tl.constexpr):
+def _amax_kernel(x_ptr, amax_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_k, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), axis=1), axis=0))   # |x| >= 0: float max is exact
 
 
 @triton.autotune(configs=_FREE_CONFIGS, key=["R", "K"])
 @triton.jit
-def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K, stride_r, stride_k,
+def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K,
                    FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                    OUT: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
                    MAGIC: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
@@ -148,7 +148,7 @@ def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K, stride_r, stride
     rows = pid_r * BR + tl.arange(0, BR)
     cols = pid_k * BK + tl.arange(0, BK)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_k, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
     q = _codes(x, s, FMAX, OUT, M, MIN_NORMAL, MAGIC)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
@@ -174,13 +174,14 @@ def _check(x: torch.Tensor) -> None:
 def _quantize_1x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                                               torch.Tensor, torch.Tensor]:
     _check(x)
+    x = x.contiguous()   # a unit inner stride the compiler knows: 16-byte loads
     r, k = x.shape
     f = get_fp8_format(fmt)
     q = torch.empty((r, k), dtype=f.torch_dtype, device=x.device)
     qt = torch.empty((k, r), dtype=f.torch_dtype, device=x.device)
     s = torch.empty((triton.cdiv(k, _BLOCK), r), dtype=torch.float32, device=x.device)
     st = torch.empty((triton.cdiv(r, _BLOCK), k), dtype=torch.float32, device=x.device)
-    _quantize_1x128_t_kernel[_grid(r, k)](x, q, s, qt, st, r, k, x.stride(0), x.stride(1), FMAX=f.max,
+    _quantize_1x128_t_kernel[_grid(r, k)](x, q, s, qt, st, r, k, FMAX=f.max,
                                           POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK, **_grid_constants(f))
     return q, s, qt, st
 
@@ -197,13 +198,14 @@ def _(x, fmt, power_of_2):
 def _quantize_128x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                                                 torch.Tensor]:
     _check(x)
+    x = x.contiguous()   # a unit inner stride the compiler knows: 16-byte loads
     r, k = x.shape
     f = get_fp8_format(fmt)
     q = torch.empty((r, k), dtype=f.torch_dtype, device=x.device)
     qt = torch.empty((k, r), dtype=f.torch_dtype, device=x.device)
     nr, nk = _grid(r, k)
     s = torch.empty((nr, nk), dtype=torch.float32, device=x.device)
-    _quantize_128x128_t_kernel[(nr, nk)](x, q, s, qt, r, k, x.stride(0), x.stride(1), nk, FMAX=f.max,
+    _quantize_128x128_t_kernel[(nr, nk)](x, q, s, qt, r, k, nk, FMAX=f.max,
                                          POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK, **_grid_constants(f))
     return q, s, qt
 
@@ -219,8 +221,9 @@ def _(x, fmt, power_of_2):
 @torch.library.custom_op("mixprec::fp8_amax", mutates_args=())
 def _amax_op(x: torch.Tensor) -> torch.Tensor:
     _check(x)
+    x = x.contiguous()   # a unit inner stride the compiler knows: 16-byte loads
     out = torch.zeros((), dtype=torch.float32, device=x.device)
-    _amax_kernel[_free_grid(*x.shape)](x, out, x.shape[0], x.shape[1], x.stride(0), x.stride(1))
+    _amax_kernel[_free_grid(*x.shape)](x, out, x.shape[0], x.shape[1])
     return out
 
 
@@ -233,12 +236,13 @@ def _(x):
 def _cast_t_op(x: torch.Tensor, amax: torch.Tensor, fmt: str, power_of_2: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                                                        torch.Tensor]:
     _check(x)
+    x = x.contiguous()   # a unit inner stride the compiler knows: 16-byte loads
     r, k = x.shape
     f = get_fp8_format(fmt)
     q = torch.empty((r, k), dtype=f.torch_dtype, device=x.device)
     qt = torch.empty((k, r), dtype=f.torch_dtype, device=x.device)
     s = torch.empty((), dtype=torch.float32, device=x.device)
-    _cast_t_kernel[_free_grid(r, k)](x, amax.float().reshape(()), q, qt, s, r, k, x.stride(0), x.stride(1), FMAX=f.max,
+    _cast_t_kernel[_free_grid(r, k)](x, amax.float().reshape(()), q, qt, s, r, k, FMAX=f.max,
                                      POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), **_grid_constants(f))
     return q, qt, s
 

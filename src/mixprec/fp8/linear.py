@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mixprec.fp8.backends import resolve_backend
+from mixprec.fp8.backends import fp8_gemm_supported, resolve_backend
 from mixprec.fp8.config import Float8Config
 from mixprec.fp8.gemm import Operand, mm_nt
 from mixprec.fp8.recipes import GRANULARITY, quantize_pair
@@ -84,11 +84,23 @@ class Float8Linear(nn.Linear):
         self.config = config if config is not None else Float8Config()
         if not isinstance(self.config, Float8Config):
             raise TypeError(f"config must be a mixprec.fp8.Float8Config, got {type(self.config).__name__}")
+        self._note_device()
         if self.config.recipe == "delayed":
             device = self.weight.device if self.weight.device.type != "meta" else None
             for name in ("input", "weight", "grad_output"):
                 self.register_buffer(f"amax_history_{name}",
                                      torch.zeros(self.config.amax_history_len, device=device), persistent=False)
+
+    def _note_device(self) -> None:
+        # Whether the weight's device runs FP8 GEMMs, looked up whenever the weight moves (here and in
+        # _apply) rather than in forward: torch.compile then traces a plain bool, no CUDA query.
+        self._fp8_capable = self.weight.device.type != "meta" and fp8_gemm_supported(self.weight.device)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)    # .to(), .cuda(), .half(), to_empty() ...
+        if hasattr(self, "config"):
+            self._note_device()
+        return out
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: Float8Config | None = None) -> "Float8Linear":
@@ -109,7 +121,8 @@ class Float8Linear(nn.Linear):
             out_dtype = torch.get_autocast_dtype(device_type)
         else:
             out_dtype = x.dtype
-        backend = resolve_backend(cfg.backend, x.device, recipe=cfg.recipe)
+        capable = self._fp8_capable if x.device == self.weight.device else None
+        backend = resolve_backend(cfg.backend, x.device, recipe=cfg.recipe, fp8_capable=capable)
         delayed = cfg.recipe == "delayed"
         return _Float8LinearFunction.apply(
             x, self.weight, self.bias, cfg.recipe, cfg.forward_format, cfg.backward_format,
