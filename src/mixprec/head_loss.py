@@ -28,10 +28,9 @@ except ImportError:  # the CPU reference path needs no Triton
 
 
 class HeadOutput:
-    """What a head GEMM leaves behind for a fused loss: its half inputs and the logits' identity."""
+    """What a head GEMM leaves on its logits for a fused loss: its inputs, and the logits' version."""
 
     def __init__(self, logits, x, weight, xh, wh):
-        self.logits = weakref.ref(logits)
         self.version = logits._version
         self.x, self.weight, self.xh, self.wh = x, weight, xh, wh
 
@@ -39,23 +38,24 @@ class HeadOutput:
 # Off: F.cross_entropy always runs op by op (for debugging, and for traces of aten ops, which cannot see
 # inside the Triton kernels).
 ENABLED = True
-_last_head: HeadOutput | None = None
+# The latest head output, held weakly: what it needs lives on the logits and dies with them.
+_last_logits = lambda: None  # noqa: E731
 
 
 def remember_head(logits, x, weight, xh, wh) -> None:
-    global _last_head
-    _last_head = HeadOutput(logits, x, weight, xh, wh)
+    global _last_logits
+    logits._mixprec_head = HeadOutput(logits, x, weight, xh, wh)
+    _last_logits = weakref.ref(logits)
 
 
 def _head_of(logits: torch.Tensor) -> HeadOutput | None:
     """The head output `logits` is a plain reshape of, unchanged since the GEMM wrote it, or None."""
-    head = _last_head
-    out = head.logits() if head is not None else None
+    out = _last_logits()
     if (out is None or logits.dim() != 2 or not logits.is_contiguous() or logits.numel() != out.numel()
             or logits.untyped_storage().data_ptr() != out.untyped_storage().data_ptr()
-            or logits.storage_offset() != out.storage_offset() or out._version != head.version):
+            or logits.storage_offset() != out.storage_offset() or out._version != out._mixprec_head.version):
         return None
-    return head
+    return out._mixprec_head
 
 
 def fused_cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,

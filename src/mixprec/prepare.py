@@ -37,6 +37,10 @@ def _module_device_type(module: nn.Module, args) -> str:
     return "cpu"
 
 
+def _is_plain_fp32(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.dtype == torch.float32 and not emulation.is_logical_fp16(x)
+
+
 class _RuleModule:
     """Mixed into a module's class by prepare(): runs its forward under its precision rule."""
 
@@ -46,6 +50,9 @@ class _RuleModule:
         if self.__dict__.get("_mixprec_bypass"):  # inside functional_call from _mixprec_half_forward
             return super().forward(*args, **kwargs)
         precision = self._mixprec_precision
+        if (precision in (Precision.FP32, Precision.FP32_CAST_BACK) and not self._mixprec_autocast_off
+                and len(args) == 1 and not kwargs and _is_plain_fp32(args[0])):
+            return super().forward(args[0])  # FP32 in, FP32 weights, no autocast op inside: FP32 throughout
         device_type = _module_device_type(self, args)
         if precision is Precision.FP32_OUTPUT:
             return self._mixprec_head_forward(device_type, *args, **kwargs)
