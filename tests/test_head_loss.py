@@ -82,7 +82,7 @@ def test_triton_kernels_equal_the_reference(dtype):
 @pytest.mark.cuda
 def test_gpt_step_on_cuda_takes_the_fused_path_and_matches():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(300, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 300))
+    model = torch.nn.Sequential(torch.nn.Embedding(300, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 300, bias=False))
     model = mp.prepare(model.cuda(), "bf16-mixed")
     idx = torch.randint(0, 300, (4, 32), device="cuda")
     grads = []
