@@ -4,7 +4,7 @@ The precision table keeps the head's output and the loss in FP32. Computed op by
 full FP32 passes over the (tokens x vocab) logits that torch.autocast's BF16 path does not pay: the
 log_softmax writes an FP32 copy of the logits, its backward writes an FP32 gradient, and the head's
 half GEMMs then need that gradient cast to half. When `F.cross_entropy` gets logits straight from a
-head that `mp.prepare` set up, the loss is computed here instead: the forward reads the logits once
+bias-free head that `mp.prepare` set up, the loss is computed here instead: the forward reads the logits once
 and keeps one log-sum-exp per row; the backward writes the logits' gradient once, in the GEMM's half
 dtype, and runs the head's GEMMs itself. Same math, all of it in FP32 up to that final rounding.
 
@@ -115,10 +115,14 @@ class _HeadCrossEntropy(torch.autograd.Function):
         logits, lse, target, xh, wh, valid = ctx.saved_tensors
         row_grad = grad_loss.float() / valid if ctx.reduction == "mean" else grad_loss.float()
         gh = softmax_grad(logits, lse, target, row_grad, ctx.ignore_index, xh.dtype)
+        grad_x = grad_w = None
         with torch.autocast(gh.device.type, enabled=False):
-            grad_x = (gh @ wh).to(ctx.x_dtype).reshape(ctx.x_shape)
-            grad_w = torch.mm(gh.t(), xh, out_dtype=torch.float32) if gh.is_cuda else (gh.t().float() @ xh.float())
-        return grad_x, grad_w.to(ctx.w_dtype), None, None, None, None, None, None
+            if ctx.needs_input_grad[0]:
+                grad_x = (gh @ wh).to(ctx.x_dtype).reshape(ctx.x_shape)
+            if ctx.needs_input_grad[1]:  # FP32 accumulation and output: the master gradient
+                grad_w = torch.mm(gh.t(), xh, out_dtype=torch.float32) if gh.is_cuda else gh.t().float() @ xh.float()
+                grad_w = grad_w.to(ctx.w_dtype)
+        return grad_x, grad_w, None, None, None, None, None, None
 
 
 def row_logsumexp_loss(logits, target, ignore_index):
