@@ -8,8 +8,8 @@
              the codes and their transpose together (the backward's layouts) in the same pass.
     auto     on a GPU with FP8 tensor cores: triton in eager mode; under torch.compile, cublas for
              the tensorwise, rowwise and delayed recipes (inductor fuses their quantization into the
-             neighbouring kernels, measured faster than the opaque Triton calls) and triton for
-             blockwise; emulate elsewhere. benchmarks/results/fp8.md has the measurements.
+             neighbouring kernels, expected faster than the opaque Triton calls; not yet measured,
+             see benchmarks/results/fp8.md) and triton for blockwise; emulate elsewhere.
 """
 from __future__ import annotations
 
