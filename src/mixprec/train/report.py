@@ -129,33 +129,45 @@ def _curves(comparison: Comparison) -> dict[str, Any]:
 
 
 def plot_curves(comparison: Comparison, path: Path) -> Path | None:
-    """Training loss (per step, lightly smoothed) and validation loss of every recipe."""
+    """Three panels: training loss (lightly smoothed), validation loss, and each recipe's smoothed
+    training loss minus the reference recipe's, where differences too small to see in the first panel
+    show (the batches are the same for every recipe, so their noise cancels in the difference)."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in comparison.results:
-        if r.summary is None:
-            continue
-        losses = r.summary.train_losses
-        ax_train.plot(range(1, len(losses) + 1), _smooth(losses), label=r.recipe, linewidth=1.2)
+    ran = [r for r in comparison.results if r.summary is not None]
+    ref = comparison.reference
+    fig, (ax_train, ax_val, ax_diff) = plt.subplots(1, 3, figsize=(15, 4.4))
+    styles = ("-", "--", "-.", ":")  # curves that coincide stay visible under one another
+    ref_smooth = _smooth(ref.summary.train_losses) if ref is not None else []
+    for i, r in enumerate(ran):
+        style = dict(label=r.recipe, linestyle=styles[i % len(styles)], linewidth=1.4)
+        smooth = _smooth(r.summary.train_losses)
+        steps = range(1, len(smooth) + 1)
+        ax_train.plot(steps, smooth, **style)
         if r.summary.val_curve:
-            steps, vals = zip(*r.summary.val_curve)
-            ax_val.plot(steps, vals, marker="o", markersize=3, label=r.recipe)
+            val_steps, vals = zip(*r.summary.val_curve)
+            ax_val.plot(val_steps, vals, marker="o", markersize=3, **style)
+        ax_diff.plot(steps, [a - b for a, b in zip(smooth, ref_smooth)], **style)
     entropy = comparison.meta.get("unigram_entropy")
-    for ax, title in ((ax_train, "training loss (EMA 0.9)"), (ax_val, "validation loss")):
-        if entropy:
-            ax.axhline(entropy, color="grey", linestyle="--", linewidth=0.8, label="byte-unigram entropy")
+    if entropy:
+        ax_train.axhline(entropy, color="grey", linestyle="--", linewidth=0.8, label="byte-unigram entropy")
+    ax_diff.axhline(0.0, color="grey", linewidth=0.8)
+    ref_name = ref.recipe if ref is not None else "reference"
+    for ax, title, ylabel in ((ax_train, "training loss (EMA 0.9)", "cross-entropy (nats)"),
+                              (ax_val, "validation loss", "cross-entropy (nats)"),
+                              (ax_diff, f"training loss minus {ref_name}'s (EMA 0.9)", "difference (nats)")):
         ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats)")
-        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=11)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=9)
     m = comparison.meta
-    fig.suptitle(f"mixprec compare: {m.get('model', '')}, task {m.get('task', '')}, {m.get('device', '')}", fontsize=10)
+    fig.suptitle(f"mixprec compare: {m.get('model', '')} ({m.get('parameters', 0):,} parameters), "
+                 f"{m.get('steps', '')} steps, task {m.get('task', '')}; {m.get('device', '')}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
