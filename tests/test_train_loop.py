@@ -116,6 +116,32 @@ def test_background_checkpoint_holds_the_state_at_save_time(tmp_path, monkeypatc
     assert load_checkpoint(tmp_path)["step"] == 5
 
 
+def test_snapshot_copies_a_tied_weight_once():
+    weight = torch.randn(8, 4)
+    copy_ = checkpoint.snapshot({"model": {"tok_emb.weight": weight, "lm_head.weight": weight}, "step": 3})
+    tied = copy_["model"]
+    assert tied["tok_emb.weight"] is tied["lm_head.weight"] and tied["tok_emb.weight"] is not weight
+    assert torch.equal(tied["tok_emb.weight"], weight) and copy_["step"] == 3
+
+
+@pytest.mark.cuda
+def test_background_checkpoint_of_cuda_state_uses_pinned_buffers(tmp_path):
+    writer = checkpoint.CheckpointWriter(tmp_path)
+    weight = torch.randn(256, 256, device="cuda")
+    for step in (1, 2):
+        expected = weight.cpu()
+        writer.save({"step": step, "model": {"w": weight}})
+        buffer = writer._pinned[("model", "w")]
+        assert buffer.is_pinned()
+        if step == 1:
+            first_buffer = buffer
+        weight.mul_(-1.0)             # the next optimizer step, on the GPU stream
+        writer.wait()
+        state = load_checkpoint(tmp_path)
+        assert state["step"] == step and torch.equal(state["model"]["w"], expected)
+    assert buffer is first_buffer      # reused, not allocated again
+
+
 def test_small_grad_task_leaves_fp32_training_unchanged(tmp_path):
     """The loss factor (2**-14), Adam's eps and the clip threshold scale together by a power of 2: FP32
     runs the same trajectory bit for bit, so only the recipes' handling of small gradients differs."""

@@ -7,8 +7,8 @@ moved over the old one with os.replace, which is atomic on POSIX and Windows: a 
 checkpoint or the new one, never half of one.
 
 During training, CheckpointWriter writes in a background thread: the loop waits only for a copy of
-the state in CPU memory (a 150M-parameter GPT's 1.8 GB checkpoint took 2.75 s to write on the lent
-H200's disk, 14 % of 500 steps, had the loop waited for it).
+the state in CPU memory. On the lent H200, a 150M-parameter GPT's 1.8 GB checkpoint took 2.75 s to
+write (14 % of 500 steps, had the loop waited for it); the copy alone, pageable, took 1.03 s.
 """
 from __future__ import annotations
 
@@ -79,16 +79,38 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def snapshot(obj: Any) -> Any:
+def snapshot(obj: Any, pinned: dict[tuple, torch.Tensor] | None = None) -> Any:
     """A copy of `obj` whose tensors are new CPU tensors (dicts, lists and tuples copied too), so that
-    training may go on changing the originals in place while the copy is written."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v) for v in obj)
-    return obj
+    training may go on changing the originals in place while the copy is written.
+
+    A tensor that appears twice (a weight tied to another) is copied once, as torch.save would store
+    it once. With `pinned` (a dict kept between calls), CUDA tensors are copied into page-locked
+    buffers kept there and reused: pageable device-to-host copies ran at ~1.8 GB/s on the lent H200,
+    pinned ones run at the link's speed. The caller must synchronize before reading the copy.
+    """
+    copies: dict[int, torch.Tensor] = {}
+
+    def copy(value: Any, key: tuple) -> Any:
+        if isinstance(value, torch.Tensor):
+            if id(value) not in copies:
+                copies[id(value)] = _to_host(value.detach(), pinned, key)
+            return copies[id(value)]
+        if isinstance(value, dict):
+            return {k: copy(v, key + (k,)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy(v, key + (i,)) for i, v in enumerate(value))
+        return value
+
+    return copy(obj, ())
+
+
+def _to_host(tensor: torch.Tensor, pinned: dict[tuple, torch.Tensor] | None, key: tuple) -> torch.Tensor:
+    if pinned is None or tensor.device.type != "cuda":
+        return tensor.to("cpu", copy=True)
+    buffer = pinned.get(key)
+    if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+        buffer = pinned[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return buffer.copy_(tensor, non_blocking=True)
 
 
 class CheckpointWriter:
@@ -99,19 +121,24 @@ class CheckpointWriter:
         wait():       return once the last write is on disk; re-raise its error, if it had one
 
     The thread is not a daemon: a process that exits mid-write finishes the write first, so the
-    checkpoint on disk is always a whole one. `snapshot_seconds` and `write_seconds` time the last save.
+    checkpoint on disk is always a whole one. CUDA tensors are copied into page-locked buffers that
+    the writer keeps for the next save (host memory the size of the checkpoint, held for the run).
+    `snapshot_seconds` and `write_seconds` time the last save.
     """
 
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._pinned: dict[tuple, torch.Tensor] = {}
         self.snapshot_seconds = self.write_seconds = 0.0
 
     def save(self, state: dict[str, Any]) -> Path:
-        self.wait()
+        self.wait()  # the previous write has read the pinned buffers: they may be refilled
         start = time.perf_counter()
-        copy = snapshot(state)
+        copy = snapshot(state, self._pinned)
+        if self._pinned:
+            torch.cuda.synchronize()  # the non-blocking copies into pinned buffers have landed
         self.snapshot_seconds = time.perf_counter() - start
         self._thread = threading.Thread(target=self._write, args=(copy,), name="mixprec-checkpoint")
         self._thread.start()

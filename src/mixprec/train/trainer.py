@@ -204,11 +204,17 @@ class Trainer:
                     self.on_step(self.step)
                 last = self.step == cfg.steps
                 if self.step % cfg.log_every == 0 or last or self._interrupted:
-                    self._end_window(window, time.perf_counter() - window_start, bar)
+                    self._end_window(window, window_start, bar)
                     window, window_start = [], time.perf_counter()
                 bar.update(1)
-                paused = time.perf_counter()  # validation and checkpoints are not training time
-                if self.step % cfg.eval_every == 0 or last:
+                validate = self.step % cfg.eval_every == 0 or last
+                checkpoint_now = bool(cfg.ckpt_every) and self.step % cfg.ckpt_every == 0 and not last
+                if not (validate or checkpoint_now or self._interrupted):
+                    continue
+                # validation and checkpoints are not training time; the steps still queued on the GPU are
+                self._synchronize()
+                paused = time.perf_counter()
+                if validate:
                     self._record_validation(bar)
                 if self._interrupted:
                     path = self.save()
@@ -218,7 +224,7 @@ class Trainer:
                         print(f"Interrupted at step {self.step}: checkpoint saved to {path}; continue with: "
                               f"mixprec train --resume {self.out}", flush=True)
                     raise KeyboardInterrupt
-                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not last:
+                if checkpoint_now:
                     self.save()
                 window_start += time.perf_counter() - paused
             self.save()
@@ -230,8 +236,13 @@ class Trainer:
                 self.metrics.close()
         return self._summary(time.perf_counter() - start)
 
-    def _end_window(self, window: list[torch.Tensor], seconds: float, bar) -> None:
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _end_window(self, window: list[torch.Tensor], window_start: float, bar) -> None:
         losses = torch.stack(window).float().cpu().tolist()  # the one host sync per log window
+        seconds = time.perf_counter() - window_start  # after the sync: the GPU's queued steps count too
         self.train_losses.extend(losses)
         items = len(window) * self.cfg.batch_size * (self.data.seq_len if self.item_name == "tokens" else 1)
         self._windows.append((items, seconds))
