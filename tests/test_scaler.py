@@ -450,6 +450,8 @@ def test_bad_types_raise_type_error():
         LossScaler().scale(3.0)
     with pytest.raises(TypeError, match="scale"):
         LossScaler().scale([torch.randn(()), "loss"])
+    with pytest.raises(TypeError, match="floating-point losses; got a torch.int64"):
+        LossScaler().scale(torch.tensor(3))
     with pytest.raises(TypeError, match="Policy"):
         LossScaler.for_policy("fp16-mixed")
 

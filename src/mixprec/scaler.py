@@ -176,6 +176,8 @@ class LossScaler:
 
         def apply(value):
             if isinstance(value, torch.Tensor):
+                if not value.is_floating_point():
+                    raise TypeError(f"scale() takes floating-point losses; got a {value.dtype} tensor")
                 if value.device not in per_device:
                     per_device[value.device] = self._scale.to(value.device, non_blocking=True)
                 return value * per_device[value.device]
