@@ -105,7 +105,8 @@ class PrecisionMode(TorchFunctionMode):
         if not torch.is_autocast_enabled(device_type):
             return func(*args, **kwargs)
         emulate = self.emulate_cpu and device_type == "cpu"
-        if func is F.cross_entropy and device_type == "cuda" and head_loss.ENABLED:
+        if (func is F.cross_entropy and device_type == "cuda" and rule is not None
+                and rule.precision is Precision.FP32 and head_loss.ENABLED):  # the loss in FP32, fused
             fused = head_loss.fused_cross_entropy(*args, **kwargs)
             if fused is not None:
                 return fused
