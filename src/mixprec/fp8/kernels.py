@@ -9,13 +9,18 @@ row-major) with their scales, so the backward needs no transpose pass:
                         128x128 tile gives 128 row amaxes and 128 column amaxes
     quantize_128x128_t  per 128x128 block; x^T's scales are the transpose of x's
     quantize_tensor_t   tensorwise: an amax reduction (atomic max) then one cast pass
+    quantize_rowwise_t  per row of x and per row of x^T (a column of x): one pass reduces each tile to
+                        its row and column amaxes (atomic max into an R- and a K-vector), then one cast
+                        pass writes both code layouts. A row's scale needs the whole row and a column's
+                        the whole column, so no single tile sees either: two reads, as tensorwise.
 
 Arithmetic is that of mixprec.fp8.quantize (correctly rounded divisions, RNE casts, saturation), so
 codes and scales equal the PyTorch path bit for bit (tests/test_fp8_cuda.py). The entry points are
 torch.library custom ops, so torch.compile keeps them as opaque calls.
 
 Scales come back in the layouts torch._scaled_mm reads: 1x128 scales outer-dim-major (a contiguous
-(K/128, R) buffer viewed as (R, K/128)), 128x128 scales contiguous (R/128, K/128).
+(K/128, R) buffer viewed as (R, K/128)), 128x128 scales contiguous (R/128, K/128), rowwise scales
+contiguous (R, 1) for x and (K, 1) for x^T.
 """
 from __future__ import annotations
 
@@ -33,6 +38,9 @@ _TILE_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
 # Tensorwise kernels have no tile the scale depends on: rectangles trade registers for parallelism.
 _FREE_CONFIGS = [triton.Config({"BR": br, "BK": bk}, num_warps=w)
                  for br, bk in ((128, 128), (64, 128), (128, 64), (64, 64)) for w in (4, 8)]
+# The rowwise amax pass does one atomic per row per tile: wider tiles along K mean fewer of them.
+_ROW_AMAX_CONFIGS = _FREE_CONFIGS + [triton.Config({"BR": br, "BK": bk}, num_warps=w)
+                                     for br, bk in ((32, 256), (16, 512)) for w in (4, 8)]
 
 
 def _tl_dtype(fmt: str):
@@ -157,6 +165,42 @@ def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K,
         tl.store(s_ptr, s)
 
 
+@triton.autotune(configs=_ROW_AMAX_CONFIGS, key=["R", "K"])
+@triton.jit
+def _row_col_amax_kernel(x_ptr, row_amax_ptr, col_amax_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    a = tl.abs(tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32))
+    # |x| >= 0 and max is exact: the order in which tiles arrive does not change the result
+    tl.atomic_max(row_amax_ptr + rows, tl.max(a, axis=1), mask=rows < R)
+    tl.atomic_max(col_amax_ptr + cols, tl.max(a, axis=0), mask=cols < K)
+
+
+@triton.autotune(configs=_FREE_CONFIGS, key=["R", "K"])
+@triton.jit
+def _cast_rowwise_t_kernel(x_ptr, row_amax_ptr, col_amax_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
+                           FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
+                           OUT: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                           MAGIC: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_r * BR + tl.arange(0, BR)
+    cols = pid_k * BK + tl.arange(0, BK)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    row_s = _scale(tl.load(row_amax_ptr + rows, mask=rows < R, other=0.0), FMAX, POW2, EPS)   # x along K
+    col_s = _scale(tl.load(col_amax_ptr + cols, mask=cols < K, other=0.0), FMAX, POW2, EPS)   # x^T along R
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], _codes(x, row_s[:, None], FMAX, OUT, M, MIN_NORMAL, MAGIC),
+             mask=mask)
+    qt = tl.trans(_codes(x, col_s[None, :], FMAX, OUT, M, MIN_NORMAL, MAGIC))
+    tl.store(qt_ptr + cols[:, None] * R + rows[None, :], qt, mask=tl.trans(mask))
+    if pid_k == 0:      # each scale written once: by the first tile of its row (column)
+        tl.store(s_ptr + rows, row_s, mask=rows < R)
+    if pid_r == 0:
+        tl.store(st_ptr + cols, col_s, mask=cols < K)
+
+
 def _grid(r: int, k: int) -> tuple[int, int]:
     return triton.cdiv(r, _BLOCK), triton.cdiv(k, _BLOCK)
 
@@ -254,6 +298,47 @@ def _(x, amax, fmt, power_of_2):
     return x.new_empty((r, k), dtype=dt), x.new_empty((k, r), dtype=dt), x.new_empty((), dtype=torch.float32)
 
 
+@torch.library.custom_op("mixprec::fp8_row_col_amax", mutates_args=())
+def _row_col_amax_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(x)
+    x = x.contiguous()   # a unit inner stride the compiler knows: 16-byte loads
+    r, k = x.shape
+    row_amax = torch.zeros(r, dtype=torch.float32, device=x.device)    # 0: the identity of max over |x|
+    col_amax = torch.zeros(k, dtype=torch.float32, device=x.device)
+    _row_col_amax_kernel[_free_grid(r, k)](x, row_amax, col_amax, r, k)
+    return row_amax, col_amax
+
+
+@_row_col_amax_op.register_fake
+def _(x):
+    return x.new_empty((x.shape[0],), dtype=torch.float32), x.new_empty((x.shape[1],), dtype=torch.float32)
+
+
+@torch.library.custom_op("mixprec::fp8_cast_rowwise_t", mutates_args=())
+def _cast_rowwise_t_op(x: torch.Tensor, row_amax: torch.Tensor, col_amax: torch.Tensor, fmt: str,
+                       power_of_2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(x)
+    x = x.contiguous()   # a unit inner stride the compiler knows: 16-byte loads
+    r, k = x.shape
+    f = get_fp8_format(fmt)
+    q = torch.empty((r, k), dtype=f.torch_dtype, device=x.device)
+    qt = torch.empty((k, r), dtype=f.torch_dtype, device=x.device)
+    s = torch.empty((r, 1), dtype=torch.float32, device=x.device)
+    st = torch.empty((k, 1), dtype=torch.float32, device=x.device)
+    _cast_rowwise_t_kernel[_free_grid(r, k)](x, row_amax.float().contiguous(), col_amax.float().contiguous(),
+                                             q, s, qt, st, r, k, FMAX=f.max, POW2=power_of_2, EPS=AMAX_EPS,
+                                             OUT=_tl_dtype(fmt), **_grid_constants(f))
+    return q, s, qt, st
+
+
+@_cast_rowwise_t_op.register_fake
+def _(x, row_amax, col_amax, fmt, power_of_2):
+    r, k = x.shape
+    dt = _torch_dtype(fmt)
+    return (x.new_empty((r, k), dtype=dt), x.new_empty((r, 1), dtype=torch.float32),
+            x.new_empty((k, r), dtype=dt), x.new_empty((k, 1), dtype=torch.float32))
+
+
 QuantPair = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -281,3 +366,20 @@ def quantize_tensor_t(x: torch.Tensor, fmt: str, *, power_of_2: bool = False,
         amax = _amax_op(x)
     q, qt, s = _cast_t_op(x, amax, fmt, power_of_2)
     return (q, s), (qt, s)
+
+
+def row_col_amax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max |x| of each row (R,), max |x| of each column (K,)) in FP32, in one pass over x."""
+    return _row_col_amax_op(x)
+
+
+def quantize_rowwise_t(x: torch.Tensor, fmt: str, *, power_of_2: bool = False,
+                       amax: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantPair:
+    """((q, s), (qT, sT)): x per row (s: (R, 1)) and x^T per row, i.e. x per column (sT: (K, 1)).
+
+    amax: (row amaxes (R,), column amaxes (K,)) to scale from, e.g. row_col_amax(x) computed earlier;
+    None: x's own.
+    """
+    row_amax, col_amax = _row_col_amax_op(x) if amax is None else amax
+    q, s, qt, st = _cast_rowwise_t_op(x, row_amax, col_amax, fmt, power_of_2)
+    return (q, s), (qt, st)

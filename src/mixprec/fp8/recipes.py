@@ -2,7 +2,8 @@
 
 Every tensor of a linear layer is a GEMM operand twice, along each of its dimensions (see gemm.py):
 x along K (forward) and along M (weight gradient), W along K and along N (input gradient), dy along
-N and along M. `quantize_pair` returns both operands of one tensor, in one pass on the triton backend.
+N and along M. `quantize_pair` returns both operands of one tensor; on the triton backend one kernel
+writes both (after an amax pass for tensorwise and rowwise scales).
 
     recipe      x, W format   dy format   x, dy granularity   W granularity   scales
     blockwise   E4M3          E4M3        1x128 tiles         128x128 blocks  current      (DeepSeek-V3)
@@ -41,12 +42,16 @@ def quantize_pair(x: torch.Tensor, fmt: str, granularity: str, *, backend: str, 
     if history is not None:
         current = _tensor_amax(x, backend)
         used_amax = delayed_amax(history, current)
-    if backend == "triton" and granularity != "rowwise" and block_size == 128:
+    # the Triton kernels' tiles are 128 wide; block_size means nothing to tensorwise and rowwise scales
+    triton_kernel = granularity in ("tensorwise", "rowwise") or block_size == 128
+    if backend == "triton" and triton_kernel and not (granularity == "rowwise" and history is not None):
         from mixprec.fp8 import kernels
         if granularity == "1x128":
             (q, s), (qt, st) = kernels.quantize_1x128_t(x, fmt, power_of_2=power_of_2)
         elif granularity == "128x128":
             (q, s), (qt, st) = kernels.quantize_128x128_t(x, fmt, power_of_2=power_of_2)
+        elif granularity == "rowwise":
+            (q, s), (qt, st) = kernels.quantize_rowwise_t(x, fmt, power_of_2=power_of_2)
         else:
             (q, s), (qt, st) = kernels.quantize_tensor_t(x, fmt, power_of_2=power_of_2, amax=used_amax)
     else:

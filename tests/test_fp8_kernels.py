@@ -1,0 +1,87 @@
+"""The Triton FP8 quantization kernels (mixprec.fp8.kernels) against the PyTorch path, in Triton's interpreter.
+
+Where triton is installed without a GPU, TRITON_INTERPRET=1 runs the kernels on CPU tensors with numpy
+(slow: small shapes). Codes and scales must equal quantize_pair(backend="emulate") bit for bit, for both
+operands (x and x^T) of every granularity. On a GPU, tests/test_fp8_cuda.py checks the compiled kernels.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+GRANULARITIES = ("rowwise", "tensorwise", "1x128", "128x128")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead")
+def test_kernels_equal_pytorch_in_triton_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")     # read when triton is imported: a fresh process
+    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("all equal"), out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    """Partial tiles on both dimensions, outlier and tiny columns (saturation-free extremes, subnormal
+    codes, signed zeros), an all-zero row and column (the amax floor), BF16 and column-major inputs."""
+    torch.manual_seed(0)
+    x = torch.randn(150, 200) * torch.exp(torch.randn(150, 200))
+    x[:, 3] *= 1e4
+    x[:, 7] *= 1e-6
+    x[5] = 0.0
+    x[:, 11] = 0.0
+    x[9, 13] = -0.0
+    return {"fp32": x, "bf16": x.bfloat16(), "column_major": x.t().contiguous().t()}
+
+
+def _fuse_interpreter_fma() -> None:
+    """Make the interpreter's tl.fma fused, as the GPU's is.
+
+    Triton 3.6's interpreter computes fma as x * y + z in FP32, rounding the product; the kernels
+    take the exact remainder x - r * s of a division from it (its sign picks the round-to-odd step), so
+    an unfused fma turns some exact FP8 ties into wrong codes. float64 holds the product of two FP32
+    values exactly, and the one rounding left (the sum's, then to FP32) keeps the remainder's sign.
+    """
+    import numpy as np
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    def fused_fma(self, x, y, z):
+        exact = x.data.astype(np.float64) * y.data.astype(np.float64) + z.data.astype(np.float64)
+        return TensorHandle(exact.astype(z.data.dtype), z.dtype.scalar)
+
+    InterpreterBuilder.create_fma = fused_fma
+
+
+def _interpreter_main() -> None:
+    """Run in a subprocess with TRITON_INTERPRET=1 (see the test above)."""
+    import triton
+
+    from mixprec.fp8 import kernels
+    from mixprec.fp8.recipes import quantize_pair
+
+    kernels._check = lambda x: None       # the interpreter runs on CPU tensors
+    _fuse_interpreter_fma()
+    for name in dir(kernels):             # no GPU to autotune on: the smallest tile, so grids have many tiles
+        kernel = getattr(kernels, name)
+        if isinstance(kernel, triton.runtime.Autotuner):
+            kernel.configs = [min(kernel.configs, key=lambda c: c.kwargs.get("BR", 0) * c.kwargs.get("BK", 0))]
+    problems = []
+    for granularity in GRANULARITIES:
+        for fmt in ("fp8_e4m3", "fp8_e5m2"):
+            for power_of_2 in (False, True):
+                for label, x in _inputs().items():
+                    case = f"{granularity} {fmt} pow2={power_of_2} {label}"
+                    got = quantize_pair(x, fmt, granularity, backend="triton", power_of_2=power_of_2)
+                    ref = quantize_pair(x, fmt, granularity, backend="emulate", power_of_2=power_of_2)
+                    for which, g, r in zip(("x", "x^T"), got, ref):
+                        if g.q.shape != r.q.shape or not torch.equal(g.q.view(torch.uint8), r.q.view(torch.uint8)):
+                            problems.append(f"{case}: codes of {which} differ")
+                        if g.scale.shape != r.scale.shape or not torch.equal(g.scale, r.scale):
+                            problems.append(f"{case}: scales of {which} differ")
+    print("\n".join(problems) if problems else "all equal")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(__file__))
+    _interpreter_main()
