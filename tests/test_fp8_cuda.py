@@ -33,10 +33,11 @@ def test_auto_picks_triton_eager_and_cublas_compiled_on_hopper():
     assert resolve_backend("auto", "cuda", compiling=False) == "triton"
     assert resolve_backend("auto", "cuda", recipe="tensorwise", compiling=True) == "cublas"
     assert resolve_backend("auto", "cuda", recipe="blockwise", compiling=True) == "triton"
+    assert resolve_backend("auto", "cuda", recipe="rowwise", compiling=False) == "triton"   # its own kernel
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
-@pytest.mark.parametrize("granularity", ["1x128", "128x128", "tensorwise"])
+@pytest.mark.parametrize("granularity", ["1x128", "128x128", "tensorwise", "rowwise"])
 @pytest.mark.parametrize("layout", ["transposed", "odd_bf16_pow2"])
 def test_triton_quantization_equals_pytorch_bit_for_bit(fmt, granularity, layout):
     odd = layout == "odd_bf16_pow2"
@@ -45,6 +46,8 @@ def test_triton_quantization_equals_pytorch_bit_for_bit(fmt, granularity, layout
     x = torch.randn(r, k, device="cuda") * torch.exp(torch.randn(r, k, device="cuda"))
     x[:, 3] *= 1e4
     x[:, 7] *= 1e-6                                       # subnormal codes, signed zeros
+    x[5] = 0.0                                            # an all-zero row and column: the amax floor
+    x[:, 11] = 0.0
     if odd:
         x = x.bfloat16()
     else:

@@ -62,10 +62,13 @@ def _interpreter_main() -> None:
 
     kernels._check = lambda x: None       # the interpreter runs on CPU tensors
     _fuse_interpreter_fma()
+    launches = {}
     for name in dir(kernels):             # no GPU to autotune on: the smallest tile, so grids have many tiles
         kernel = getattr(kernels, name)
         if isinstance(kernel, triton.runtime.Autotuner):
             kernel.configs = [min(kernel.configs, key=lambda c: c.kwargs.get("BR", 0) * c.kwargs.get("BK", 0))]
+            launches[name] = 0
+            kernel.run = _counted(kernel.run, launches, name)
     problems = []
     for granularity in GRANULARITIES:
         for fmt in ("fp8_e4m3", "fp8_e5m2"):
@@ -79,7 +82,16 @@ def _interpreter_main() -> None:
                             problems.append(f"{case}: codes of {which} differ")
                         if g.scale.shape != r.scale.shape or not torch.equal(g.scale, r.scale):
                             problems.append(f"{case}: scales of {which} differ")
+    # every kernel ran: quantize_pair did not fall back to the PyTorch path it is compared with
+    problems += [f"{name} never launched" for name, n in launches.items() if n == 0]
     print("\n".join(problems) if problems else "all equal")
+
+
+def _counted(run, launches: dict, name: str):
+    def counted_run(*args, **kwargs):
+        launches[name] += 1
+        return run(*args, **kwargs)
+    return counted_run
 
 
 if __name__ == "__main__":
