@@ -92,10 +92,22 @@ def run_quantize(args) -> list[dict]:
              2 * e + 2 * e),
             ("tensorwise amax + cast (online)", lambda: kernels.quantize_tensor_t(x, "fp8_e4m3"), 2 * e + 2 * e + 2 * e),
         ]
+        try:
+            row_col = kernels.row_col_amax(x)
+        except Exception as err:    # reported as a row; the kernels above still run
+            rows.append(dict(kernel="rowwise row+column amax pass, bf16 in", note=failure(err)))
+        else:
+            cases += [
+                ("rowwise row+column amax pass, bf16 in", lambda: kernels.row_col_amax(x), 2 * e),
+                ("rowwise cast + transposed codes, pow2", lambda: kernels.quantize_rowwise_t(
+                    x, "fp8_e4m3", power_of_2=True, amax=row_col), 2 * e + 2 * e),
+                ("rowwise amax + cast (online), pow2",
+                 lambda: kernels.quantize_rowwise_t(x, "fp8_e4m3", power_of_2=True), 2 * e + 2 * e + 2 * e),
+            ]
     else:   # the PyTorch path the kernels replace: exercises this function's code on a CPU
         cases = [(f"{g} pair (emulate)", lambda g=g: quantize_pair(x, "fp8_e4m3", g, backend="emulate",
                                                                     power_of_2=False), 4 * e)
-                 for g in ("1x128", "128x128", "tensorwise")]
+                 for g in ("1x128", "128x128", "tensorwise", "rowwise")]
     for name, fn, nbytes in cases:
         try:
             ms = time_ms(fn, dev)

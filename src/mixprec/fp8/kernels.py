@@ -38,9 +38,9 @@ _TILE_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
 # Tensorwise kernels have no tile the scale depends on: rectangles trade registers for parallelism.
 _FREE_CONFIGS = [triton.Config({"BR": br, "BK": bk}, num_warps=w)
                  for br, bk in ((128, 128), (64, 128), (128, 64), (64, 64)) for w in (4, 8)]
-# The rowwise amax pass does one atomic per row per tile: wider tiles along K mean fewer of them.
-_ROW_AMAX_CONFIGS = _FREE_CONFIGS + [triton.Config({"BR": br, "BK": bk}, num_warps=w)
-                                     for br, bk in ((32, 256), (16, 512)) for w in (4, 8)]
+# The rowwise amax pass does one atomic per row per tile: tiles wider along K mean fewer of them.
+_ROW_AMAX_CONFIGS = [triton.Config({"BR": br, "BK": bk}, num_warps=w)
+                     for br, bk in ((128, 128), (64, 128), (32, 256), (16, 512)) for w in (4, 8)]
 
 
 def _tl_dtype(fmt: str):
@@ -66,17 +66,23 @@ def _scale(amax, FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr):
 
 
 @triton.jit
-def _codes(x, s, FMAX: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
-           MAGIC: tl.constexpr):
-    # x / s rounded to odd (as quantize.odd_quotient; the FMA gives the division's exact remainder),
-    # then saturated and rounded to nearest even: one correct rounding of the exact quotient
-    r = tl.div_rn(x, s)
-    remainder = tl.fma(-r, s, x)
-    bits = r.to(tl.int32, bitcast=True)
-    inexact_even = (remainder != 0) & ((bits & 1) == 0) & (r != 0)
-    away_from_zero = (remainder > 0) == (r > 0)
-    bits = tl.where(inexact_even, tl.where(away_from_zero, bits + 1, bits - 1), bits)
-    v = tl.minimum(tl.maximum(bits.to(tl.float32, bitcast=True), -FMAX), FMAX)
+def _codes(x, s, FMAX: tl.constexpr, POW2: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
+           MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr):
+    if POW2:
+        # s = 2**k: x * 2**-k is the exact quotient, correctly rounded where it underflows FP32 (far
+        # below FP8's smallest subnormal: such codes are 0 either way), so it is the division's result
+        # and the one rounding left is to FP8; a multiply instead of a division and its remainder
+        r = x * tl.div_rn(1.0, s)
+    else:
+        # x / s rounded to odd (as quantize.odd_quotient; the FMA gives the division's exact remainder),
+        # then saturated and rounded to nearest even: one correct rounding of the exact quotient
+        r = tl.div_rn(x, s)
+        remainder = tl.fma(-r, s, x)
+        bits = r.to(tl.int32, bitcast=True)
+        inexact_even = (remainder != 0) & ((bits & 1) == 0) & (r != 0)
+        away_from_zero = (remainder > 0) == (r > 0)
+        r = tl.where(inexact_even, tl.where(away_from_zero, bits + 1, bits - 1), bits).to(tl.float32, bitcast=True)
+    v = tl.minimum(tl.maximum(r, -FMAX), FMAX)
     return _round_to_grid(v, M, MIN_NORMAL, MAGIC).to(OUT)    # on the grid already: the cast is exact
 
 
@@ -109,9 +115,10 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
     a = tl.abs(x)
     row_s = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)      # x along K: one scale per row of the tile
     col_s = _scale(tl.max(a, axis=0), FMAX, POW2, EPS)      # x^T along R: one scale per column
-    tl.store(q_ptr + rows[:, None] * K + cols[None, :], _codes(x, row_s[:, None], FMAX, OUT, M, MIN_NORMAL, MAGIC), mask=mask)
+    q = _codes(x, row_s[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)           # (K/B, R) buffer: outer-dim-major
-    qt = tl.trans(_codes(x, col_s[None, :], FMAX, OUT, M, MIN_NORMAL, MAGIC))
+    qt = tl.trans(_codes(x, col_s[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC))
     tl.store(qt_ptr + cols[:, None] * R + rows[None, :], qt, mask=tl.trans(mask))
     tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)          # (R/B, K) buffer
 
@@ -129,7 +136,7 @@ def _quantize_128x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, NK,
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS)
-    q = _codes(x, s, FMAX, OUT, M, MIN_NORMAL, MAGIC)
+    q = _codes(x, s, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     tl.store(qt_ptr + cols[:, None] * R + rows[None, :], tl.trans(q), mask=tl.trans(mask))
     tl.store(s_ptr + pid_r * NK + pid_k, s)
@@ -158,7 +165,7 @@ def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K,
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
-    q = _codes(x, s, FMAX, OUT, M, MIN_NORMAL, MAGIC)
+    q = _codes(x, s, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     tl.store(qt_ptr + cols[:, None] * R + rows[None, :], tl.trans(q), mask=tl.trans(mask))
     if (pid_r == 0) & (pid_k == 0):
@@ -191,9 +198,9 @@ def _cast_rowwise_t_kernel(x_ptr, row_amax_ptr, col_amax_ptr, q_ptr, s_ptr, qt_p
     x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     row_s = _scale(tl.load(row_amax_ptr + rows, mask=rows < R, other=0.0), FMAX, POW2, EPS)   # x along K
     col_s = _scale(tl.load(col_amax_ptr + cols, mask=cols < K, other=0.0), FMAX, POW2, EPS)   # x^T along R
-    tl.store(q_ptr + rows[:, None] * K + cols[None, :], _codes(x, row_s[:, None], FMAX, OUT, M, MIN_NORMAL, MAGIC),
-             mask=mask)
-    qt = tl.trans(_codes(x, col_s[None, :], FMAX, OUT, M, MIN_NORMAL, MAGIC))
+    q = _codes(x, row_s[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
+    qt = tl.trans(_codes(x, col_s[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC))
     tl.store(qt_ptr + cols[:, None] * R + rows[None, :], qt, mask=tl.trans(mask))
     if pid_k == 0:      # each scale written once: by the first tile of its row (column)
         tl.store(s_ptr + rows, row_s, mask=rows < R)
