@@ -44,7 +44,7 @@ has tests && { grep -E "passed|failed|error" "$OUT/cuda_tests.log" | tail -3 | t
 tail -n 2 /tmp/warm_*.log >> "$LOG" 2>/dev/null
 say "phase B: timed benchmarks"
 
-has quantize && timeout 40 python3 benchmarks/bench_fp8.py quantize $EXTRA --json "$OUT/quantize.json" 2>&1 | grep -v Warning >> "$LOG"
+has quantize && timeout 60 python3 benchmarks/bench_fp8.py quantize $EXTRA --json "$OUT/quantize.json" 2>&1 | grep -v Warning >> "$LOG"
 say "quantize done"
 has linear && timeout 90 python3 benchmarks/bench_fp8.py linear $EXTRA --json "$OUT/linear.json" 2>&1 | grep -v Warning >> "$LOG"
 say "linear done"

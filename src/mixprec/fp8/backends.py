@@ -5,7 +5,8 @@
     cublas   quantization in PyTorch ops (fused by torch.compile's inductor), GEMMs through
              torch._scaled_mm (cuBLASLt); needs CUDA compute capability 8.9+ (Ada, Hopper, newer).
     triton   GEMMs as cublas, quantization in Triton kernels that read each tensor once and write
-             the codes and their transpose together (the backward's layouts) in the same pass.
+             the codes and their transpose together (the backward's layouts) in the same pass
+             (tensorwise and rowwise scales need an amax pass over the tensor first).
     auto     on a GPU with FP8 tensor cores: triton in eager mode; under torch.compile, cublas for
              the tensorwise, rowwise and delayed recipes (inductor fuses their quantization into the
              neighbouring kernels, expected faster than the opaque Triton calls; not yet measured,
