@@ -14,9 +14,11 @@ row-major) with their scales, so the backward needs no transpose pass:
                         pass writes both code layouts. A row's scale needs the whole row and a column's
                         the whole column, so no single tile sees either: two reads, as tensorwise.
 
-Arithmetic is that of mixprec.fp8.quantize (correctly rounded divisions, RNE casts, saturation), so
-codes and scales equal the PyTorch path bit for bit (tests/test_fp8_cuda.py). The entry points are
-torch.library custom ops, so torch.compile keeps them as opaque calls.
+Arithmetic is that of mixprec.fp8.quantize (correctly rounded divisions, or multiplies by the exact
+reciprocal of power-of-2 scales; round-to-odd quotients, RNE casts, saturation), so codes and scales
+equal the PyTorch path bit for bit (tests/test_fp8_cuda.py on a GPU, tests/test_fp8_kernels.py in
+Triton's interpreter). The entry points are torch.library custom ops, so torch.compile keeps them
+as opaque calls.
 
 Scales come back in the layouts torch._scaled_mm reads: 1x128 scales outer-dim-major (a contiguous
 (K/128, R) buffer viewed as (R, K/128)), 128x128 scales contiguous (R/128, K/128), rowwise scales
@@ -69,9 +71,9 @@ def _scale(amax, FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr):
 def _codes(x, s, FMAX: tl.constexpr, POW2: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
            MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr):
     if POW2:
-        # s = 2**k: x * 2**-k is the exact quotient, correctly rounded where it underflows FP32 (far
-        # below FP8's smallest subnormal: such codes are 0 either way), so it is the division's result
-        # and the one rounding left is to FP8; a multiply instead of a division and its remainder
+        # s = 2**k: x * 2**-k (an exact reciprocal) is x / s correctly rounded, as the division would
+        # give; it is exact unless it underflows FP32, far below FP8's smallest subnormal (code 0 either
+        # way), so the rounding to FP8 is the only one and no round-to-odd remainder is needed
         r = x * tl.div_rn(1.0, s)
     else:
         # x / s rounded to odd (as quantize.odd_quotient; the FMA gives the division's exact remainder),
