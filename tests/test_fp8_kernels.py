@@ -2,7 +2,9 @@
 
 Where triton is installed without a GPU, TRITON_INTERPRET=1 runs the kernels on CPU tensors with numpy
 (slow: small shapes). Codes and scales must equal quantize_pair(backend="emulate") bit for bit, for both
-operands (x and x^T) of every granularity. On a GPU, tests/test_fp8_cuda.py checks the compiled kernels.
+operands (x and x^T) of every granularity, and each op's fake implementation (what torch.compile traces)
+must agree with it. On a GPU, tests/test_fp8_cuda.py checks the compiled kernels. Without triton in the
+environment this test is skipped; to run it, put an unpacked triton on PYTHONPATH.
 """
 import os
 import subprocess
@@ -82,6 +84,19 @@ def _interpreter_main() -> None:
                             problems.append(f"{case}: codes of {which} differ")
                         if g.scale.shape != r.scale.shape or not torch.equal(g.scale, r.scale):
                             problems.append(f"{case}: scales of {which} differ")
+    # the fake (meta) implementations torch.compile traces with agree with the ops in shapes and dtypes
+    x = _inputs()["fp32"]
+    row_col = kernels.row_col_amax(x)
+    for op, args in ((kernels._quantize_1x128_t_op, (x, "fp8_e4m3", False)),
+                     (kernels._quantize_128x128_t_op, (x, "fp8_e4m3", False)),
+                     (kernels._amax_op, (x,)),
+                     (kernels._cast_t_op, (x, kernels.tensor_amax(x), "fp8_e5m2", False)),
+                     (kernels._row_col_amax_op, (x,)),
+                     (kernels._cast_rowwise_t_op, (x, *row_col, "fp8_e4m3", True))):
+        try:
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        except Exception as err:
+            problems.append(f"{op}: {type(err).__name__}: {err}")
     # every kernel ran: quantize_pair did not fall back to the PyTorch path it is compared with
     problems += [f"{name} never launched" for name, n in launches.items() if n == 0]
     print("\n".join(problems) if problems else "all equal")
