@@ -23,6 +23,7 @@ python3 -c 'import torch, triton, torchao; print("torch", torch.__version__, "cu
 say "phase A: tests and warm-up in parallel"
 
 LINEAR_COMPILED=bf16:compiled,mixprec-tensorwise:compiled,mixprec-rowwise:compiled,mixprec-blockwise:compiled,torchao-tensorwise:compiled,torchao-rowwise:compiled
+LINEAR_EAGER_FP8=mixprec-tensorwise:eager,mixprec-rowwise:eager,mixprec-blockwise:eager
 GPT_VARIANTS="bf16 mixprec-tensorwise mixprec-blockwise torchao-tensorwise torchao-rowwise"
 pids=()
 if has tests; then
@@ -37,6 +38,9 @@ if has gpt; then   # one layer: the same block graph as the 4-layer model, a qua
 fi
 if has linear; then
   timeout 130 python3 benchmarks/bench_fp8.py linear --warm-only --variants "$LINEAR_COMPILED" $EXTRA > /tmp/warm_linear.log 2>&1 &
+  pids+=($!)
+  # eager FP8 variants: fills Triton's on-disk cache with each autotune config of the quantize kernels
+  timeout 130 python3 benchmarks/bench_fp8.py linear --warm-only --variants "$LINEAR_EAGER_FP8" $EXTRA > /tmp/warm_linear_eager.log 2>&1 &
   pids+=($!)
 fi
 for p in "${pids[@]}"; do wait "$p"; done
