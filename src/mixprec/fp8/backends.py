@@ -50,8 +50,8 @@ def fp8_gemm_supported(device: torch.device | str) -> bool:
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda" and _cuda_capability(device.index) != (0, 0):
-        major, minor = _cuda_capability(device.index)
+    major, minor = _cuda_capability(device.index) if device.type == "cuda" else (0, 0)
+    if (major, minor) != (0, 0):
         return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
     return str(device)
 

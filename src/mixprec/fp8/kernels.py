@@ -102,6 +102,22 @@ def _round_to_grid(v, M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.const
     return tl.where(tl.abs(v) < MIN_NORMAL, sub, normal)
 
 
+@triton.jit
+def _load_tile(x_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
+    """This program's (BR, BK) tile of the row-major (R, K) tensor x, in FP32 (zero outside x)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return rows, cols, mask, x
+
+
+@triton.jit
+def _store_transposed(qt_ptr, qt, rows, cols, mask, R):
+    """A tile's codes of x^T (already transposed: (BK, BR)) into the row-major (K, R) codes of x^T."""
+    tl.store(qt_ptr + cols[:, None] * R + rows[None, :], qt, mask=tl.trans(mask))
+
+
 @triton.autotune(configs=_TILE_CONFIGS, key=["R", "K"])
 @triton.jit
 def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
@@ -110,10 +126,7 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
                              MAGIC: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_r * B + tl.arange(0, B)
-    cols = pid_k * B + tl.arange(0, B)
-    mask = (rows[:, None] < R) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask, x = _load_tile(x_ptr, R, K, B, B)
     a = tl.abs(x)
     row_s = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)      # x along K: one scale per row of the tile
     col_s = _scale(tl.max(a, axis=0), FMAX, POW2, EPS)      # x^T along R: one scale per column
@@ -121,7 +134,7 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)           # (K/B, R) buffer: outer-dim-major
     qt = tl.trans(_codes(x, col_s[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC))
-    tl.store(qt_ptr + cols[:, None] * R + rows[None, :], qt, mask=tl.trans(mask))
+    _store_transposed(qt_ptr, qt, rows, cols, mask, R)
     tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)          # (R/B, K) buffer
 
 
@@ -130,27 +143,21 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
 def _quantize_128x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, NK,
                                FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                                OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
-                             MAGIC: tl.constexpr):
+                               MAGIC: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_r * B + tl.arange(0, B)
-    cols = pid_k * B + tl.arange(0, B)
-    mask = (rows[:, None] < R) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask, x = _load_tile(x_ptr, R, K, B, B)
     s = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS)
     q = _codes(x, s, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
-    tl.store(qt_ptr + cols[:, None] * R + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+    _store_transposed(qt_ptr, tl.trans(q), rows, cols, mask, R)
     tl.store(s_ptr + pid_r * NK + pid_k, s)
 
 
 @triton.autotune(configs=_FREE_CONFIGS, key=["R", "K"])
 @triton.jit
 def _amax_kernel(x_ptr, amax_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    mask = (rows[:, None] < R) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask, x = _load_tile(x_ptr, R, K, BR, BK)
     tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), axis=1), axis=0))   # |x| >= 0: float max is exact
 
 
@@ -162,14 +169,11 @@ def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K,
                    MAGIC: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_r * BR + tl.arange(0, BR)
-    cols = pid_k * BK + tl.arange(0, BK)
-    mask = (rows[:, None] < R) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask, x = _load_tile(x_ptr, R, K, BR, BK)
     s = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
     q = _codes(x, s, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
-    tl.store(qt_ptr + cols[:, None] * R + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+    _store_transposed(qt_ptr, tl.trans(q), rows, cols, mask, R)
     if (pid_r == 0) & (pid_k == 0):
         tl.store(s_ptr, s)
 
@@ -177,10 +181,8 @@ def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K,
 @triton.autotune(configs=_ROW_AMAX_CONFIGS, key=["R", "K"])
 @triton.jit
 def _row_col_amax_kernel(x_ptr, row_amax_ptr, col_amax_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    mask = (rows[:, None] < R) & (cols[None, :] < K)
-    a = tl.abs(tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32))
+    rows, cols, mask, x = _load_tile(x_ptr, R, K, BR, BK)
+    a = tl.abs(x)
     # |x| >= 0 and max is exact: the order in which tiles arrive does not change the result
     tl.atomic_max(row_amax_ptr + rows, tl.max(a, axis=1), mask=rows < R)
     tl.atomic_max(col_amax_ptr + cols, tl.max(a, axis=0), mask=cols < K)
@@ -194,16 +196,13 @@ def _cast_rowwise_t_kernel(x_ptr, row_amax_ptr, col_amax_ptr, q_ptr, s_ptr, qt_p
                            MAGIC: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_r * BR + tl.arange(0, BR)
-    cols = pid_k * BK + tl.arange(0, BK)
-    mask = (rows[:, None] < R) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask, x = _load_tile(x_ptr, R, K, BR, BK)
     row_s = _scale(tl.load(row_amax_ptr + rows, mask=rows < R, other=0.0), FMAX, POW2, EPS)   # x along K
     col_s = _scale(tl.load(col_amax_ptr + cols, mask=cols < K, other=0.0), FMAX, POW2, EPS)   # x^T along R
     q = _codes(x, row_s[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     qt = tl.trans(_codes(x, col_s[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC))
-    tl.store(qt_ptr + cols[:, None] * R + rows[None, :], qt, mask=tl.trans(mask))
+    _store_transposed(qt_ptr, qt, rows, cols, mask, R)
     if pid_k == 0:      # each scale written once: by the first tile of its row (column)
         tl.store(s_ptr + rows, row_s, mask=rows < R)
     if pid_r == 0:

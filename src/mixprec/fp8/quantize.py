@@ -162,14 +162,15 @@ def fp8_quotient(x: torch.Tensor, s: torch.Tensor, f: Format) -> torch.Tensor:
     Rounding the plain FP32 quotient r once more goes wrong only where r lies exactly on a tie of the
     FP8 grid; there, and only there, the round-to-odd quotient is needed. In eager mode only those
     few values (found as the r whose FP32 neighbours round to different FP8 values) take the float64
-    remainder, which keeps the CPU path fast; traced by torch.compile, a select over the whole tensor
-    fuses into one kernel instead (no data-dependent shapes).
+    remainder, which keeps the CPU path fast. On a GPU and under torch.compile a select over the whole
+    tensor runs instead: finding the few would need their count on the host (a sync in every training
+    step), and traced it fuses into one kernel (no data-dependent shapes).
     """
-    if torch.compiler.is_compiling():
-        r = x / s
-        return torch.where(_near_fp8_tie(r, f), odd_quotient(x, s), r)
     r = x / s
-    idx = _near_fp8_tie(r, f).nonzero(as_tuple=True)
+    near_tie = _near_fp8_tie(r, f)
+    if r.is_cuda or torch.compiler.is_compiling():
+        return torch.where(near_tie, odd_quotient(x, s), r)
+    idx = near_tie.nonzero(as_tuple=True)
     r[idx] = odd_quotient(x.expand_as(r)[idx], s.expand_as(r)[idx])
     return r
 
