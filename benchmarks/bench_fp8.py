@@ -143,6 +143,17 @@ def make_linear(kind: str, k: int, n: int, device: str) -> nn.Module:
     return layer
 
 
+def print_kernel_profile(title: str, fn, steps: int = 3) -> None:
+    """GPU kernels of `steps` calls of fn, by total time: shows where a variant's milliseconds go."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    print(f"kernel profile of {title}, {steps} steps:", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70), flush=True)
+
+
 def run_linear(args) -> list[dict]:
     dev, n = args.device, args.n
     m = k = n
@@ -183,6 +194,8 @@ def run_linear(args) -> list[dict]:
                    vs_bf16_same_mode=round(anchor[mode] / ms, 3) if mode in anchor else None, note=note)
         rows.append(row)
         print(row, flush=True)
+        if args.profile and dev == "cuda":
+            print_kernel_profile(f"{name} ({mode})", step)
     if not args.warm_only:
         print(table(rows, ["variant", "mode", "ms", "TFLOPs", "vs_bf16_eager", "vs_bf16_same_mode", "note"]), flush=True)
     return rows
@@ -301,6 +314,7 @@ def main() -> None:
     ap.add_argument("--variants", default="", help="comma-separated subset (gpt: bf16,mixprec-blockwise,...; "
                                                    "linear: kind:mode, e.g. mixprec-blockwise:eager)")
     ap.add_argument("--compile-backend", default="inductor")
+    ap.add_argument("--profile", action="store_true", help="linear: print each variant's GPU kernel times")
     ap.add_argument("--warm-only", action="store_true", help="fill the compile caches, time nothing")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
