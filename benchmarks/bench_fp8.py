@@ -127,16 +127,25 @@ def linear_variants(args) -> list[tuple[str, str, str]]:
     for mode in ("eager", "compiled"):
         out += [(f"mixprec {r}", f"mixprec-{r}", mode) for r in MIXPREC_RECIPES]
     out += [(f"torchao {r}", f"torchao-{r}", "compiled") for r in TORCHAO_RECIPES]   # meant to run compiled
-    if args.variants:
-        out = [v for v in out if f"{v[1]}:{v[2]}" in args.variants.split(",")]
+    if args.variants:   # also picks explicit backends: mixprec-tensorwise@cublas:compiled
+        wanted = args.variants.split(",")
+        out = [v for v in out if f"{v[1]}:{v[2]}" in wanted]
+        out += [(f"mixprec {w.split(':')[0].removeprefix('mixprec-')}", w.split(":")[0], w.split(":")[1])
+                for w in wanted if "@" in w]
     return out
+
+
+def mixprec_config(kind: str) -> Float8Config:
+    """'mixprec-<recipe>' or 'mixprec-<recipe>@<backend>' (e.g. mixprec-tensorwise@cublas) as a config."""
+    recipe, _, backend = kind.removeprefix("mixprec-").partition("@")
+    return Float8Config(recipe=recipe, backend=backend or "auto")
 
 
 def make_linear(kind: str, k: int, n: int, device: str) -> nn.Module:
     """A Linear with FP32 master weights (as in training), converted as `kind` says."""
     layer = nn.Sequential(nn.Linear(k, n, bias=False, device=device))
     if kind.startswith("mixprec-"):
-        convert(layer, Float8Config(recipe=kind.split("-")[1]), filter=lambda *_: True)
+        convert(layer, mixprec_config(kind), filter=lambda *_: True)
     elif kind.startswith("torchao-"):
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
         convert_to_float8_training(layer, config=Float8LinearConfig.from_recipe_name(kind.split("-")[1]))
@@ -187,7 +196,7 @@ def run_linear(args) -> list[dict]:
             continue
         if kind == "bf16":
             anchor[mode] = ms
-        note = backend_info("auto", dev, recipe=kind.split("-")[1]).splitlines()[mode == "compiled"].split(":")[0] \
+        note = backend_info(mixprec_config(kind).backend, dev).split(":")[0] \
             if kind.startswith("mixprec") else ""
         row = dict(variant=name, mode=mode, ms=round(ms, 3), TFLOPs=round(flop / ms / 1e9),
                    vs_bf16_eager=round(anchor["eager"] / ms, 3) if "eager" in anchor else None,
@@ -206,8 +215,10 @@ def gpt_variants(args) -> list[tuple[str, str]]:
     out = [("bf16 autocast", "bf16")]
     out += [(f"mixprec fp8-{r}", f"mixprec-{r}") for r in MIXPREC_RECIPES]
     out += [(f"torchao float8 {r}", f"torchao-{r}") for r in TORCHAO_RECIPES]
-    if args.variants:
-        out = [v for v in out if v[1] in args.variants.split(",")]
+    if args.variants:   # also picks explicit backends: mixprec-tensorwise@cublas
+        wanted = args.variants.split(",")
+        out = [v for v in out if v[1] in wanted]
+        out += [(f"mixprec fp8-{w.removeprefix('mixprec-')}", w) for w in wanted if "@" in w]
     return out
 
 
@@ -216,7 +227,7 @@ def make_gpt(kind: str, args) -> GPT:
                     d_model=args.d, attention="sdpa", head="separate")
     model = GPT(cfg).to(args.device)
     if kind.startswith("mixprec-"):   # default filter: the head (lm_head) stays BF16
-        convert(model, Float8Config(recipe=kind.split("-")[1]))
+        convert(model, mixprec_config(kind))
     elif kind.startswith("torchao-"):
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
         convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(kind.split("-")[1]),

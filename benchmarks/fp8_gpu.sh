@@ -22,9 +22,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 python3 -c 'import torch, triton, torchao; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "torchao", torchao.__version__)' >> "$LOG" 2>&1
 say "phase A: tests and warm-up in parallel"
 
-LINEAR_COMPILED=bf16:compiled,mixprec-tensorwise:compiled,mixprec-rowwise:compiled,mixprec-blockwise:compiled,torchao-tensorwise:compiled,torchao-rowwise:compiled
+LINEAR_COMPILED=bf16:compiled,mixprec-tensorwise:compiled,mixprec-rowwise:compiled,mixprec-blockwise:compiled,mixprec-tensorwise@cublas:compiled,torchao-tensorwise:compiled,torchao-rowwise:compiled
 LINEAR_EAGER_FP8=mixprec-tensorwise:eager,mixprec-rowwise:eager,mixprec-blockwise:eager
-GPT_VARIANTS="bf16 mixprec-tensorwise mixprec-blockwise torchao-tensorwise torchao-rowwise"
+GPT_VARIANTS="bf16 mixprec-tensorwise mixprec-blockwise mixprec-rowwise torchao-tensorwise torchao-rowwise"
 pids=()
 if has tests; then
   timeout 170 python3 -m pytest -q -p no:cacheprovider -n 4 -rf --timeout 100 tests/test_fp8_cuda.py > "$OUT/cuda_tests.log" 2>&1 &
@@ -50,9 +50,9 @@ say "phase B: timed benchmarks"
 
 has quantize && timeout 60 python3 benchmarks/bench_fp8.py quantize $EXTRA --json "$OUT/quantize.json" 2>&1 | grep -v Warning >> "$LOG"
 say "quantize done"
-has linear && timeout 90 python3 benchmarks/bench_fp8.py linear $EXTRA --json "$OUT/linear.json" 2>&1 | grep -v Warning >> "$LOG"
+has linear && timeout 120 python3 benchmarks/bench_fp8.py linear --variants "bf16:eager,$LINEAR_EAGER_FP8,$LINEAR_COMPILED" $EXTRA --json "$OUT/linear.json" 2>&1 | grep -v Warning >> "$LOG"
 say "linear done"
-has gpt && timeout 240 python3 benchmarks/bench_fp8.py gpt --variants "${GPT_VARIANTS// /,}" $EXTRA --json "$OUT/gpt.json" 2>&1 | grep -v Warning >> "$LOG"
+has gpt && timeout 250 python3 benchmarks/bench_fp8.py gpt --variants "${GPT_VARIANTS// /,}" $EXTRA --json "$OUT/gpt.json" 2>&1 | grep -v Warning >> "$LOG"
 say "gpt done"
 # the accuracy run last and alone (in phase A it shared the GPU and did not finish in 130 s)
 if has compare; then

@@ -40,13 +40,10 @@ def test_cpu_fast_backends_name_emulate():
 def test_auto_on_hopper_eager_and_compiled(fake_gpu, monkeypatch):
     fake_gpu((9, 0))
     monkeypatch.setattr(backends, "_TRITON", True)
-    assert resolve_backend("auto", "cuda", recipe="blockwise", compiling=False) == "triton"
-    assert resolve_backend("auto", "cuda", recipe="tensorwise", compiling=False) == "triton"
-    assert resolve_backend("auto", "cuda", recipe="tensorwise", compiling=True) == "cublas"
-    assert resolve_backend("auto", "cuda", recipe="blockwise", compiling=True) == "triton"
+    assert resolve_backend("auto", "cuda") == "triton"      # every recipe, eager and compiled
     assert "auto -> triton" in backend_info("auto", "cuda") and "Fake GPU" in backend_info("auto", "cuda")
     monkeypatch.setattr(backends, "_TRITON", False)          # CUDA without Triton: cuBLAS for everything
-    assert resolve_backend("auto", "cuda", compiling=False) == "cublas"
+    assert resolve_backend("auto", "cuda") == "cublas"
 
 
 def test_forward_queries_no_device_under_compile(monkeypatch):

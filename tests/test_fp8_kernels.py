@@ -41,9 +41,9 @@ def _fuse_interpreter_fma() -> None:
     """Make the interpreter's tl.fma fused, as the GPU's is.
 
     Triton 3.6's interpreter computes fma as x * y + z in FP32, rounding the product; the kernels
-    take the exact remainder x - r * s of a division from it (its sign picks the round-to-odd step), so
-    an unfused fma turns some exact FP8 ties into wrong codes. float64 holds the product of two FP32
-    values exactly, and the one rounding left (the sum's, then to FP32) keeps the remainder's sign.
+    take the exact error x * inv - p of a product from it (its sign picks the round-to-odd step), so
+    an unfused fma turns some FP8 ties into wrong codes. float64 holds the product of two FP32 values
+    exactly, and the one rounding left (the sum's, then to FP32) keeps the error's sign.
     """
     import numpy as np
     from triton.runtime.interpreter import InterpreterBuilder, TensorHandle

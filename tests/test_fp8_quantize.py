@@ -69,7 +69,8 @@ def check_exact(x: torch.Tensor, fmt: str, granularity: str, power_of_2: bool = 
     for idx, rows, cols in groups(tuple(x.shape), granularity):
         s = ref_scale(x64[rows, cols].abs().max().item(), fmt, power_of_2)
         assert scale[idx].item() == s, (granularity, idx)
-        expected_codes[rows, cols] = ref_round(x64[rows, cols] / s, fmt)
+        inv = float(torch.tensor(1.0 / s, dtype=torch.float64).float())    # FP32 reciprocal, rounded once
+        expected_codes[rows, cols] = ref_round(x64[rows, cols] * inv, fmt)
         n += 1
     assert scale.numel() == n
     assert torch.equal(q.double(), expected_codes)
@@ -172,24 +173,28 @@ def test_bad_arguments_name_the_choices():
 
 
 def tie_inputs(fmt: str, amax: torch.Tensor) -> torch.Tensor:
-    """Values x whose FP32 quotient x / (amax / max) lands exactly on a tie of the FP8 grid while the
-    exact quotient does not, and a plain divide-then-cast rounds them the wrong way."""
+    """Values x whose FP32 product x * inv (inv = 1 / (amax / max) in FP32) lands exactly on a tie of the
+    FP8 grid while the exact product does not, and a plain multiply-then-cast rounds them the wrong way."""
     f = get_format(fmt)
-    scale = (amax / f.max).item()
+    scale = (amax.double() / f.max).float().double().item()
+    inv = torch.tensor(1.0 / scale, dtype=torch.float64).float()
     m = f.mantissa_bits
     odd = torch.arange(2 ** (m + 1) + 1, 2 ** (m + 2), 2).double()
     ties = torch.cat([odd * 2.0 ** (e - m - 1) for e in range(f.min_exponent, 6)])   # midpoints of the grid
-    near = (ties * scale).float()
-    candidates = torch.cat([torch.nextafter(near, near * 2), near, torch.nextafter(near, near * 0)])
+    near = (ties / inv.double()).float()
+    steps = [near]
+    for _ in range(3):   # a few FP32 neighbours on each side: some of them multiply onto the tie
+        steps = [torch.nextafter(steps[0], steps[0] * 0)] + steps + [torch.nextafter(steps[-1], steps[-1] * 2)]
+    candidates = torch.cat(steps)
     candidates = candidates * (torch.randint(0, 2, candidates.shape) * 2 - 1)        # random signs
-    naive = ref_round((candidates / scale).double(), fmt)    # FP32 quotient, then rounded again
-    exact = ref_round(candidates.double() / scale, fmt)
+    naive = ref_round((candidates * inv).double(), fmt)      # FP32 product, then rounded again
+    exact = ref_round(candidates.double() * inv.double(), fmt)
     return candidates[naive != exact]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_fp32_quotients_on_fp8_ties_round_correctly(fmt):
-    for _ in range(100):   # a fresh random amax until its scale has such values (about one in two)
+def test_fp32_products_on_fp8_ties_round_correctly(fmt):
+    for _ in range(100):   # a fresh random amax until its scale has such values
         amax = (torch.empty(()).uniform_(1e3, 1e5) * get_format(fmt).max / 448).float()
         tricky = tie_inputs(fmt, amax)
         if tricky.numel() >= 5:

@@ -7,10 +7,10 @@
     triton   GEMMs as cublas, quantization in Triton kernels that read each tensor once and write
              the codes and their transpose together (the backward's layouts) in the same pass
              (tensorwise and rowwise scales need an amax pass over the tensor first).
-    auto     on a GPU with FP8 tensor cores: triton in eager mode; under torch.compile, cublas for
-             the tensorwise, rowwise and delayed recipes (inductor fuses their quantization into the
-             neighbouring kernels, expected faster than the opaque Triton calls; not yet measured,
-             see benchmarks/results/fp8.md) and triton for blockwise; emulate elsewhere.
+    auto     on a GPU with FP8 tensor cores: triton (cublas where Triton is missing), in eager mode
+             and under torch.compile alike, so a compiled model quantizes exactly as the eager one
+             (the kernels are custom ops that inductor calls as they are; benchmarks/results/fp8.md
+             compares them with inductor's own fusion of the cublas path); emulate elsewhere.
 """
 from __future__ import annotations
 
@@ -56,11 +56,9 @@ def _device_name(device: torch.device) -> str:
     return str(device)
 
 
-def resolve_backend(backend: str, device: torch.device | str, *, recipe: str = "blockwise",
-                    compiling: bool | None = None, fp8_capable: bool | None = None) -> str:
+def resolve_backend(backend: str, device: torch.device | str, *, fp8_capable: bool | None = None) -> str:
     """The concrete backend ("emulate", "cublas" or "triton") that `backend` means on `device`.
 
-    recipe and compiling (default: whether torch.compile is tracing now) refine "auto" (see above).
     fp8_capable: whether `device` runs FP8 GEMMs, when the caller already knows (Float8Linear looks
     it up when its weight changes device, so that torch.compile traces no CUDA query); None: ask.
     Raises ValueError for an unknown name, and for cublas/triton where the device cannot run FP8
@@ -75,11 +73,7 @@ def resolve_backend(backend: str, device: torch.device | str, *, recipe: str = "
     if backend == "auto":
         if not capable:
             return "emulate"
-        if compiling is None:
-            compiling = torch.compiler.is_compiling()
-        if not triton_available() or (compiling and recipe != "blockwise"):
-            return "cublas"
-        return "triton"
+        return "triton" if triton_available() else "cublas"
     if not capable:
         raise ValueError(f"FP8 backend {backend!r} needs a CUDA GPU of compute capability 8.9+ for FP8 GEMMs, "
                          f"but the tensors are on {_device_name(device)}; use backend='emulate' "
@@ -89,16 +83,12 @@ def resolve_backend(backend: str, device: torch.device | str, *, recipe: str = "
     return backend
 
 
-def backend_info(backend: str = "auto", device: torch.device | str | None = None, *,
-                 recipe: str = "blockwise") -> str:
+def backend_info(backend: str = "auto", device: torch.device | str | None = None) -> str:
     """Which backend `backend` resolves to on `device` (default: the current CUDA device or the CPU),
-    eager and under torch.compile, and what it does, e.g. for mp.explain."""
+    and what it does, e.g. for mp.explain."""
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
-    lines = []
-    for mode, compiling in (("eager", False), ("torch.compile", True)):
-        chosen = resolve_backend(backend, device, recipe=recipe, compiling=compiling)
-        picked = f"{backend} -> {chosen}" if backend != chosen else chosen
-        lines.append(f"FP8 backend ({recipe}, {mode}) {picked} on {_device_name(device)}: {_DESCRIPTIONS[chosen]}")
-    return "\n".join(lines)
+    chosen = resolve_backend(backend, device)
+    picked = f"{backend} -> {chosen}" if backend != chosen else chosen
+    return f"FP8 backend {picked} on {_device_name(device)}: {_DESCRIPTIONS[chosen]}"

@@ -14,9 +14,9 @@ row-major) with their scales, so the backward needs no transpose pass:
                         pass writes both code layouts. A row's scale needs the whole row and a column's
                         the whole column, so no single tile sees either: two reads, as tensorwise.
 
-Arithmetic is that of mixprec.fp8.quantize (correctly rounded divisions, or multiplies by the exact
-reciprocal of power-of-2 scales; round-to-odd quotients, RNE casts, saturation), so codes and scales
-equal the PyTorch path bit for bit (tests/test_fp8_cuda.py on a GPU, tests/test_fp8_kernels.py in
+Arithmetic is that of mixprec.fp8.quantize (one correctly rounded reciprocal per group, then per
+value a multiply, an FMA for the product's exact error and a round-to-odd step, saturation and the
+RNE cast to FP8), so codes and scales equal the PyTorch path bit for bit (tests/test_fp8_cuda.py on a GPU, tests/test_fp8_kernels.py in
 Triton's interpreter). The entry points are torch.library custom ops, so torch.compile keeps them
 as opaque calls.
 
@@ -25,6 +25,8 @@ Scales come back in the layouts torch._scaled_mm reads: 1x128 scales outer-dim-m
 contiguous (R, 1) for x and (K, 1) for x^T.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -51,7 +53,12 @@ def _tl_dtype(fmt: str):
 
 def _grid_constants(f) -> dict:
     return dict(M=f.mantissa_bits, MIN_NORMAL=f.min_normal,
-                MAGIC=2.0 ** (f.min_exponent - f.mantissa_bits + 23))
+                MAGIC=2.0 ** (f.min_exponent - f.mantissa_bits + 23), HW_CAST=not _interpreting())
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1), read per launch."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _torch_dtype(fmt: str) -> torch.dtype:
@@ -60,39 +67,39 @@ def _torch_dtype(fmt: str) -> torch.dtype:
 
 @triton.jit
 def _scale(amax, FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr):
+    """(dequantization scale, its correctly rounded reciprocal) from a group's amax, as quantize.py."""
     s = tl.div_rn(tl.maximum(amax, EPS), FMAX)
     if POW2:  # round up to a power of two on the bits, as scale_from_amax does
         bits = s.to(tl.int32, bitcast=True)
         s = ((bits + 0x7FFFFF) & -0x800000).to(tl.float32, bitcast=True)
-    return s
+    return s, tl.div_rn(1.0, s)
 
 
 @triton.jit
-def _codes(x, s, FMAX: tl.constexpr, POW2: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
-           MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr):
-    if POW2:
-        # s = 2**k: x * 2**-k (an exact reciprocal) is x / s correctly rounded, as the division would
-        # give; it is exact unless it underflows FP32, far below FP8's smallest subnormal (code 0 either
-        # way), so the rounding to FP8 is the only one and no round-to-odd remainder is needed
-        r = x * tl.div_rn(1.0, s)
-    else:
-        # x / s rounded to odd (as quantize.odd_quotient; the FMA gives the division's exact remainder),
-        # then saturated and rounded to nearest even: one correct rounding of the exact quotient
-        r = tl.div_rn(x, s)
-        remainder = tl.fma(-r, s, x)
-        bits = r.to(tl.int32, bitcast=True)
-        inexact_even = (remainder != 0) & ((bits & 1) == 0) & (r != 0)
-        away_from_zero = (remainder > 0) == (r > 0)
-        r = tl.where(inexact_even, tl.where(away_from_zero, bits + 1, bits - 1), bits).to(tl.float32, bitcast=True)
-    v = tl.minimum(tl.maximum(r, -FMAX), FMAX)
+def _codes(x, inv, FMAX: tl.constexpr, POW2: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
+           MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr):
+    p = x * inv
+    if not POW2:
+        # x * inv rounded to odd (as quantize.odd_product): the FMA gives the product's exact error,
+        # whose sign says which neighbour of an inexact even p the exact product lies towards. With
+        # power-of-2 scales the product is exact (down to far below FP8's smallest subnormal).
+        error = tl.fma(x, inv, -p)
+        bits = p.to(tl.int32, bitcast=True)
+        inexact_even = (error != 0) & ((bits & 1) == 0) & (p != 0)
+        away_from_zero = (error > 0) == (p > 0)
+        p = tl.where(inexact_even, tl.where(away_from_zero, bits + 1, bits - 1), bits).to(tl.float32, bitcast=True)
+    v = tl.minimum(tl.maximum(p, -FMAX), FMAX)
+    if HW_CAST:     # the GPU's FP32 -> FP8 conversion rounds to nearest even
+        return v.to(OUT)
     return _round_to_grid(v, M, MIN_NORMAL, MAGIC).to(OUT)    # on the grid already: the cast is exact
 
 
 @triton.jit
 def _round_to_grid(v, M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr):
-    # Round-to-nearest-even onto the FP8 grid in FP32 arithmetic (as mixprec.formats.round_to), so the
-    # result does not depend on how the cast rounds. Normal range: RNE on the bits below the M kept
-    # mantissa bits. Subnormal range: adding MAGIC = 2**(emin - M + 23) rounds |v| to the fixed quantum.
+    # Round-to-nearest-even onto the FP8 grid in FP32 arithmetic (as mixprec.formats.round_to), for
+    # Triton's CPU interpreter, whose FP8 cast does not round as the GPU's does. Normal range: RNE on
+    # the bits below the M kept mantissa bits. Subnormal range: adding MAGIC = 2**(emin - M + 23)
+    # rounds |v| to the fixed quantum.
     SHIFT: tl.constexpr = 23 - M
     bits = v.to(tl.int32, bitcast=True)
     lsb = (bits >> SHIFT) & 1
@@ -123,17 +130,17 @@ def _store_transposed(qt_ptr, qt, rows, cols, mask, R):
 def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
                              FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                              OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
-                             MAGIC: tl.constexpr):
+                             MAGIC: tl.constexpr, HW_CAST: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows, cols, mask, x = _load_tile(x_ptr, R, K, B, B)
     a = tl.abs(x)
-    row_s = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)      # x along K: one scale per row of the tile
-    col_s = _scale(tl.max(a, axis=0), FMAX, POW2, EPS)      # x^T along R: one scale per column
-    q = _codes(x, row_s[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC)
+    row_s, row_inv = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)   # x along K: one scale per row of the tile
+    col_s, col_inv = _scale(tl.max(a, axis=0), FMAX, POW2, EPS)   # x^T along R: one scale per column
+    q = _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)           # (K/B, R) buffer: outer-dim-major
-    qt = tl.trans(_codes(x, col_s[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC))
+    qt = tl.trans(_codes(x, col_inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST))
     _store_transposed(qt_ptr, qt, rows, cols, mask, R)
     tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)          # (R/B, K) buffer
 
@@ -143,12 +150,12 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
 def _quantize_128x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, NK,
                                FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                                OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
-                               MAGIC: tl.constexpr):
+                               MAGIC: tl.constexpr, HW_CAST: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows, cols, mask, x = _load_tile(x_ptr, R, K, B, B)
-    s = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS)
-    q = _codes(x, s, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC)
+    s, inv = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS)
+    q = _codes(x, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     _store_transposed(qt_ptr, tl.trans(q), rows, cols, mask, R)
     tl.store(s_ptr + pid_r * NK + pid_k, s)
@@ -166,12 +173,12 @@ def _amax_kernel(x_ptr, amax_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
 def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K,
                    FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                    OUT: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
-                   MAGIC: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+                   MAGIC: tl.constexpr, HW_CAST: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows, cols, mask, x = _load_tile(x_ptr, R, K, BR, BK)
-    s = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
-    q = _codes(x, s, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC)
+    s, inv = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
+    q = _codes(x, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     _store_transposed(qt_ptr, tl.trans(q), rows, cols, mask, R)
     if (pid_r == 0) & (pid_k == 0):
@@ -193,15 +200,15 @@ def _row_col_amax_kernel(x_ptr, row_amax_ptr, col_amax_ptr, R, K, BR: tl.constex
 def _cast_rowwise_t_kernel(x_ptr, row_amax_ptr, col_amax_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
                            FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                            OUT: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
-                           MAGIC: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+                           MAGIC: tl.constexpr, HW_CAST: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows, cols, mask, x = _load_tile(x_ptr, R, K, BR, BK)
-    row_s = _scale(tl.load(row_amax_ptr + rows, mask=rows < R, other=0.0), FMAX, POW2, EPS)   # x along K
-    col_s = _scale(tl.load(col_amax_ptr + cols, mask=cols < K, other=0.0), FMAX, POW2, EPS)   # x^T along R
-    q = _codes(x, row_s[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC)
+    row_s, row_inv = _scale(tl.load(row_amax_ptr + rows, mask=rows < R, other=0.0), FMAX, POW2, EPS)  # along K
+    col_s, col_inv = _scale(tl.load(col_amax_ptr + cols, mask=cols < K, other=0.0), FMAX, POW2, EPS)  # along R
+    q = _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
-    qt = tl.trans(_codes(x, col_s[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC))
+    qt = tl.trans(_codes(x, col_inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST))
     _store_transposed(qt_ptr, qt, rows, cols, mask, R)
     if pid_k == 0:      # each scale written once: by the first tile of its row (column)
         tl.store(s_ptr + rows, row_s, mask=rows < R)

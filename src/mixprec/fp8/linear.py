@@ -122,7 +122,7 @@ class Float8Linear(nn.Linear):
         else:
             out_dtype = x.dtype
         capable = self._fp8_capable if x.device == self.weight.device else None
-        backend = resolve_backend(cfg.backend, x.device, recipe=cfg.recipe, fp8_capable=capable)
+        backend = resolve_backend(cfg.backend, x.device, fp8_capable=capable)
         delayed = cfg.recipe == "delayed"
         return _Float8LinearFunction.apply(
             x, self.weight, self.bias, cfg.recipe, cfg.forward_format, cfg.backward_format,

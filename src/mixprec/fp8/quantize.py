@@ -4,17 +4,24 @@ Convention: scales are *dequantization* scales in FP32, so x ~= q * scale (the c
 torch._scaled_mm). For a group of values G (the whole tensor, a row, a 1x128 tile, a 128x128 block):
 
     amax  = max(|x| for x in G), at least AMAX_EPS
-    scale = amax / fmt.max                       (FP32 division, correctly rounded)
+    scale = amax / fmt.max                       (correctly rounded to FP32)
     scale = 2 ** ceil(log2(scale))               (power_of_2 only: exact scaling, never overflows)
-    q     = saturate(x / scale) rounded to fmt   (FP32 division, then round-to-nearest-even)
+    inv   = 1 / scale                            (correctly rounded to FP32, once per group)
+    q     = saturate(x * inv) rounded to fmt     (the exact product, rounded once: nearest even)
 
-Exactness: scales and codes equal a float64 computation (tests/test_fp8_quantize.py). The scale's
-FP32 division of FP32 operands is correctly rounded (and float64 has over 2*24+2 bits, so rounding its
-quotient to FP32 gives the same). The codes' quotient x / scale is rounded twice, to FP32 and then to
-FP8, which can go wrong when the FP32 quotient lands exactly on a tie of the FP8 grid. So the FP32
-quotient is rounded to odd instead (when inexact and even, step one ulp towards the exact quotient,
-whose side the exact remainder x - r * scale tells): round-to-odd with 24 >= 4 + 2 bits followed by
-round-to-nearest-even is one correct rounding.
+Quantizing multiplies by the group's reciprocal, as fast FP8 kernels do (one multiply per value; a
+division per value costs more than the memory traffic it hides). With power-of-2 scales inv is exact
+and q is the correctly rounded x / scale; otherwise x * inv differs from x / scale by at most 2**-24
+relative, a code of difference only where x / scale lies that close to a rounding boundary of FP8.
+
+Exactness: scales and codes equal a float64 computation (tests/test_fp8_quantize.py). Scale and
+reciprocal are computed in float64 and rounded once to FP32: a quotient of FP32 values rounded to
+float64 then FP32 is the correctly rounded one (float64 has over 2*24+2 bits), and no compiler
+rewrites a float64 division into an approximate one. The product x * inv is exact in float64 (48
+bits) but rounds twice in FP32 (to FP32, then to FP8), which goes wrong where the FP32 product lands
+exactly on a tie of the FP8 grid. So the FP32 product is rounded to odd instead (when inexact and even,
+step one ulp towards the exact product, whose side the exact error x * inv - p tells): round-to-odd
+with 24 >= 4 + 2 bits followed by round-to-nearest-even is one correct rounding.
 
 Scale shapes, for x of shape (..., K) (colwise and 128x128 take 2-D x of shape (R, K)); b = block_size:
 
@@ -90,14 +97,19 @@ def scale_from_amax(amax: torch.Tensor, fmt: str | torch.dtype | Format, *, powe
     into the exponent unless the mantissa is already zero, and masking the mantissa leaves 2**ceil(log2).
     """
     f = get_fp8_format(fmt)
-    amax = amax.float()
-    # divide by a tensor: CUDA turns division by a Python scalar into a multiplication by its
-    # reciprocal, which is not the correctly rounded quotient
-    scale = amax.clamp(min=AMAX_EPS) / torch.full((), f.max, dtype=torch.float32, device=amax.device)
+    # in float64, rounded once: correctly rounded on every device and under torch.compile (which may
+    # turn an FP32 division into an approximate one or a multiplication by a reciprocal)
+    scale = (amax.float().clamp(min=AMAX_EPS).double() / f.max).float()
     if power_of_2:
         bits = scale.view(torch.int32)
         scale = ((bits + 0x7FFFFF) & -0x800000).view(torch.float32)
     return scale
+
+
+def reciprocal_scale(scale: torch.Tensor) -> torch.Tensor:
+    """1 / scale correctly rounded to FP32 (through float64, see the module docstring); the multiplier
+    that quantization applies. Exact for power-of-2 scales."""
+    return (1.0 / scale.double()).float()
 
 
 def expand_scale(scale: torch.Tensor, shape: torch.Size | tuple[int, ...], *, block_size: int = 128) -> torch.Tensor:
@@ -137,42 +149,42 @@ def quantize(x: torch.Tensor, fmt: str | torch.dtype | Format = "fp8_e4m3", gran
         raise TypeError(f"quantize needs a floating-point tensor, got {x.dtype}")
     current = group_amax(x, granularity, block_size=block_size) if amax is None else amax
     scale = scale_from_amax(current, f, power_of_2=power_of_2)
-    q = cast_to(_divide(x.float(), scale, granularity, block_size, f), f, saturate=True)
+    q = cast_to(_multiply(x.float(), reciprocal_scale(scale), granularity, block_size, f), f, saturate=True)
     return q, scale
 
 
-def odd_quotient(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x / s in FP32 rounded to odd (see the module docstring); x and s FP32, s > 0, broadcastable.
+def odd_product(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """x * inv in FP32 rounded to odd (see the module docstring); x and inv FP32, broadcastable.
 
-    The remainder x - r * s is exact in float64 (r * s has 48 bits, and the difference is under an
-    FP32 ulp of x), so its sign says on which side of r the exact quotient lies.
+    The error x * inv - p is exact in float64 (the product has 48 bits), so its sign says on which
+    side of the FP32 product p the exact one lies.
     """
-    r = x / s
-    remainder = x.double() - r.double() * s.double()
-    bits = r.view(torch.int32)
-    # +1 (one ulp away from zero) when the exact quotient lies further out than r, -1 when nearer;
-    # 0 when r is exact (remainder 0), is zero, or is already odd
-    step = (torch.sign(remainder) * torch.sign(r)).to(torch.int32) * (1 - (bits & 1))
+    p = x * inv
+    error = x.double() * inv.double() - p.double()
+    bits = p.view(torch.int32)
+    # +1 (one ulp away from zero) when the exact product lies further out than p, -1 when nearer;
+    # 0 when p is exact (error 0), is zero, or is already odd
+    step = (torch.sign(error) * torch.sign(p)).to(torch.int32) * (1 - (bits & 1))
     return (bits + step).view(torch.float32)
 
 
-def fp8_quotient(x: torch.Tensor, s: torch.Tensor, f: Format) -> torch.Tensor:
-    """An FP32 quotient x / s whose round-to-nearest-even to FP8 `f` is the correct rounding of the exact one.
+def fp8_product(x: torch.Tensor, inv: torch.Tensor, f: Format) -> torch.Tensor:
+    """An FP32 product x * inv whose round-to-nearest-even to FP8 `f` is the correct rounding of the exact one.
 
-    Rounding the plain FP32 quotient r once more goes wrong only where r lies exactly on a tie of the
-    FP8 grid; there, and only there, the round-to-odd quotient is needed. In eager mode only those
-    few values (found as the r whose FP32 neighbours round to different FP8 values) take the float64
-    remainder, which keeps the CPU path fast. On a GPU and under torch.compile a select over the whole
+    Rounding the plain FP32 product p once more goes wrong only where p lies exactly on a tie of the
+    FP8 grid; there, and only there, the round-to-odd product is needed. In eager mode only those few
+    values (found as the p whose FP32 neighbours round to different FP8 values) take the float64
+    error, which keeps the CPU path fast. On a GPU and under torch.compile a select over the whole
     tensor runs instead: finding the few would need their count on the host (a sync in every training
     step), and traced it fuses into one kernel (no data-dependent shapes).
     """
-    r = x / s
-    near_tie = _near_fp8_tie(r, f)
-    if r.is_cuda or torch.compiler.is_compiling():
-        return torch.where(near_tie, odd_quotient(x, s), r)
+    p = x * inv
+    near_tie = _near_fp8_tie(p, f)
+    if p.is_cuda or torch.compiler.is_compiling():
+        return torch.where(near_tie, odd_product(x, inv), p)
     idx = near_tie.nonzero(as_tuple=True)
-    r[idx] = odd_quotient(x.expand_as(r)[idx], s.expand_as(r)[idx])
-    return r
+    p[idx] = odd_product(x.expand_as(p)[idx], inv.expand_as(p)[idx])
+    return p
 
 
 def _near_fp8_tie(r: torch.Tensor, f: Format) -> torch.Tensor:
@@ -181,23 +193,23 @@ def _near_fp8_tie(r: torch.Tensor, f: Format) -> torch.Tensor:
     inf = torch.full((), float("inf"), device=r.device)
     up = torch.nextafter(r, inf).to(f.torch_dtype).view(torch.uint8)
     down = torch.nextafter(r, -inf).to(f.torch_dtype).view(torch.uint8)
-    return (up != down) & (r != 0)    # r = 0: +0 and -0 differ in bytes, and the exact quotient rounds to 0
+    return (up != down) & (r != 0)    # r = 0: +0 and -0 differ in bytes, and the exact product rounds to 0
 
 
-def _divide(x: torch.Tensor, scale: torch.Tensor, granularity: str, b: int, f: Format) -> torch.Tensor:
-    """x / scale (see fp8_quotient) with the scale broadcast over its group by reshaping x into tiles."""
+def _multiply(x: torch.Tensor, inv: torch.Tensor, granularity: str, b: int, f: Format) -> torch.Tensor:
+    """x * inv (see fp8_product) with the reciprocal broadcast over its group by reshaping x into tiles."""
     if granularity not in ("1x128", "128x128"):
-        return fp8_quotient(x, scale, f)
+        return fp8_product(x, inv, f)
     k = x.shape[-1]
     nk = _ceil_div(k, b)
     if granularity == "1x128":
         xp = F.pad(x, (0, nk * b - k)) if k % b else x
-        y = fp8_quotient(xp.reshape(*x.shape[:-1], nk, b), scale.unsqueeze(-1), f).reshape(*x.shape[:-1], nk * b)
+        y = fp8_product(xp.reshape(*x.shape[:-1], nk, b), inv.unsqueeze(-1), f).reshape(*x.shape[:-1], nk * b)
         return y[..., :k] if k % b else y
     r = x.shape[0]
     nr = _ceil_div(r, b)
     xp = F.pad(x, (0, nk * b - k, 0, nr * b - r)) if (k % b or r % b) else x
-    y = fp8_quotient(xp.reshape(nr, b, nk, b), scale[:, None, :, None], f).reshape(nr * b, nk * b)
+    y = fp8_product(xp.reshape(nr, b, nk, b), inv[:, None, :, None], f).reshape(nr * b, nk * b)
     return y[:r, :k] if (k % b or r % b) else y
 
 

@@ -101,6 +101,7 @@ class Trainer:
         self.train_losses: list[float] = []
         self.val_curve: list[tuple[int, float]] = []
         self._windows: list[tuple[int, float]] = []     # (items, seconds) per log window
+        self.validation_seconds = 0.0                    # wall time spent in validate() so far
         self._interrupted = False
         self._state_bytes = self._activation_bytes = 0
         if resume is not None:
@@ -264,7 +265,9 @@ class Trainer:
         return sum(n for n, _ in windows) / seconds if seconds else float("nan")
 
     def _record_validation(self, bar) -> None:
+        start = time.perf_counter()
         val = self.validate()
+        self.validation_seconds += time.perf_counter() - start
         self.val_curve.append((self.step, val))
         if self.metrics is not None:
             self.metrics.write({"step": self.step, "val_loss": val})
