@@ -237,6 +237,12 @@ def make_gpt(kind: str, args) -> GPT:
     return model
 
 
+def _first_nonfinite(losses: list[torch.Tensor]) -> int | None:
+    """The first step (1-based) whose loss is inf or NaN; None when all are finite."""
+    finite = torch.stack(losses).isfinite().tolist()
+    return None if all(finite) else finite.index(False) + 1
+
+
 def run_gpt(args) -> list[dict]:
     dev = args.device
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -263,8 +269,7 @@ def run_gpt(args) -> list[dict]:
                 return loss
 
             t0 = time.perf_counter()
-            for _ in range(2 if args.warm_only else 3):
-                train_step()
+            losses = [train_step().detach() for _ in range(2 if args.warm_only else 3)]
             if dev == "cuda":
                 torch.cuda.synchronize()
             warm_s = time.perf_counter() - t0
@@ -276,7 +281,7 @@ def run_gpt(args) -> list[dict]:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 for _ in range(args.steps):
-                    loss = train_step()
+                    losses.append(train_step().detach())    # read after the window: no sync inside
                 end.record()
                 torch.cuda.synchronize()
                 ms = start.elapsed_time(end) / args.steps
@@ -284,7 +289,7 @@ def run_gpt(args) -> list[dict]:
             else:
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
-                    loss = train_step()
+                    losses.append(train_step().detach())
                 ms = (time.perf_counter() - t0) * 1e3 / args.steps
                 peak = float("nan")
         except Exception as err:
@@ -298,7 +303,9 @@ def run_gpt(args) -> list[dict]:
         anchor = anchor or dict(tok_s=tok_s, peak=peak)
         row = dict(variant=name, fp8_linears=n_fp8, ms_per_step=round(ms, 2), tokens_per_s=round(tok_s),
                    vs_bf16=round(tok_s / anchor["tok_s"], 3), peak_GiB=round(peak, 2),
-                   peak_vs_bf16=round(peak / anchor["peak"], 3), loss=round(loss.item(), 4), warmup_s=round(warm_s, 1))
+                   peak_vs_bf16=round(peak / anchor["peak"], 3), first_loss=round(losses[0].item(), 4),
+                   loss=round(losses[-1].item(), 4), nonfinite_from_step=_first_nonfinite(losses),
+                   warmup_s=round(warm_s, 1))
         rows.append(row)
         print(row, flush=True)
         del model, opt
@@ -306,7 +313,7 @@ def run_gpt(args) -> list[dict]:
             torch.cuda.empty_cache()
     if not args.warm_only:
         print(table(rows, ["variant", "fp8_linears", "ms_per_step", "tokens_per_s", "vs_bf16", "peak_GiB",
-                           "peak_vs_bf16", "loss", "warmup_s", "note"]), flush=True)
+                           "peak_vs_bf16", "first_loss", "loss", "nonfinite_from_step", "warmup_s", "note"]), flush=True)
     return rows
 
 

@@ -42,6 +42,9 @@ _TILE_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
 # Tensorwise kernels have no tile the scale depends on: rectangles trade registers for parallelism.
 _FREE_CONFIGS = [triton.Config({"BR": br, "BK": bk}, num_warps=w)
                  for br, bk in ((128, 128), (64, 128), (128, 64), (64, 64)) for w in (4, 8)]
+# The tensorwise amax pass: STRIPS tiles per program, one atomic each.
+_AMAX_CONFIGS = [triton.Config({"BR": br, "BK": bk, "STRIPS": n}, num_warps=w)
+                 for br, bk in ((64, 128), (32, 256)) for n in (4, 16) for w in (4, 8)]
 # The rowwise amax pass does one atomic per row per tile: tiles wider along K mean fewer of them.
 _ROW_AMAX_CONFIGS = [triton.Config({"BR": br, "BK": bk}, num_warps=w)
                      for br, bk in ((128, 128), (64, 128), (32, 256), (16, 512)) for w in (4, 8)]
@@ -161,11 +164,19 @@ def _quantize_128x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, NK,
     tl.store(s_ptr + pid_r * NK + pid_k, s)
 
 
-@triton.autotune(configs=_FREE_CONFIGS, key=["R", "K"])
+@triton.autotune(configs=_AMAX_CONFIGS, key=["R", "K"])
 @triton.jit
-def _amax_kernel(x_ptr, amax_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
-    rows, cols, mask, x = _load_tile(x_ptr, R, K, BR, BK)
-    tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), axis=1), axis=0))   # |x| >= 0: float max is exact
+def _amax_kernel(x_ptr, amax_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr, STRIPS: tl.constexpr):
+    # Each program reduces STRIPS tiles down its column of tiles, then makes one atomic: atomics on one
+    # address serialise, and one per 128x128 tile (4096 for 8192^2) cost as much as the loads.
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    m = tl.zeros((BR, BK), dtype=tl.float32)
+    for i in range(STRIPS):
+        rows = (tl.program_id(0) * STRIPS + i) * BR + tl.arange(0, BR)
+        mask = (rows[:, None] < R) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        m = tl.maximum(m, tl.abs(x))
+    tl.atomic_max(amax_ptr, tl.max(tl.max(m, axis=1), axis=0))   # |x| >= 0: float max is exact
 
 
 @triton.autotune(configs=_FREE_CONFIGS, key=["R", "K"])
@@ -282,7 +293,8 @@ def _amax_op(x: torch.Tensor) -> torch.Tensor:
     _check(x)
     x = x.contiguous()   # a unit inner stride the compiler knows: 16-byte loads
     out = torch.zeros((), dtype=torch.float32, device=x.device)
-    _amax_kernel[_free_grid(*x.shape)](x, out, x.shape[0], x.shape[1])
+    r, k = x.shape
+    _amax_kernel[lambda meta: (triton.cdiv(r, meta["BR"] * meta["STRIPS"]), triton.cdiv(k, meta["BK"]))](x, out, r, k)
     return out
 
 
