@@ -54,9 +54,16 @@ def _tl_dtype(fmt: str):
     return tl.float8e4nv if get_fp8_format(fmt).name == "fp8_e4m3" else tl.float8e5
 
 
-def _grid_constants(f) -> dict:
+def _grid_constants(f, *, hw_cast: bool = True) -> dict:
+    """Constants of the FP8 format's grid; HW_CAST: cast with the GPU's FP32 -> FP8 conversion.
+
+    The kernels that store one code tile twice (as it is and transposed: 128x128, tensorwise) round
+    onto the grid in FP32 first (hw_cast=False). With the hardware cast, Triton 3.6 on the H200 wrote
+    wrong transposed codes for FP32 inputs with non-power-of-2 scales (tests/test_fp8_cuda.py found it);
+    the kernels that transpose a second code tile (1x128, rowwise) were bit-exact with it.
+    """
     return dict(M=f.mantissa_bits, MIN_NORMAL=f.min_normal,
-                MAGIC=2.0 ** (f.min_exponent - f.mantissa_bits + 23), HW_CAST=not _interpreting())
+                MAGIC=2.0 ** (f.min_exponent - f.mantissa_bits + 23), HW_CAST=hw_cast and not _interpreting())
 
 
 def _interpreting() -> bool:
@@ -99,9 +106,9 @@ def _codes(x, inv, FMAX: tl.constexpr, POW2: tl.constexpr, OUT: tl.constexpr, M:
 
 @triton.jit
 def _round_to_grid(v, M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr):
-    # Round-to-nearest-even onto the FP8 grid in FP32 arithmetic (as mixprec.formats.round_to), for
-    # Triton's CPU interpreter, whose FP8 cast does not round as the GPU's does. Normal range: RNE on
-    # the bits below the M kept mantissa bits. Subnormal range: adding MAGIC = 2**(emin - M + 23)
+    # Round-to-nearest-even onto the FP8 grid in FP32 arithmetic (as mixprec.formats.round_to), where
+    # the hardware cast is not used (see _grid_constants; Triton's CPU interpreter, whose FP8 cast does
+    # not round as the GPU's does). Normal range: RNE on the bits below the M kept mantissa bits. Subnormal range: adding MAGIC = 2**(emin - M + 23)
     # rounds |v| to the fixed quantum.
     SHIFT: tl.constexpr = 23 - M
     bits = v.to(tl.int32, bitcast=True)
@@ -275,8 +282,8 @@ def _quantize_128x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple
     qt = torch.empty((k, r), dtype=f.torch_dtype, device=x.device)
     nr, nk = _grid(r, k)
     s = torch.empty((nr, nk), dtype=torch.float32, device=x.device)
-    _quantize_128x128_t_kernel[(nr, nk)](x, q, s, qt, r, k, nk, FMAX=f.max,
-                                         POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK, **_grid_constants(f))
+    _quantize_128x128_t_kernel[(nr, nk)](x, q, s, qt, r, k, nk, FMAX=f.max, POW2=power_of_2, EPS=AMAX_EPS,
+                                         OUT=_tl_dtype(fmt), B=_BLOCK, **_grid_constants(f, hw_cast=False))
     return q, s, qt
 
 
@@ -314,7 +321,8 @@ def _cast_t_op(x: torch.Tensor, amax: torch.Tensor, fmt: str, power_of_2: bool) 
     qt = torch.empty((k, r), dtype=f.torch_dtype, device=x.device)
     s = torch.empty((), dtype=torch.float32, device=x.device)
     _cast_t_kernel[_free_grid(r, k)](x, amax.float().reshape(()), q, qt, s, r, k, FMAX=f.max,
-                                     POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), **_grid_constants(f))
+                                     POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt),
+                                     **_grid_constants(f, hw_cast=False))
     return q, qt, s
 
 
