@@ -237,6 +237,29 @@ def make_gpt(kind: str, args) -> GPT:
     return model
 
 
+def memory_breakdown(model: nn.Module, x: torch.Tensor) -> dict:
+    """Where one training step's memory goes (GiB, after the timed steps): what stays between steps
+    (weights, gradients, optimizer state), what the forward leaves saved for the backward, and the
+    peaks inside the forward and inside the backward (gradients included), each above the steady state."""
+    gib = 2 ** 30
+    torch.cuda.synchronize()
+    steady = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(x)
+    loss = logits.float().square().mean()
+    torch.cuda.synchronize()
+    saved = torch.cuda.memory_allocated() - steady
+    forward_peak = torch.cuda.max_memory_allocated() - steady
+    torch.cuda.reset_peak_memory_stats()
+    loss.backward()
+    torch.cuda.synchronize()
+    backward_peak = torch.cuda.max_memory_allocated() - steady
+    model.zero_grad(set_to_none=True)
+    return dict(steady_GiB=round(steady / gib, 2), saved_for_backward_GiB=round(saved / gib, 2),
+                forward_peak_GiB=round(forward_peak / gib, 2), backward_peak_GiB=round(backward_peak / gib, 2))
+
+
 def _first_nonfinite(losses: list[torch.Tensor]) -> int | None:
     """The first step (1-based) whose loss is inf or NaN; None when all are finite."""
     finite = torch.stack(losses).isfinite().tolist()
@@ -286,12 +309,16 @@ def run_gpt(args) -> list[dict]:
                 torch.cuda.synchronize()
                 ms = start.elapsed_time(end) / args.steps
                 peak = torch.cuda.max_memory_allocated() / 2**30
+                try:     # a diagnosis: its failure must not cost the timing above
+                    memory = memory_breakdown(model, x)
+                except Exception as err:
+                    memory = dict(note=failure(err))
             else:
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
                     losses.append(train_step().detach())
                 ms = (time.perf_counter() - t0) * 1e3 / args.steps
-                peak = float("nan")
+                peak, memory = float("nan"), {}
         except Exception as err:
             rows.append(dict(variant=name, note=failure(err)))
             print(rows[-1], flush=True)
@@ -305,7 +332,7 @@ def run_gpt(args) -> list[dict]:
                    vs_bf16=round(tok_s / anchor["tok_s"], 3), peak_GiB=round(peak, 2),
                    peak_vs_bf16=round(peak / anchor["peak"], 3), first_loss=round(losses[0].item(), 4),
                    loss=round(losses[-1].item(), 4), nonfinite_from_step=_first_nonfinite(losses),
-                   warmup_s=round(warm_s, 1))
+                   warmup_s=round(warm_s, 1), **memory)
         rows.append(row)
         print(row, flush=True)
         del model, opt
@@ -314,6 +341,8 @@ def run_gpt(args) -> list[dict]:
     if not args.warm_only:
         print(table(rows, ["variant", "fp8_linears", "ms_per_step", "tokens_per_s", "vs_bf16", "peak_GiB",
                            "peak_vs_bf16", "first_loss", "loss", "nonfinite_from_step", "warmup_s", "note"]), flush=True)
+        print(table(rows, ["variant", "steady_GiB", "saved_for_backward_GiB", "forward_peak_GiB",
+                           "backward_peak_GiB"]), flush=True)
     return rows
 
 
