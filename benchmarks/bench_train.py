@@ -10,19 +10,20 @@ Variants (the order rotates each repeat, see below):
   C  the trainer: mixprec.train.Trainer as `mixprec train` runs it (progress bar, metrics.jsonl every
      10 steps, validation every 100 steps, checkpoint cadence 500, so none inside the timed window)
 
-Each variant runs WARMUP steps, then TIMED steps timed with torch.cuda.synchronize + perf_counter.
-With TIMED = 100 the trainer's window holds its default cadence exactly: 10 metrics writes (and
-TensorBoard when installed), one validation (8 batches), plain progress lines (stderr is not a
-terminal here). Validation is work the bare loop does not do, so its time is taken out of the window
-(as the trainer's own tokens/s does); logging and progress stay in. The run's final checkpoint (after
+Each variant runs WARMUP steps, then TIMED steps (default 60) timed with torch.cuda.synchronize +
+perf_counter. The trainer's window holds its default cadence: a metrics write (and TensorBoard when
+installed) every 10 steps, plain progress lines (stderr is not a terminal here), and a validation (8
+batches) when the window reaches step 100. Validation is work the bare loop does not do, so its time
+is taken out of the window (as the trainer's own tokens/s does); logging and progress stay in. The run's final checkpoint (after
 the window) is timed: the copy to CPU memory that the loop waits for is amortised over the default
 cadence of 500 steps; the write itself runs in a background thread. The headline ratio is trainer /
 bare loop.
 
-Timing on a shared host moves by 10-20 % from one window to the next (clocks, neighbours), more than
-the overheads measured here. So one untimed bare run warms the GPU up first, the order of A B C
-rotates each repeat (A B C, B C A, C A B), and each variant's best window is reported beside the
-median of the per-repeat ratios.
+Timing on the lent GPU moved by 10-20 % from one window to the next (3.13 to 3.72 s for the same
+bare-loop window, benchmarks/results/train.md), more than the overheads measured here. So one
+untimed bare run warms the GPU up first, many short windows are taken (6 repeats by default), the
+order of A B C rotates each repeat (A B C, B C A, C A B, ...), and each variant's best window is
+reported beside the median of the per-repeat ratios.
 
     PYTHONPATH=src python3 benchmarks/bench_train.py [--out DIR] [--json FILE] [--recipe bf16-mixed]
     PYTHONPATH=src python3 benchmarks/bench_train.py --dry-run     # tiny model on the CPU: checks the script
@@ -126,8 +127,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_train", help="the trainer's run directories")
     parser.add_argument("--json", help="where to write the results (default OUT/bench_train.json)")
     parser.add_argument("--recipe", default="bf16-mixed")
-    parser.add_argument("--timed", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timed", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script only")
     args = parser.parse_args()
     global DEVICE
