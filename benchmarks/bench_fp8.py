@@ -340,7 +340,8 @@ def run_gpt(args) -> list[dict]:
             torch.cuda.empty_cache()
     if not args.warm_only:
         print(table(rows, ["variant", "fp8_linears", "ms_per_step", "tokens_per_s", "vs_bf16", "peak_GiB",
-                           "peak_vs_bf16", "first_loss", "loss", "nonfinite_from_step", "warmup_s", "note"]), flush=True)
+                           "peak_vs_bf16", "first_loss", "loss", "nonfinite_from_step", "warmup_s",
+                           "note"]), flush=True)
         print(table(rows, ["variant", "steady_GiB", "saved_for_backward_GiB", "forward_peak_GiB",
                            "backward_peak_GiB"]), flush=True)
     return rows

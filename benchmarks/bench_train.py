@@ -14,10 +14,10 @@ Each variant runs WARMUP steps, then TIMED steps (default 60) timed with torch.c
 perf_counter. The trainer's window holds its default cadence: a metrics write (and TensorBoard when
 installed) every 10 steps, plain progress lines (stderr is not a terminal here), and a validation (8
 batches) when the window reaches step 100. Validation is work the bare loop does not do, so its time
-is taken out of the window (as the trainer's own tokens/s does); logging and progress stay in. The run's final checkpoint (after
-the window) is timed: the copy to CPU memory that the loop waits for is amortised over the default
-cadence of 500 steps; the write itself runs in a background thread. The headline ratio is trainer /
-bare loop.
+is taken out of the window (as the trainer's own tokens/s does); logging and progress stay in. The
+run's final checkpoint (after the window) is timed: the copy to CPU memory that the loop waits for is
+amortised over the default cadence of 500 steps; the write itself runs in a background thread. The
+headline ratio is trainer / bare loop.
 
 Timing on the lent GPU moved by 10-20 % from one window to the next (3.13 to 3.72 s for the same
 bare-loop window, benchmarks/results/train.md), more than the overheads measured here. So one

@@ -16,9 +16,9 @@ row-major) with their scales, so the backward needs no transpose pass:
 
 Arithmetic is that of mixprec.fp8.quantize (one correctly rounded reciprocal per group, then per
 value a multiply, an FMA for the product's exact error and a round-to-odd step, saturation and the
-RNE cast to FP8), so codes and scales equal the PyTorch path bit for bit (tests/test_fp8_cuda.py on a GPU, tests/test_fp8_kernels.py in
-Triton's interpreter). The entry points are torch.library custom ops, so torch.compile keeps them
-as opaque calls.
+RNE cast to FP8), so codes and scales equal the PyTorch path bit for bit (tests/test_fp8_cuda.py on
+a GPU, tests/test_fp8_kernels.py in Triton's interpreter). The entry points are torch.library
+custom ops, so torch.compile keeps them as opaque calls.
 
 Scales come back in the layouts torch._scaled_mm reads: 1x128 scales outer-dim-major (a contiguous
 (K/128, R) buffer viewed as (R, K/128)), 128x128 scales contiguous (R/128, K/128), rowwise scales
@@ -108,8 +108,8 @@ def _codes(x, inv, FMAX: tl.constexpr, POW2: tl.constexpr, OUT: tl.constexpr, M:
 def _round_to_grid(v, M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr):
     # Round-to-nearest-even onto the FP8 grid in FP32 arithmetic (as mixprec.formats.round_to), where
     # the hardware cast is not used (see _grid_constants; Triton's CPU interpreter, whose FP8 cast does
-    # not round as the GPU's does). Normal range: RNE on the bits below the M kept mantissa bits. Subnormal range: adding MAGIC = 2**(emin - M + 23)
-    # rounds |v| to the fixed quantum.
+    # not round as the GPU's does). Normal range: RNE on the bits below the M kept mantissa bits.
+    # Subnormal range: adding MAGIC = 2**(emin - M + 23) rounds |v| to the fixed quantum.
     SHIFT: tl.constexpr = 23 - M
     bits = v.to(tl.int32, bitcast=True)
     lsb = (bits >> SHIFT) & 1
@@ -259,7 +259,8 @@ def _quantize_1x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple[t
     s = torch.empty((triton.cdiv(k, _BLOCK), r), dtype=torch.float32, device=x.device)
     st = torch.empty((triton.cdiv(r, _BLOCK), k), dtype=torch.float32, device=x.device)
     _quantize_1x128_t_kernel[_grid(r, k)](x, q, s, qt, st, r, k, FMAX=f.max,
-                                          POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK, **_grid_constants(f))
+                                          POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK,
+                                          **_grid_constants(f))
     return q, s, qt, st
 
 
