@@ -153,13 +153,13 @@ def quantize(x: torch.Tensor, fmt: str | torch.dtype | Format = "fp8_e4m3", gran
     return q, scale
 
 
-def odd_product(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """x * inv in FP32 rounded to odd (see the module docstring); x and inv FP32, broadcastable.
+def odd_product(x: torch.Tensor, inv: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """x * inv in FP32 rounded to odd (see the module docstring), from p = x * inv rounded to nearest;
+    x and inv FP32, broadcastable to p.
 
     The error x * inv - p is exact in float64 (the product has 48 bits), so its sign says on which
     side of the FP32 product p the exact one lies.
     """
-    p = x * inv
     error = x.double() * inv.double() - p.double()
     bits = p.view(torch.int32)
     # +1 (one ulp away from zero) when the exact product lies further out than p, -1 when nearer;
@@ -181,9 +181,9 @@ def fp8_product(x: torch.Tensor, inv: torch.Tensor, f: Format) -> torch.Tensor:
     p = x * inv
     near_tie = _near_fp8_tie(p, f)
     if p.is_cuda or torch.compiler.is_compiling():
-        return torch.where(near_tie, odd_product(x, inv), p)
+        return torch.where(near_tie, odd_product(x, inv, p), p)
     idx = near_tie.nonzero(as_tuple=True)
-    p[idx] = odd_product(x.expand_as(p)[idx], inv.expand_as(p)[idx])
+    p[idx] = odd_product(x.expand_as(p)[idx], inv.expand_as(p)[idx], p[idx])
     return p
 
 
