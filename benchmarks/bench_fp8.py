@@ -237,10 +237,11 @@ def make_gpt(kind: str, args) -> GPT:
     return model
 
 
-def memory_breakdown(model: nn.Module, x: torch.Tensor) -> dict:
+def memory_breakdown(model: nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer) -> dict:
     """Where one training step's memory goes (GiB, after the timed steps): what stays between steps
-    (weights, gradients, optimizer state), what the forward leaves saved for the backward, and the
-    peaks inside the forward and inside the backward (gradients included), each above the steady state."""
+    (weights, optimizer state), what the forward leaves saved for the backward, the peaks inside the
+    forward and the backward, the gradients the backward leaves, and the optimizer step's peak; all but
+    the first above the steady state."""
     gib = 2 ** 30
     torch.cuda.synchronize()
     steady = torch.cuda.memory_allocated()
@@ -248,16 +249,54 @@ def memory_breakdown(model: nn.Module, x: torch.Tensor) -> dict:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits = model(x)
     loss = logits.float().square().mean()
+    del logits
     torch.cuda.synchronize()
     saved = torch.cuda.memory_allocated() - steady
     forward_peak = torch.cuda.max_memory_allocated() - steady
     torch.cuda.reset_peak_memory_stats()
     loss.backward()
+    del loss
     torch.cuda.synchronize()
     backward_peak = torch.cuda.max_memory_allocated() - steady
-    model.zero_grad(set_to_none=True)
+    grads = torch.cuda.memory_allocated() - steady
+    torch.cuda.reset_peak_memory_stats()
+    opt.step()
+    torch.cuda.synchronize()
+    optimizer_peak = torch.cuda.max_memory_allocated() - steady
+    opt.zero_grad(set_to_none=True)
     return dict(steady_GiB=round(steady / gib, 2), saved_for_backward_GiB=round(saved / gib, 2),
-                forward_peak_GiB=round(forward_peak / gib, 2), backward_peak_GiB=round(backward_peak / gib, 2))
+                forward_peak_GiB=round(forward_peak / gib, 2), backward_peak_GiB=round(backward_peak / gib, 2),
+                grads_GiB=round(grads / gib, 2), optimizer_peak_GiB=round(optimizer_peak / gib, 2))
+
+
+def live_at_peak(step_fn, top: int = 12) -> list[dict]:
+    """What one call of step_fn has allocated at its moment of peak memory, grouped by the allocating
+    line of the innermost frame outside torch (from the CUDA caching allocator's event trace)."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+    try:
+        step_fn()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    live, total, peak, at_peak = {}, 0, -1, {}
+    for event in snapshot["device_traces"][0]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+        if total > peak:
+            peak, at_peak = total, dict(live)
+    groups: dict[str, list[int]] = {}
+    for event in at_peak.values():
+        frames = [f for f in event.get("frames", []) if "/torch/" not in f["filename"]]
+        where = f"{Path(frames[0]['filename']).name}:{frames[0]['line']} {frames[0]['name']}" if frames else "?"
+        groups.setdefault(where, []).append(event["size"])
+    rows = sorted(({"where": k, "count": len(v), "GiB": round(sum(v) / 2**30, 3)} for k, v in groups.items()),
+                  key=lambda r: -r["GiB"])
+    return [dict(peak_above_step_start_GiB=round(peak / 2**30, 3))] + rows[:top]
 
 
 def _first_nonfinite(losses: list[torch.Tensor]) -> int | None:
@@ -310,9 +349,15 @@ def run_gpt(args) -> list[dict]:
                 ms = start.elapsed_time(end) / args.steps
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 try:     # a diagnosis: its failure must not cost the timing above
-                    memory = memory_breakdown(model, x)
+                    memory = memory_breakdown(model, x, opt)
                 except Exception as err:
                     memory = dict(note=failure(err))
+                if args.memory_trace:
+                    try:
+                        memory["live_at_peak"] = live_at_peak(train_step)
+                        print(name, "live at peak:", *memory["live_at_peak"], sep="\n  ", flush=True)
+                    except Exception as err:
+                        memory["live_at_peak"] = failure(err)
             else:
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
@@ -343,7 +388,7 @@ def run_gpt(args) -> list[dict]:
                            "peak_vs_bf16", "first_loss", "loss", "nonfinite_from_step", "warmup_s",
                            "note"]), flush=True)
         print(table(rows, ["variant", "steady_GiB", "saved_for_backward_GiB", "forward_peak_GiB",
-                           "backward_peak_GiB"]), flush=True)
+                           "backward_peak_GiB", "grads_GiB", "optimizer_peak_GiB"]), flush=True)
     return rows
 
 
@@ -363,6 +408,8 @@ def main() -> None:
                                                    "linear: kind:mode, e.g. mixprec-blockwise:eager)")
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--profile", action="store_true", help="linear: print each variant's GPU kernel times")
+    ap.add_argument("--memory-trace", action="store_true",
+                    help="gpt: what is allocated at one step's peak, by allocating line (allocator trace)")
     ap.add_argument("--warm-only", action="store_true", help="fill the compile caches, time nothing")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

@@ -1,0 +1,220 @@
+"""Ablation of the Triton quantize kernels' structure: which variant is bit-exact and how fast (GPU only).
+
+mixprec.fp8.kernels writes each tensor's codes and their transpose in one pass. How the transposed
+tile is made decides both speed and, on Triton 3.6, correctness (the hardware FP32 -> FP8 cast with a
+transposed copy of the same code tile wrote wrong codes: benchmarks/results/fp8.md). This script
+builds variants of the tensorwise cast, 128x128 and 1x128 kernels from the library's own building
+blocks (kernels._scale, _codes, _load_tile, _store_transposed), checks each against the PyTorch
+quantization (mixprec.fp8.quantize, which the tests hold exact against float64) byte for byte, and
+times it against a device-to-device copy, as bench_fp8.py quantize does.
+
+    trans_codes     transpose the code tile (the library's structure)
+    trans_input     transpose the input tile in its own dtype, then compute the codes of x^T from it
+    trans_bytes     transpose the code tile as int8 (a bitcast), not as an FP8 type
+    no_transpose    only x's codes (not a quantization the GEMMs can use: the cost of the transpose)
+
+    PYTHONPATH=src python3 benchmarks/quantize_variants.py [--n 8192] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+
+from mixprec.fp8 import kernels
+from mixprec.fp8.kernels import _codes, _grid_constants, _load_tile, _scale, _store_transposed, _tl_dtype
+from mixprec.fp8.quantize import AMAX_EPS, get_fp8_format, quantize
+
+VARIANTS = ("trans_codes", "trans_input", "trans_bytes", "no_transpose")
+_IDS = {name: i for i, name in enumerate(VARIANTS)}
+
+
+@triton.jit
+def _transposed_codes(x_raw, x, q, inv_t, VARIANT: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
+                      OUT: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr,
+                      HW_CAST: tl.constexpr, SAME_CODES: tl.constexpr):
+    """x^T's code tile (BK, BR). inv_t: the reciprocal scales laid out for x^T; SAME_CODES: x^T's codes are
+    x's codes transposed (one scale for the tile), so q can be transposed as it is."""
+    if VARIANT == 1:     # trans_input
+        return _codes(tl.trans(x_raw).to(tl.float32), inv_t, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+    if SAME_CODES:
+        qt = q
+    else:
+        qt = _codes(x, tl.trans(inv_t), FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+    if VARIANT == 2:     # trans_bytes
+        return tl.trans(qt.to(tl.int8, bitcast=True)).to(OUT, bitcast=True)
+    return tl.trans(qt)
+
+
+@triton.jit
+def _cast_t_variant(x_ptr, amax_ptr, q_ptr, qt_ptr, R, K, VARIANT: tl.constexpr, FMAX: tl.constexpr,
+                    POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
+                    MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr,
+                    BR: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    x_raw = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)
+    x = x_raw.to(tl.float32)
+    s, inv = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
+    q = _codes(x, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
+    if VARIANT != 3:
+        qt = _transposed_codes(x_raw, x, q, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, True)
+        _store_transposed(qt_ptr, qt, rows, cols, mask, R)
+
+
+@triton.jit
+def _block_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, NK, VARIANT: tl.constexpr, FMAX: tl.constexpr,
+                     POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
+                     MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, B: tl.constexpr):
+    rows = tl.program_id(0) * B + tl.arange(0, B)
+    cols = tl.program_id(1) * B + tl.arange(0, B)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    x_raw = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)
+    x = x_raw.to(tl.float32)
+    s, inv = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS)
+    q = _codes(x, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
+    if VARIANT != 3:
+        qt = _transposed_codes(x_raw, x, q, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, True)
+        _store_transposed(qt_ptr, qt, rows, cols, mask, R)
+    tl.store(s_ptr + tl.program_id(0) * NK + tl.program_id(1), s)
+
+
+@triton.jit
+def _tile_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.constexpr, FMAX: tl.constexpr,
+                    POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
+                    MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, B: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_r * B + tl.arange(0, B)
+    cols = pid_k * B + tl.arange(0, B)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    x_raw = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)
+    x = x_raw.to(tl.float32)
+    a = tl.abs(x)
+    row_s, row_inv = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)
+    col_s, col_inv = _scale(tl.max(a, axis=0), FMAX, POW2, EPS)
+    q = _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
+    tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)
+    if VARIANT != 3:
+        qt = _transposed_codes(x_raw, x, q, col_inv[:, None], VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC,
+                               HW_CAST, False)
+        _store_transposed(qt_ptr, qt, rows, cols, mask, R)
+    tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)
+
+
+def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: bool, warps: int, tile: int):
+    """Outputs of one variant (q, s, qt, st) and a closure that launches it again."""
+    r, k = x.shape
+    f = get_fp8_format(fmt)
+    q = torch.empty((r, k), dtype=f.torch_dtype, device=x.device)
+    qt = torch.zeros((k, r), dtype=f.torch_dtype, device=x.device)
+    consts = dict(VARIANT=_IDS[variant], FMAX=f.max, POW2=False, EPS=AMAX_EPS, OUT=_tl_dtype(fmt),
+                  num_warps=warps, **_grid_constants(f, hw_cast=hw_cast))
+    if kind == "tensorwise":
+        amax = kernels.tensor_amax(x)
+        s = kernels.quantize_tensor_t(x, fmt, amax=amax)[0][1]
+        grid = (triton.cdiv(r, tile), triton.cdiv(k, tile))
+        launch = lambda: _cast_t_variant[grid](x, amax, q, qt, r, k, BR=tile, BK=tile, **consts)  # noqa: E731
+        st = s
+    elif kind == "128x128":
+        grid = (triton.cdiv(r, 128), triton.cdiv(k, 128))
+        s = torch.empty(grid, dtype=torch.float32, device=x.device)
+        launch = lambda: _block_t_variant[grid](x, q, s, qt, r, k, grid[1], B=128, **consts)  # noqa: E731
+        st = s.t()
+    else:
+        grid = (triton.cdiv(r, 128), triton.cdiv(k, 128))
+        s_buf = torch.empty((grid[1], r), dtype=torch.float32, device=x.device)
+        st_buf = torch.empty((grid[0], k), dtype=torch.float32, device=x.device)
+        launch = lambda: _tile_t_variant[grid](x, q, s_buf, qt, st_buf, r, k, B=128, **consts)  # noqa: E731
+        s, st = s_buf.t(), st_buf.t()
+    launch()
+    return (q, s, qt, st), launch
+
+
+def reference(kind: str, x: torch.Tensor, fmt: str):
+    """(q, s, qT, sT) from the PyTorch quantization: x along its rows, x^T along its rows."""
+    q, s = quantize(x, fmt, kind)
+    if kind == "1x128":
+        qt, st = quantize(x.t().contiguous(), fmt, kind)
+    else:
+        qt, st = q.t().contiguous(), s.t()
+    return q, s, qt, st
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    n = args.n
+    src = torch.randn(n * n * 4, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    copy_bw = 2 * src.numel() * 2 / copy_ms / 1e6
+    del src, dst
+    # correctness on a tensor with partial tiles, outliers, tiny values and zeros (as tests/test_fp8_cuda.py)
+    r, k = 1000, 1300
+    check = torch.randn(r, k, device="cuda") * torch.exp(torch.randn(r, k, device="cuda"))
+    check[:, 3] *= 1e4
+    check[:, 7] *= 1e-6
+    check[5] = 0.0
+    rows = []
+    for kind, in_dtype in (("tensorwise", torch.bfloat16), ("tensorwise", torch.float32),
+                           ("128x128", torch.float32), ("1x128", torch.bfloat16)):
+        x = torch.randn(n, n, device="cuda", dtype=in_dtype)
+        e, bpe = n * n, x.element_size()
+        for variant in VARIANTS:
+            # the software rounding only for the library's structure: its fallback's speed
+            for hw_cast in ((True, False) if variant == "trans_codes" else (True,)):
+                for warps in ((4, 8) if kind == "tensorwise" else (4, 8, 16)):
+                    for tile in ((64, 128) if kind == "tensorwise" and in_dtype == torch.bfloat16 else (128,)):
+                        row = dict(kernel=kind, input=str(in_dtype).split(".")[1], variant=variant,
+                                   hw_cast=hw_cast, warps=warps, tile=tile)
+                        try:
+                            exact = []
+                            for fmt in ("fp8_e4m3", "fp8_e5m2"):
+                                c = check.to(in_dtype)
+                                got, _ = run_variant(kind, variant, c, fmt, hw_cast, warps, tile)
+                                ref = reference(kind, c, fmt)
+                                n_check = 1 if variant == "no_transpose" else 2
+                                exact.append(all(same_bytes(got[2 * i], ref[2 * i]) and torch.equal(
+                                    got[2 * i + 1].float(), ref[2 * i + 1].float()) for i in range(n_check)))
+                            _, launch = run_variant(kind, variant, x, "fp8_e4m3", hw_cast, warps, tile)
+                            ms = triton.testing.do_bench(launch, return_mode="median")
+                            nbytes = e * bpe + e * (1 if variant == "no_transpose" else 2)
+                            row.update(bit_exact=all(exact), ms=round(ms, 4),
+                                       of_copy=round(nbytes / ms / 1e6 / copy_bw, 3))
+                        except Exception as err:     # a variant that does not compile is a result too
+                            row.update(error=f"{type(err).__name__}: {str(err).splitlines()[0][:100]}")
+                        rows.append(row)
+                        print(row, flush=True)
+    print(f"\ncopy {copy_ms:.4f} ms, {copy_bw:.0f} GB/s; {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {triton.__version__}")
+    best = {}
+    for row in rows:
+        if row.get("bit_exact") and row["variant"] != "no_transpose":
+            key = (row["kernel"], row["input"])
+            if key not in best or row["of_copy"] > best[key]["of_copy"]:
+                best[key] = row
+    for key, row in best.items():
+        print("best exact", key, row)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(copy_ms=copy_ms, copy_GBps=copy_bw, device=torch.cuda.get_device_name(),
+                           torch=torch.__version__, triton=triton.__version__, rows=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
