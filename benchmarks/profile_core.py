@@ -1,6 +1,8 @@
 """Where mixprec's step differs from torch.autocast's, kernel by kernel (CUDA, eager).
 
-    python benchmarks/profile_core.py [--recipe bf16-mixed] [--compile]
+    python benchmarks/profile_core.py [--recipe bf16-mixed] [--compile] [--vocab 256 --head tied]
+
+(--vocab 256 --head tied: the model of benchmarks/bench_train.py, the trainer's benchmark)
 
 Profiles two steps of the bench_core GPT under each, sums CUDA time per kernel name and prints the
 kernels whose time differs most, with each step's GPU total and wall time (a wall time well above
@@ -59,9 +61,11 @@ def main() -> None:
     parser.add_argument("--recipe", default="bf16-mixed", choices=["bf16-mixed", "fp16-mixed"])
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--vocab", type=int, default=50304)
+    parser.add_argument("--head", default="separate", choices=["separate", "tied"])
     args = parser.parse_args()
-    cfg = GPTConfig(vocab_size=50304, seq_len=1024, n_layer=12, n_head=16, d_model=1024, attention="sdpa",
-                    head="separate")
+    cfg = GPTConfig(vocab_size=args.vocab, seq_len=1024, n_layer=12, n_head=16, d_model=1024, attention="sdpa",
+                    head=args.head)
     torch.manual_seed(0)
     base = GPT(cfg).cuda()
     idx = torch.randint(0, cfg.vocab_size, (8, cfg.seq_len), device="cuda")
