@@ -25,7 +25,12 @@ untimed bare run warms the GPU up first, many short windows are taken (6 repeats
 order of A B C rotates each repeat (A B C, B C A, C A B, ...), and each variant's best window is
 reported beside the median of the per-repeat ratios.
 
+--compile runs every variant with the model under torch.compile (`mixprec train --compile`; the loss
+stays eager): the precision rules' function mode is then traced into the graph instead of running on
+the host for every op of every step (the eager loop here is close to bound by the host).
+
     PYTHONPATH=src python3 benchmarks/bench_train.py [--out DIR] [--json FILE] [--recipe bf16-mixed]
+    PYTHONPATH=src python3 benchmarks/bench_train.py --compile     # the same, compiled
     PYTHONPATH=src python3 benchmarks/bench_train.py --dry-run     # tiny model on the CPU: checks the script
 """
 from __future__ import annotations
@@ -59,9 +64,9 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _config(out: str, recipe: str, steps: int) -> TrainConfig:
+def _config(out: str, recipe: str, steps: int, compile: bool = False) -> TrainConfig:
     return TrainConfig(model="gpt", recipe=recipe, steps=steps, batch_size=BATCH, device=DEVICE, out=out,
-                       warmup=WARMUP, **SIZES)
+                       warmup=WARMUP, compile=compile, **SIZES)
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -80,6 +85,7 @@ def bare_loop(cfg: TrainConfig, data, steps: int, use_mixprec: bool) -> float:
     if use_mixprec:
         model = mp.prepare(model, policy)
     optimizer = _optimizer(model, cfg)
+    forward_model = torch.compile(model) if cfg.compile else model
     scaler = mp.LossScaler.for_policy(policy) if use_mixprec else torch.amp.GradScaler(
         enabled=dtype == torch.float16)
     start = 0.0
@@ -90,7 +96,7 @@ def bare_loop(cfg: TrainConfig, data, steps: int, use_mixprec: bool) -> float:
         x, y = (t.to(DEVICE, non_blocking=True) for t in data.train_batch(step))
         context = mp.autocast(policy) if use_mixprec else torch.autocast(DEVICE, dtype=dtype)
         with context:
-            logits = model(x)
+            logits = forward_model(x)
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -129,6 +135,8 @@ def main() -> None:
     parser.add_argument("--recipe", default="bf16-mixed")
     parser.add_argument("--timed", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model in every variant (`mixprec train --compile`)")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script only")
     args = parser.parse_args()
     global DEVICE
@@ -139,7 +147,7 @@ def main() -> None:
         raise SystemExit("bench_train.py needs a CUDA GPU (it measures the trainer's overhead on one); "
                          "--dry-run checks the script on the CPU")
     steps = args.timed
-    cfg = _config(str(Path(args.out) / args.recipe), args.recipe, WARMUP + steps)
+    cfg = _config(str(Path(args.out) / args.recipe), args.recipe, WARMUP + steps, compile=args.compile)
     data = batches_for("gpt", batch_size=BATCH, seq_len=SIZES["seq_len"], seed=cfg.seed)
     tokens = steps * BATCH * SIZES["seq_len"]
     times: dict[str, list[float]] = {"bare": [], "mixprec": [], "trainer": []}
@@ -161,7 +169,8 @@ def main() -> None:
             print(f"{name:8s} {tokens / seconds:10,.0f} tokens/s", flush=True)
     best = {k: tokens / min(v) for k, v in times.items()}
     step_s = min(times["trainer"]) / steps
-    result = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)", "torch": torch.__version__, "recipe": args.recipe,
+    result = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)", "torch": torch.__version__,
+              "recipe": args.recipe, "compiled": args.compile,
               "sizes": SIZES, "batch": BATCH, "timed_steps": steps, "tokens_per_s": best,
               "all_seconds": times, "trainer_own_tokens_per_s": own, "checkpoint_seconds": ckpt,
               "trainer_vs_bare": best["trainer"] / best["bare"],
@@ -176,7 +185,7 @@ def main() -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}, torch {result['torch']}, GPT {SIZES}, B={BATCH}, {args.recipe}, "
-          f"{steps} timed steps, best of {args.repeats}")
+          f"{'compiled' if args.compile else 'eager'}, {steps} timed steps, best of {args.repeats}")
     print("| loop | tokens/s | vs bare |\n| --- | --- | --- |")
     for name, label in (("bare", "bare loop, torch.autocast"), ("mixprec", "bare loop, mp.prepare + mp.autocast"),
                         ("trainer", "mixprec train (Trainer)")):

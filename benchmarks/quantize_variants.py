@@ -36,7 +36,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 # BF16 activations; call 1 of 2026-11-29 (night) timed the tensorwise trans_codes variants on BF16
 CASES = [
     ("tensorwise", F32, "trans_codes", True, 4, 64), ("tensorwise", F32, "trans_input", True, 4, 64),
-    ("tensorwise", F32, "trans_bytes", True, 4, 64), ("tensorwise", BF16, "trans_input", True, 4, 64),
+    ("tensorwise", F32, "trans_bytes", True, 4, 64), ("tensorwise", F32, "no_transpose", True, 4, 64), ("tensorwise", BF16, "trans_input", True, 4, 64),
     ("tensorwise", BF16, "trans_bytes", True, 4, 64), ("tensorwise", BF16, "no_transpose", True, 4, 64),
     ("128x128", F32, "trans_codes", True, 8, 128), ("128x128", F32, "trans_input", True, 8, 128),
     ("128x128", F32, "trans_bytes", True, 8, 128),
@@ -166,10 +166,26 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
+def diagnose(check: torch.Tensor) -> None:
+    """Where the hardware cast's codes for FP32 input differ from the reference: count and examples."""
+    for kind in ("tensorwise", "128x128"):
+        got, _ = run_variant(kind, "trans_codes", check, "fp8_e4m3", True, 4, 128)
+        ref = reference(kind, check, "fp8_e4m3")
+        for name, g, r, x in (("q", got[0], ref[0], check), ("qT", got[2], ref[2], check.t())):
+            bad = (g.view(torch.uint8) != r.view(torch.uint8)).nonzero()
+            print(f"{kind} {name}: {len(bad)} of {g.numel()} codes differ", flush=True)
+            scale = ref[1] if kind == "tensorwise" else None
+            for i, j in bad[:6].tolist():
+                s = scale if scale is not None else ref[1][i // 128, j // 128] if name == "q" else ref[1][j // 128, i // 128]
+                print(f"  [{i},{j}] x={x[i, j].item()!r} x/s={(x[i, j].double() / s.double()).item()!r} "
+                      f"got={g[i, j].float().item()!r} ref={r[i, j].float().item()!r}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--json")
+    parser.add_argument("--diagnose", action="store_true", help="only: where the hardware cast of FP32 input differs")
     args = parser.parse_args()
     n = args.n
     src = torch.randn(n * n * 4, device="cuda", dtype=torch.bfloat16)
@@ -184,6 +200,9 @@ def main() -> None:
     check[:, 3] *= 1e4
     check[:, 7] *= 1e-6
     check[5] = 0.0
+    if args.diagnose:
+        diagnose(check)
+        return
     rows = []
     for kind, in_dtype, variant, hw_cast, warps, tile in CASES:
         x = torch.randn(n, n, device="cuda", dtype=in_dtype)

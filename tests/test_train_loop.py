@@ -13,6 +13,7 @@ from mixprec.train.checkpoint import load_checkpoint, save_checkpoint
 from mixprec.train.config import TrainConfig
 from mixprec.train.metrics import read_metrics
 from mixprec.train.trainer import Trainer
+from tolerances import COMPILED_VS_EAGER_LOSS_RTOL
 
 TINY_GPT = dict(model="gpt", n_layer=1, n_head=2, d_model=32, seq_len=32, batch_size=4, eval_batches=2)
 
@@ -225,3 +226,16 @@ def test_metrics_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
     tags = {tag for tag, _, step in scalars[:-1] if step == 2}
     assert {"train_loss", "tokens_per_s", "lr", "loss_scale", "skipped_steps", "val_loss"} <= tags
     assert scalars[-1] == "closed"
+
+
+def test_compiled_training_follows_the_eager_trajectory(tmp_path):
+    eager = Trainer(_config(tmp_path, "eager", recipe="fp32", steps=4, eval_every=4), progress=False)
+    expected = eager.run()
+    compiled = Trainer(_config(tmp_path, "compiled", recipe="fp32", steps=4, eval_every=4, compile=True),
+                       progress=False)
+    got = compiled.run()
+    assert compiled.forward_model is not compiled.model                      # the steps ran compiled
+    assert got.train_losses == pytest.approx(expected.train_losses, rel=COMPILED_VS_EAGER_LOSS_RTOL)
+    assert got.final_val_loss == pytest.approx(expected.final_val_loss, rel=COMPILED_VS_EAGER_LOSS_RTOL)
+    # the checkpoint holds the model's own keys (no "_orig_mod." prefix): eager runs can resume from it
+    assert set(load_checkpoint(compiled.out)["model"]) == set(eager.model.state_dict())

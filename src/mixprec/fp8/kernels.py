@@ -8,7 +8,8 @@ row-major) with their scales, so the backward needs no transpose pass:
     quantize_1x128_t    per 1x128 tile of x and per 1x128 tile of x^T (a 128x1 tile of x): a
                         128x128 tile gives 128 row amaxes and 128 column amaxes
     quantize_128x128_t  per 128x128 block; x^T's scales are the transpose of x's
-    quantize_tensor_t   tensorwise: an amax reduction (atomic max) then one cast pass
+    quantize_tensor_t   tensorwise: an amax reduction (atomic max) then one cast pass, whose x^T codes
+                        come from the transposed input tile
     quantize_rowwise_t  per row of x and per row of x^T (a column of x): one pass reduces each tile to
                         its row and column amaxes (atomic max into an R- and a K-vector), then one cast
                         pass writes both code layouts. A row's scale needs the whole row and a column's
@@ -57,10 +58,11 @@ def _tl_dtype(fmt: str):
 def _grid_constants(f, *, hw_cast: bool = True) -> dict:
     """Constants of the FP8 format's grid; HW_CAST: cast with the GPU's FP32 -> FP8 conversion.
 
-    The kernels that store one code tile twice (as it is and transposed: 128x128, tensorwise) round
-    onto the grid in FP32 first (hw_cast=False). With the hardware cast, Triton 3.6 on the H200 wrote
-    wrong transposed codes for FP32 inputs with non-power-of-2 scales (tests/test_fp8_cuda.py found it);
-    the kernels that transpose a second code tile (1x128, rowwise) were bit-exact with it.
+    The kernels with one scale per tile or tensor (128x128, tensorwise) round onto the grid in FP32
+    first (hw_cast=False) for FP32 inputs: with the hardware cast, Triton 3.6 on the H200 wrote wrong
+    codes for FP32 inputs with non-power-of-2 scales, whether the transposed codes came from the code
+    tile, its bytes or the transposed input (benchmarks/quantize_variants.py); BF16 inputs were
+    bit-exact, and so were the per-row-scaled kernels (1x128, rowwise) with either input.
     """
     return dict(M=f.mantissa_bits, MIN_NORMAL=f.min_normal,
                 MAGIC=2.0 ** (f.min_exponent - f.mantissa_bits + 23), HW_CAST=hw_cast and not _interpreting())
@@ -194,11 +196,17 @@ def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K,
                    MAGIC: tl.constexpr, HW_CAST: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows, cols, mask, x = _load_tile(x_ptr, R, K, BR, BK)
+    rows = pid_r * BR + tl.arange(0, BR)
+    cols = pid_k * BK + tl.arange(0, BK)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)    # in its own dtype
     s, inv = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
-    q = _codes(x, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+    q = _codes(x.to(tl.float32), inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
-    _store_transposed(qt_ptr, tl.trans(q), rows, cols, mask, R)
+    # x^T's codes from the transposed input tile (a 16-bit tile moves through shared memory faster
+    # than the code tile: 0.56 against 0.45 of copy bandwidth, quantize_variants.py on the H200)
+    qt = _codes(tl.trans(x).to(tl.float32), inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+    _store_transposed(qt_ptr, qt, rows, cols, mask, R)
     if (pid_r == 0) & (pid_k == 0):
         tl.store(s_ptr, s)
 
@@ -323,7 +331,7 @@ def _cast_t_op(x: torch.Tensor, amax: torch.Tensor, fmt: str, power_of_2: bool) 
     s = torch.empty((), dtype=torch.float32, device=x.device)
     _cast_t_kernel[_free_grid(r, k)](x, amax.float().reshape(()), q, qt, s, r, k, FMAX=f.max,
                                      POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt),
-                                     **_grid_constants(f, hw_cast=False))
+                                     **_grid_constants(f, hw_cast=x.element_size() < 4))
     return q, qt, s
 
 

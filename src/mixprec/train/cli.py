@@ -48,6 +48,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
     p.add_argument("--grad-clip", type=float, help="global gradient-norm clip (default 1.0)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps (default 10%% of steps)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model: its graphs are compiled once, then each step costs the "
+                        "host little (the loss stays eager)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     sizes = p.add_argument_group("model sizes (defaults fit a 2-core CPU)")
     sizes.add_argument("--n-layer", type=int, help="GPT blocks / RNN layers (GPT 4, RNN 1)")
@@ -64,7 +67,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 _CONFIG_FLAGS = ("model", "steps", "batch_size", "lr", "device", "seed", "task", "eval_every", "eval_batches",
                  "log_every", "weight_decay", "grad_clip", "warmup", "n_layer", "n_head", "d_model", "seq_len",
-                 "positions", "head", "attention", "channels", "hidden")
+                 "positions", "head", "attention", "channels", "hidden", "compile")
 
 
 def build_parser() -> argparse.ArgumentParser:

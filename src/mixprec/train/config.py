@@ -42,6 +42,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500       # checkpoint cadence in steps; 0: only at the end (and on Ctrl-C)
     out: str = "runs/train"
+    compile: bool = False       # torch.compile the model (the loss stays eager, as in REFERENCE.md's loop)
     # model sizes (None: the model's default)
     n_layer: int | None = None
     n_head: int | None = None
@@ -62,6 +63,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False; got {self.compile!r}")
         if self.ckpt_every < 0:
             raise ValueError(f"ckpt_every must be >= 0 (0: only at the end); got {self.ckpt_every}")
         if self.warmup is not None and not 0 <= self.warmup <= self.steps:

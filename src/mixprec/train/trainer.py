@@ -93,6 +93,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # the same initial weights for every recipe
         self.model = mp.prepare(build_model(model_cfg).to(self.device), self.policy)
+        # the compiled module runs the steps; the model itself keeps the parameters and the state_dict keys
+        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = self._build_optimizer()
         self.clip_params = list(mp.master_params(self.optimizer))
         self.scaler = mp.LossScaler.for_policy(self.policy)
@@ -134,7 +136,7 @@ class Trainer:
     def loss_on(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of a batch under the policy's autocast (the loss itself in FP32)."""
         with mp.autocast(self.policy):
-            logits = self.model(x)
+            logits = self.forward_model(x)
             return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
 
     def train_step(self, step: int, *, count_memory: bool = False) -> torch.Tensor:
@@ -178,7 +180,7 @@ class Trainer:
         total, count = torch.zeros((), device=self.device), 0
         for x, y in self.val_batches:
             with mp.autocast(self.policy):
-                logits = self.model(x)
+                logits = self.forward_model(x)
                 total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
             count += y.numel()
         self.model.train()
