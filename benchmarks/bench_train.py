@@ -64,6 +64,31 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+class StepTrace:
+    """Per step of a timed window: when the host reached the step's boundary, and when the GPU did (a
+    CUDA event, no sync). A step whose GPU interval is long while the host's was short ran slow on the
+    GPU; a long GPU interval that follows a long host interval is the GPU waiting for the host."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, torch.cuda.Event | None]] = []
+
+    def mark(self) -> None:
+        event = None
+        if DEVICE == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        self.marks.append((time.perf_counter(), event))
+
+    def summary(self) -> dict:
+        """Host and GPU milliseconds per step (call after the window's sync)."""
+        host = [(b[0] - a[0]) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        gpu = [a[1].elapsed_time(b[1]) for a, b in zip(self.marks, self.marks[1:])] if DEVICE == "cuda" else []
+        stats = lambda v: dict(median=round(statistics.median(v), 2), max=round(max(v), 2),  # noqa: E731
+                               sum=round(sum(v), 1)) if v else {}
+        return dict(host_ms=stats(host), gpu_ms=stats(gpu), host_each=[round(h, 2) for h in host],
+                    gpu_each=[round(g, 2) for g in gpu])
+
+
 def _config(out: str, recipe: str, steps: int, compile: bool = False) -> TrainConfig:
     return TrainConfig(model="gpt", recipe=recipe, steps=steps, batch_size=BATCH, device=DEVICE, out=out,
                        warmup=WARMUP, compile=compile, **SIZES)
@@ -76,7 +101,7 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS, eps=ADAM_EPS, fused=DEVICE == "cuda")
 
 
-def bare_loop(cfg: TrainConfig, data, steps: int, use_mixprec: bool) -> float:
+def bare_loop(cfg: TrainConfig, data, steps: int, use_mixprec: bool, trace: StepTrace | None = None) -> float:
     """Seconds for `steps` steps after WARMUP, of a hand-written loop."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model_config()).to(DEVICE)
@@ -93,6 +118,8 @@ def bare_loop(cfg: TrainConfig, data, steps: int, use_mixprec: bool) -> float:
         if step == WARMUP:
             _sync()
             start = time.perf_counter()
+        if trace is not None and step >= WARMUP:
+            trace.mark()
         x, y = (t.to(DEVICE, non_blocking=True) for t in data.train_batch(step))
         context = mp.autocast(policy) if use_mixprec else torch.autocast(DEVICE, dtype=dtype)
         with context:
@@ -104,17 +131,21 @@ def bare_loop(cfg: TrainConfig, data, steps: int, use_mixprec: bool) -> float:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+    if trace is not None:
+        trace.mark()
     _sync()
     return time.perf_counter() - start
 
 
-def trainer_run(cfg: TrainConfig, steps: int) -> tuple[float, float, dict[str, float]]:
+def trainer_run(cfg: TrainConfig, steps: int, trace: StepTrace | None = None) -> tuple[float, float, dict[str, float]]:
     """(seconds for the timed steps, trainer's own tokens/s, the final checkpoint's seconds: the copy
     to CPU memory the loop waits for, and the background write)."""
     marks: dict[int, float] = {}
     validation: dict[int, float] = {}
 
     def on_step(step: int) -> None:
+        if trace is not None and WARMUP <= step <= WARMUP + steps:
+            trace.mark()
         if step in (WARMUP, WARMUP + steps):
             _sync()
             marks[step] = time.perf_counter()
@@ -137,6 +168,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model in every variant (`mixprec train --compile`)")
+    parser.add_argument("--step-trace", action="store_true",
+                        help="record host and GPU time of every timed step (CUDA events, no sync) into the JSON")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script only")
     args = parser.parse_args()
     global DEVICE
@@ -151,7 +184,7 @@ def main() -> None:
     data = batches_for("gpt", batch_size=BATCH, seq_len=SIZES["seq_len"], seed=cfg.seed)
     tokens = steps * BATCH * SIZES["seq_len"]
     times: dict[str, list[float]] = {"bare": [], "mixprec": [], "trainer": []}
-    own, ckpt = [], []
+    own, ckpt, traces = [], [], []
     bare_loop(cfg, data, min(steps, 30), use_mixprec=False)     # untimed: clocks and allocator warm up
     order = list(times)
     for repeat in range(args.repeats):
@@ -159,13 +192,17 @@ def main() -> None:
             gc.collect()
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
+            trace = StepTrace() if args.step_trace else None
             if name == "trainer":
-                seconds, rate, checkpoint_s = trainer_run(cfg, steps)
+                seconds, rate, checkpoint_s = trainer_run(cfg, steps, trace)
                 own.append(rate)
                 ckpt.append(checkpoint_s)
             else:
-                seconds = bare_loop(cfg, data, steps, use_mixprec=name == "mixprec")
+                seconds = bare_loop(cfg, data, steps, use_mixprec=name == "mixprec", trace=trace)
             times[name].append(seconds)
+            if trace is not None:
+                traces.append(dict(variant=name, repeat=repeat, seconds=seconds, **trace.summary()))
+                print(f"  host ms/step {traces[-1]['host_ms']}, GPU ms/step {traces[-1]['gpu_ms']}", flush=True)
             print(f"{name:8s} {tokens / seconds:10,.0f} tokens/s", flush=True)
     best = {k: tokens / min(v) for k, v in times.items()}
     step_s = min(times["trainer"]) / steps
@@ -180,7 +217,8 @@ def main() -> None:
               "trainer_vs_mixprec_loop": best["trainer"] / best["mixprec"],
               "mixprec_loop_vs_bare": best["mixprec"] / best["bare"],
               "checkpoint_blocking_amortised_at_500": min(c["blocking"] for c in ckpt) / (500 * step_s),
-              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None}
+              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None,
+              "step_traces": traces}
     json_path = Path(args.json) if args.json else Path(args.out) / "bench_train.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1))
