@@ -100,9 +100,7 @@ def _codes(x, inv, FMAX: tl.constexpr, POW2: tl.constexpr, OUT: tl.constexpr, M:
         inexact_even = (error != 0) & ((bits & 1) == 0) & (p != 0)
         away_from_zero = (error > 0) == (p > 0)
         p = tl.where(inexact_even, tl.where(away_from_zero, bits + 1, bits - 1), bits).to(tl.float32, bitcast=True)
-    # Saturate with selects, not tl.minimum/tl.maximum: with min/max feeding the FP8 cast, Triton's lowering
-    # of a transposed store of the codes has corrupted them (triton-lang/triton#11111)
-    v = tl.where(p > FMAX, FMAX, tl.where(p < -FMAX, -FMAX, p))
+    v = tl.minimum(tl.maximum(p, -FMAX), FMAX)
     if HW_CAST:     # the GPU's FP32 -> FP8 conversion rounds to nearest even
         return v.to(OUT)
     return _round_to_grid(v, M, MIN_NORMAL, MAGIC).to(OUT)    # on the grid already: the cast is exact
@@ -294,7 +292,7 @@ def _quantize_128x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple
     nr, nk = _grid(r, k)
     s = torch.empty((nr, nk), dtype=torch.float32, device=x.device)
     _quantize_128x128_t_kernel[(nr, nk)](x, q, s, qt, r, k, nk, FMAX=f.max, POW2=power_of_2, EPS=AMAX_EPS,
-                                         OUT=_tl_dtype(fmt), B=_BLOCK, **_grid_constants(f))
+                                         OUT=_tl_dtype(fmt), B=_BLOCK, **_grid_constants(f, hw_cast=False))
     return q, s, qt
 
 
@@ -333,7 +331,7 @@ def _cast_t_op(x: torch.Tensor, amax: torch.Tensor, fmt: str, power_of_2: bool) 
     s = torch.empty((), dtype=torch.float32, device=x.device)
     _cast_t_kernel[_free_grid(r, k)](x, amax.float().reshape(()), q, qt, s, r, k, FMAX=f.max,
                                      POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt),
-                                     **_grid_constants(f))
+                                     **_grid_constants(f, hw_cast=x.element_size() < 4))
     return q, qt, s
 
 
