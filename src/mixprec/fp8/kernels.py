@@ -58,11 +58,13 @@ def _tl_dtype(fmt: str):
 def _grid_constants(f, *, hw_cast: bool = True) -> dict:
     """Constants of the FP8 format's grid; HW_CAST: cast with the GPU's FP32 -> FP8 conversion.
 
-    The kernels with one scale per tile or tensor (128x128, tensorwise) round onto the grid in FP32
-    first (hw_cast=False) for FP32 inputs: with the hardware cast, Triton 3.6 on the H200 wrote wrong
-    codes for FP32 inputs with non-power-of-2 scales, whether the transposed codes came from the code
-    tile, its bytes or the transposed input (benchmarks/quantize_variants.py); BF16 inputs were
-    bit-exact, and so were the per-row-scaled kernels (1x128, rowwise) with either input.
+    The kernels with one scale per tile or tensor round onto the grid in FP32 first (hw_cast=False):
+    128x128 for every input (its inputs are FP32 master weights), tensorwise for FP32 inputs. With the
+    hardware cast, Triton 3.6 on the H200 stored x's
+    codes right and x^T's wrong (whole rows of one garbage value, benchmarks/quantize_variants.py
+    --diagnose), whether x^T's codes came from the code tile, its bytes or the transposed input. BF16
+    inputs were bit-exact, and so were the per-row-scaled kernels (1x128, rowwise) with either input.
+    Possibly triton-lang/triton#11111 (a transposed FP8 store corrupted after min/max); untested here.
     """
     return dict(M=f.mantissa_bits, MIN_NORMAL=f.min_normal,
                 MAGIC=2.0 ** (f.min_exponent - f.mantissa_bits + 23), HW_CAST=hw_cast and not _interpreting())
