@@ -159,7 +159,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = trainer.cfg
     n_params = sum(p.numel() for p in trainer.model.parameters())
     print(f"mixprec train: {cfg.model} ({n_params:,} parameters), recipe {cfg.recipe} "
-          f"({trainer.policy.describe()}), {cfg.steps} steps on {cfg.device}"
+          f"({trainer.policy.describe()}), {cfg.steps} steps on {cfg.device}" + (", compiled" if cfg.compile else "")
           + (f", resuming at step {trainer.step}" if trainer.step else "") + f"; output in {cfg.out}", flush=True)
     if trainer.policy.fp8 is not None:
         fp8, total = fp8_coverage(trainer.model)
