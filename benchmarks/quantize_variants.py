@@ -4,7 +4,7 @@ mixprec.fp8.kernels writes each tensor's codes and their transpose in one pass. 
 tile is made decides both speed and, on Triton 3.6, correctness (the hardware FP32 -> FP8 cast with a
 transposed copy of the same code tile wrote wrong codes: benchmarks/results/fp8.md). This script
 builds variants of the tensorwise cast, 128x128 and 1x128 kernels from the library's own building
-blocks (kernels._scale, _codes, _load_tile, _store_transposed), checks each against the PyTorch
+blocks (kernels._scale, _codes, _odd_product, _store_transposed), checks each against the PyTorch
 quantization (mixprec.fp8.quantize, which the tests hold exact against float64) byte for byte, and
 times it against a device-to-device copy, as bench_fp8.py quantize does.
 
@@ -12,6 +12,10 @@ times it against a device-to-device copy, as bench_fp8.py quantize does.
     trans_input     transpose the input tile in its own dtype, then compute the codes of x^T from it
     trans_bytes     transpose the code tile as int8 (a bitcast), not as an FP8 type
     no_transpose    only x's codes (not a quantization the GEMMs can use: the cost of the transpose)
+    select_clamp    trans_codes, saturating with selects instead of min/max before the FP8 cast (the
+                    workaround of triton-lang/triton#11111 for corrupted transposed FP8 stores)
+    rows_only       1x128: only x's codes and row scales (no column reduction): the cost of one direction
+    cols_only       1x128: only x^T's codes and column scales (no row reduction, no x codes)
 
     PYTHONPATH=src python3 benchmarks/quantize_variants.py [--n 8192] [--json FILE]   (CASES: what is run)
 """
@@ -26,10 +30,13 @@ import triton.language as tl
 import triton.testing
 
 from mixprec.fp8 import kernels
-from mixprec.fp8.kernels import _codes, _grid_constants, _load_tile, _scale, _store_transposed, _tl_dtype
+from mixprec.fp8.kernels import (_codes, _grid_constants, _odd_product, _round_to_grid, _scale, _store_transposed,
+                                 _tl_dtype)
 from mixprec.fp8.quantize import AMAX_EPS, get_fp8_format, quantize
 
-VARIANTS = ("trans_codes", "trans_input", "trans_bytes", "no_transpose")
+VARIANTS = ("trans_codes", "trans_input", "trans_bytes", "no_transpose", "select_clamp", "rows_only", "cols_only")
+# which of (x's codes and scales, x^T's codes and scales) a variant writes
+WRITES = {"no_transpose": (0,), "rows_only": (0,), "cols_only": (1,)}
 _IDS = {name: i for i, name in enumerate(VARIANTS)}
 F32, BF16 = torch.float32, torch.bfloat16
 # (kernel, input dtype, variant, hardware cast, warps, tile): the library's kernels take FP32 weights and
@@ -43,7 +50,25 @@ CASES = [
     ("1x128", BF16, "trans_codes", True, 8, 128), ("1x128", BF16, "trans_input", True, 8, 128),
     ("1x128", BF16, "trans_input", True, 16, 128), ("1x128", BF16, "trans_bytes", True, 8, 128),
     ("1x128", BF16, "no_transpose", True, 8, 128),
+    # for the next device run: the min/max -> select workaround on FP32 input, and the 1x128 kernel's directions
+    ("tensorwise", F32, "select_clamp", True, 4, 64), ("128x128", F32, "select_clamp", True, 8, 128),
+    ("1x128", F32, "select_clamp", True, 8, 128), ("1x128", BF16, "rows_only", True, 8, 128),
+    ("1x128", BF16, "cols_only", True, 8, 128),
 ]
+CASES = CASES[-5:]     # the cases already run are in benchmarks/results/fp8_session4.json
+
+
+@triton.jit
+def _codes_v(x, inv, VARIANT: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, OUT: tl.constexpr,
+             M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr):
+    """kernels._codes, or (select_clamp) the same with the saturation written as selects."""
+    if VARIANT == 4:
+        p = _odd_product(x, inv, POW2)
+        v = tl.where(p > FMAX, FMAX, tl.where(p < -FMAX, -FMAX, p))
+        if HW_CAST:
+            return v.to(OUT)
+        return _round_to_grid(v, M, MIN_NORMAL, MAGIC).to(OUT)
+    return _codes(x, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
 
 
 @triton.jit
@@ -53,11 +78,12 @@ def _transposed_codes(x_raw, x, q, inv_t, VARIANT: tl.constexpr, FMAX: tl.conste
     """x^T's code tile (BK, BR). inv_t: the reciprocal scales laid out for x^T; SAME_CODES: x^T's codes are
     x's codes transposed (one scale for the tile), so q can be transposed as it is."""
     if VARIANT == 1:     # trans_input
-        return _codes(tl.trans(x_raw).to(tl.float32), inv_t, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+        return _codes_v(tl.trans(x_raw).to(tl.float32), inv_t, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC,
+                        HW_CAST)
     if SAME_CODES:
         qt = q
     else:
-        qt = _codes(x, tl.trans(inv_t), FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+        qt = _codes_v(x, tl.trans(inv_t), VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
     if VARIANT == 2:     # trans_bytes
         return tl.trans(qt.to(tl.int8, bitcast=True)).to(OUT, bitcast=True)
     return tl.trans(qt)
@@ -74,7 +100,7 @@ def _cast_t_variant(x_ptr, amax_ptr, q_ptr, qt_ptr, R, K, VARIANT: tl.constexpr,
     x_raw = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)
     x = x_raw.to(tl.float32)
     s, inv = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
-    q = _codes(x, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+    q = _codes_v(x, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     if VARIANT != 3:
         qt = _transposed_codes(x_raw, x, q, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, True)
@@ -91,7 +117,7 @@ def _block_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, NK, VARIANT: tl.constexp
     x_raw = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)
     x = x_raw.to(tl.float32)
     s, inv = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS)
-    q = _codes(x, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+    q = _codes_v(x, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     if VARIANT != 3:
         qt = _transposed_codes(x_raw, x, q, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, True)
@@ -111,16 +137,18 @@ def _tile_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.const
     x_raw = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)
     x = x_raw.to(tl.float32)
     a = tl.abs(x)
-    row_s, row_inv = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)
-    col_s, col_inv = _scale(tl.max(a, axis=0), FMAX, POW2, EPS)
-    q = _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
-    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
-    tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)
-    if VARIANT != 3:
+    q = x              # cols_only computes no x codes (x^T's codes here never derive from them)
+    if VARIANT != 6:
+        row_s, row_inv = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)
+        q = _codes_v(x, row_inv[:, None], VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+        tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
+        tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)
+    if (VARIANT != 3) & (VARIANT != 5):
+        col_s, col_inv = _scale(tl.max(a, axis=0), FMAX, POW2, EPS)
         qt = _transposed_codes(x_raw, x, q, col_inv[:, None], VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC,
                                HW_CAST, False)
         _store_transposed(qt_ptr, qt, rows, cols, mask, R)
-    tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)
+        tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)
 
 
 def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: bool, warps: int, tile: int):
@@ -213,12 +241,12 @@ def main() -> None:
             c = check.to(in_dtype)
             got, _ = run_variant(kind, variant, c, "fp8_e4m3", hw_cast, warps, tile)
             ref = reference(kind, c, "fp8_e4m3")
-            n_check = 1 if variant == "no_transpose" else 2
+            written = WRITES.get(variant, (0, 1))
             exact = all(same_bytes(got[2 * i], ref[2 * i]) and torch.equal(got[2 * i + 1].float(), ref[2 * i + 1].float())
-                        for i in range(n_check))
+                        for i in written)
             _, launch = run_variant(kind, variant, x, "fp8_e4m3", hw_cast, warps, tile)
             ms = triton.testing.do_bench(launch, return_mode="median")
-            nbytes = e * bpe + e * (1 if variant == "no_transpose" else 2)
+            nbytes = e * bpe + e * len(WRITES.get(variant, (0, 1)))
             row.update(bit_exact=exact, ms=round(ms, 4), of_copy=round(nbytes / ms / 1e6 / copy_bw, 3))
         except Exception as err:     # a variant that does not compile is a result too
             row.update(error=f"{type(err).__name__}: {str(err).splitlines()[0][:100]}")

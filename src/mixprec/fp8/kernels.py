@@ -90,19 +90,25 @@ def _scale(amax, FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr):
 
 
 @triton.jit
-def _codes(x, inv, FMAX: tl.constexpr, POW2: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
-           MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr):
+def _odd_product(x, inv, POW2: tl.constexpr):
+    """x * inv in FP32, rounded to odd (as quantize.odd_product) unless the scales are powers of 2."""
     p = x * inv
     if not POW2:
-        # x * inv rounded to odd (as quantize.odd_product): the FMA gives the product's exact error,
-        # whose sign says which neighbour of an inexact even p the exact product lies towards. With
-        # power-of-2 scales the product is exact (down to far below FP8's smallest subnormal).
+        # The FMA gives the product's exact error, whose sign says which neighbour of an inexact even p
+        # the exact product lies towards. With power-of-2 scales the product is exact (down to far
+        # below FP8's smallest subnormal).
         error = tl.fma(x, inv, -p)
         bits = p.to(tl.int32, bitcast=True)
         inexact_even = (error != 0) & ((bits & 1) == 0) & (p != 0)
         away_from_zero = (error > 0) == (p > 0)
         p = tl.where(inexact_even, tl.where(away_from_zero, bits + 1, bits - 1), bits).to(tl.float32, bitcast=True)
-    v = tl.minimum(tl.maximum(p, -FMAX), FMAX)
+    return p
+
+
+@triton.jit
+def _codes(x, inv, FMAX: tl.constexpr, POW2: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
+           MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr):
+    v = tl.minimum(tl.maximum(_odd_product(x, inv, POW2), -FMAX), FMAX)
     if HW_CAST:     # the GPU's FP32 -> FP8 conversion rounds to nearest even
         return v.to(OUT)
     return _round_to_grid(v, M, MIN_NORMAL, MAGIC).to(OUT)    # on the grid already: the cast is exact
