@@ -60,11 +60,11 @@ def _grid_constants(f, *, hw_cast: bool = True) -> dict:
 
     The kernels with one scale per tile or tensor round onto the grid in FP32 first (hw_cast=False):
     128x128 for every input (its inputs are FP32 master weights), tensorwise for FP32 inputs. With the
-    hardware cast, Triton 3.6 on the H200 stored x's
-    codes right and x^T's wrong (whole rows of one garbage value, benchmarks/quantize_variants.py
-    --diagnose), whether x^T's codes came from the code tile, its bytes or the transposed input. BF16
-    inputs were bit-exact, and so were the per-row-scaled kernels (1x128, rowwise) with either input.
-    Possibly triton-lang/triton#11111 (a transposed FP8 store corrupted after min/max); untested here.
+    hardware cast, Triton 3.6 on the H200 stored x's codes right and x^T's wrong (whole rows of one
+    garbage value, benchmarks/quantize_variants.py --diagnose), whether x^T's codes came from the code
+    tile, its bytes or the transposed input. BF16 inputs were bit-exact, and so were the per-row-scaled
+    kernels (1x128, rowwise) with either input. Possibly triton-lang/triton#11111 (a transposed FP8
+    store corrupted after min/max); its workaround is not yet tested here.
     """
     return dict(M=f.mantissa_bits, MIN_NORMAL=f.min_normal,
                 MAGIC=2.0 ** (f.min_exponent - f.mantissa_bits + 23), HW_CAST=hw_cast and not _interpreting())
@@ -211,8 +211,9 @@ def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K,
     s, inv = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
     q = _codes(x.to(tl.float32), inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
-    # x^T's codes from the transposed input tile (a 16-bit tile moves through shared memory faster
-    # than the code tile: 0.56 against 0.45 of copy bandwidth, quantize_variants.py on the H200)
+    # x^T's codes from the transposed input tile: a BF16 tile moved through shared memory faster than
+    # the code tile (0.56 against 0.45 of copy bandwidth, quantize_variants.py on the H200); FP32
+    # inputs take the same path (measured end to end only, benchmarks/results/fp8.md)
     qt = _codes(tl.trans(x).to(tl.float32), inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
     _store_transposed(qt_ptr, qt, rows, cols, mask, R)
     if (pid_r == 0) & (pid_k == 0):
