@@ -4,7 +4,7 @@ mixprec.fp8.kernels writes each tensor's codes and their transpose in one pass. 
 tile is made decides both speed and, on Triton 3.6, correctness (the hardware FP32 -> FP8 cast with a
 transposed copy of the same code tile wrote wrong codes: benchmarks/results/fp8.md). This script
 builds variants of the tensorwise cast, 128x128 and 1x128 kernels from the library's own building
-blocks (kernels._scale, _codes, _odd_product, _store_transposed), checks each against the PyTorch
+blocks (kernels._load_tile_raw, _scale, _codes, _odd_product, _store_transposed), checks each against the PyTorch
 quantization (mixprec.fp8.quantize, which the tests hold exact against float64) byte for byte, and
 times it against a device-to-device copy, as bench_fp8.py quantize does.
 
@@ -30,7 +30,7 @@ import triton.language as tl
 import triton.testing
 
 from mixprec.fp8 import kernels
-from mixprec.fp8.kernels import (_codes, _grid_constants, _odd_product, _round_to_grid, _scale, _store_transposed,
+from mixprec.fp8.kernels import (_codes, _grid_constants, _load_tile_raw, _odd_product, _round_to_grid, _scale, _store_transposed,
                                  _tl_dtype)
 from mixprec.fp8.quantize import AMAX_EPS, get_fp8_format, quantize
 
@@ -94,10 +94,7 @@ def _cast_t_variant(x_ptr, amax_ptr, q_ptr, qt_ptr, R, K, VARIANT: tl.constexpr,
                     POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
                     MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr,
                     BR: tl.constexpr, BK: tl.constexpr):
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    mask = (rows[:, None] < R) & (cols[None, :] < K)
-    x_raw = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)
+    rows, cols, mask, x_raw = _load_tile_raw(x_ptr, R, K, BR, BK)
     x = x_raw.to(tl.float32)
     s, inv = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
     q = _codes_v(x, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
@@ -111,10 +108,7 @@ def _cast_t_variant(x_ptr, amax_ptr, q_ptr, qt_ptr, R, K, VARIANT: tl.constexpr,
 def _block_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, NK, VARIANT: tl.constexpr, FMAX: tl.constexpr,
                      POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
                      MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, B: tl.constexpr):
-    rows = tl.program_id(0) * B + tl.arange(0, B)
-    cols = tl.program_id(1) * B + tl.arange(0, B)
-    mask = (rows[:, None] < R) & (cols[None, :] < K)
-    x_raw = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)
+    rows, cols, mask, x_raw = _load_tile_raw(x_ptr, R, K, B, B)
     x = x_raw.to(tl.float32)
     s, inv = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS)
     q = _codes_v(x, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
@@ -131,10 +125,7 @@ def _tile_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.const
                     MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, B: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_r * B + tl.arange(0, B)
-    cols = pid_k * B + tl.arange(0, B)
-    mask = (rows[:, None] < R) & (cols[None, :] < K)
-    x_raw = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)
+    rows, cols, mask, x_raw = _load_tile_raw(x_ptr, R, K, B, B)
     x = x_raw.to(tl.float32)
     a = tl.abs(x)
     q = x              # cols_only computes no x codes (x^T's codes here never derive from them)

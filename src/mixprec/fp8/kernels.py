@@ -130,13 +130,19 @@ def _round_to_grid(v, M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.const
 
 
 @triton.jit
-def _load_tile(x_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
-    """This program's (BR, BK) tile of the row-major (R, K) tensor x, in FP32 (zero outside x)."""
+def _load_tile_raw(x_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
+    """This program's (BR, BK) tile of the row-major (R, K) tensor x, in x's dtype (zero outside x)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    return rows, cols, mask, x
+    return rows, cols, mask, tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_tile(x_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
+    """_load_tile_raw in FP32."""
+    rows, cols, mask, x = _load_tile_raw(x_ptr, R, K, BR, BK)
+    return rows, cols, mask, x.to(tl.float32)
 
 
 @triton.jit
@@ -204,10 +210,7 @@ def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K,
                    MAGIC: tl.constexpr, HW_CAST: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_r * BR + tl.arange(0, BR)
-    cols = pid_k * BK + tl.arange(0, BK)
-    mask = (rows[:, None] < R) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)    # in its own dtype
+    rows, cols, mask, x = _load_tile_raw(x_ptr, R, K, BR, BK)
     s, inv = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
     q = _codes(x.to(tl.float32), inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
