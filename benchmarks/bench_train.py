@@ -206,8 +206,8 @@ def main() -> None:
             print(f"{name:8s} {tokens / seconds:10,.0f} tokens/s", flush=True)
     best = {k: tokens / min(v) for k, v in times.items()}
     step_s = min(times["trainer"]) / steps
-    result = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)", "torch": torch.__version__,
-              "recipe": args.recipe, "compiled": args.compile,
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
+    result = {"device": device, "torch": torch.__version__, "recipe": args.recipe, "compiled": args.compile,
               "sizes": SIZES, "batch": BATCH, "timed_steps": steps, "tokens_per_s": best,
               "all_seconds": times, "trainer_own_tokens_per_s": own, "checkpoint_seconds": ckpt,
               "trainer_vs_bare": best["trainer"] / best["bare"],

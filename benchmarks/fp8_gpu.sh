@@ -2,14 +2,15 @@
 # Issue 4 on the lent GPU, one call: CUDA tests, the GPU accuracy run, and the benchmarks of
 # benchmarks/results/fp8.md. Needs .whl/ao (torchao 0.17.0) carried; writes logs and JSON to $OUT.
 #   phase A (in parallel, nothing timed): CUDA tests, compile-cache warm-up
-#   phase B (one process at a time, timed): quantize kernels, Float8Linear 8192^3, GPT end to end,
-#   then the accuracy run (`mixprec compare`). Whole run: about 8 minutes of device time.
-# FP8_GPU_STEPS=quantize,linear,gpt,tests,compare picks parts (default: all). A CPU dry run of the script:
+#   phase B (one process at a time, timed): quantize kernels (and quantize_variants.py's next cases),
+#   Float8Linear 8192^3, GPT end to end, then the accuracy run (`mixprec compare`).
+#   tests,quantize,linear,gpt took 393 s on 2026-11-29; all steps exceed one 10-minute device call.
+# FP8_GPU_STEPS=quantize,variants,linear,gpt,tests,compare picks parts (default: all). A CPU dry run of the script:
 # FP8_BENCH_ARGS="--device cpu --n 256 --d 256 --heads 4 --batch 2 --seq 64 --vocab 256 --steps 2
 # --compile-backend aot_eager" FP8_COMPARE_ARGS="--device cpu --steps 3" with python3 the venv's.
 set -u
 T0=$(date +%s)
-STEPS=${FP8_GPU_STEPS:-tests,compare,quantize,linear,gpt}
+STEPS=${FP8_GPU_STEPS:-tests,compare,quantize,variants,linear,gpt}
 LOG=$OUT/run.log
 say() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG"; }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
@@ -49,6 +50,7 @@ tail -n 2 /tmp/warm_*.log >> "$LOG" 2>/dev/null
 say "phase B: timed benchmarks"
 
 has quantize && timeout 60 python3 benchmarks/bench_fp8.py quantize $EXTRA --json "$OUT/quantize.json" 2>&1 | grep -v Warning >> "$LOG"
+has variants && timeout 120 python3 benchmarks/quantize_variants.py --json "$OUT/variants.json" 2>&1 | grep -v Warning >> "$LOG"
 say "quantize done"
 has linear && timeout 120 python3 benchmarks/bench_fp8.py linear --variants "bf16:eager,$LINEAR_EAGER_FP8,$LINEAR_COMPILED" $EXTRA --json "$OUT/linear.json" 2>&1 | grep -v Warning >> "$LOG"
 say "linear done"

@@ -4,9 +4,9 @@ mixprec.fp8.kernels writes each tensor's codes and their transpose in one pass. 
 tile is made decides both speed and, on Triton 3.6, correctness (the hardware FP32 -> FP8 cast with a
 transposed copy of the same code tile wrote wrong codes: benchmarks/results/fp8.md). This script
 builds variants of the tensorwise cast, 128x128 and 1x128 kernels from the library's own building
-blocks (kernels._load_tile_raw, _scale, _codes, _odd_product, _store_transposed), checks each against the PyTorch
-quantization (mixprec.fp8.quantize, which the tests hold exact against float64) byte for byte, and
-times it against a device-to-device copy, as bench_fp8.py quantize does.
+blocks (kernels._load_tile_raw, _scale, _codes, _odd_product, _store_transposed), checks each against
+the PyTorch quantization (mixprec.fp8.quantize, which the tests hold exact against float64) byte for
+byte, and times it against a device-to-device copy, as bench_fp8.py quantize does.
 
     trans_codes     transpose the code tile (the library's structure)
     trans_input     transpose the input tile in its own dtype, then compute the codes of x^T from it
@@ -17,7 +17,8 @@ times it against a device-to-device copy, as bench_fp8.py quantize does.
     rows_only       1x128: only x's codes and row scales (no column reduction): the cost of one direction
     cols_only       1x128: only x^T's codes and column scales (no row reduction, no x codes)
 
-    PYTHONPATH=src python3 benchmarks/quantize_variants.py [--n 8192] [--json FILE]   (CASES: what is run)
+    PYTHONPATH=src python3 benchmarks/quantize_variants.py [--cases next|run|all] [--n 8192] [--json FILE]
+    PYTHONPATH=src python3 benchmarks/quantize_variants.py --diagnose    # where the FP32 hardware cast fails
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ import triton.language as tl
 import triton.testing
 
 from mixprec.fp8 import kernels
-from mixprec.fp8.kernels import (_codes, _grid_constants, _load_tile_raw, _odd_product, _round_to_grid, _scale, _store_transposed,
-                                 _tl_dtype)
+from mixprec.fp8.kernels import (_codes, _grid_constants, _load_tile_raw, _odd_product, _round_to_grid, _scale,
+                                 _store_transposed, _tl_dtype)
 from mixprec.fp8.quantize import AMAX_EPS, get_fp8_format, quantize
 
 VARIANTS = ("trans_codes", "trans_input", "trans_bytes", "no_transpose", "select_clamp", "rows_only", "cols_only")
@@ -39,23 +40,24 @@ VARIANTS = ("trans_codes", "trans_input", "trans_bytes", "no_transpose", "select
 WRITES = {"no_transpose": (0,), "rows_only": (0,), "cols_only": (1,)}
 _IDS = {name: i for i, name in enumerate(VARIANTS)}
 F32, BF16 = torch.float32, torch.bfloat16
-# (kernel, input dtype, variant, hardware cast, warps, tile): the library's kernels take FP32 weights and
-# BF16 activations; call 1 of 2026-11-29 (night) timed the tensorwise trans_codes variants on BF16
-CASES = [
+# (kernel, input dtype, variant, hardware cast, warps, tile). The library's kernels take FP32 weights and
+# BF16 activations. RUN: the cases timed on 2026-11-29 (benchmarks/results/fp8_session4.json, call 2);
+# NEXT: the select-based saturation on FP32 input, and the 1x128 kernel's two directions apart.
+RUN = [
     ("tensorwise", F32, "trans_codes", True, 4, 64), ("tensorwise", F32, "trans_input", True, 4, 64),
-    ("tensorwise", F32, "trans_bytes", True, 4, 64), ("tensorwise", F32, "no_transpose", True, 4, 64), ("tensorwise", BF16, "trans_input", True, 4, 64),
+    ("tensorwise", F32, "trans_bytes", True, 4, 64), ("tensorwise", BF16, "trans_input", True, 4, 64),
     ("tensorwise", BF16, "trans_bytes", True, 4, 64), ("tensorwise", BF16, "no_transpose", True, 4, 64),
     ("128x128", F32, "trans_codes", True, 8, 128), ("128x128", F32, "trans_input", True, 8, 128),
     ("128x128", F32, "trans_bytes", True, 8, 128),
     ("1x128", BF16, "trans_codes", True, 8, 128), ("1x128", BF16, "trans_input", True, 8, 128),
     ("1x128", BF16, "trans_input", True, 16, 128), ("1x128", BF16, "trans_bytes", True, 8, 128),
     ("1x128", BF16, "no_transpose", True, 8, 128),
-    # for the next device run: the min/max -> select workaround on FP32 input, and the 1x128 kernel's directions
-    ("tensorwise", F32, "select_clamp", True, 4, 64), ("128x128", F32, "select_clamp", True, 8, 128),
-    ("1x128", F32, "select_clamp", True, 8, 128), ("1x128", BF16, "rows_only", True, 8, 128),
-    ("1x128", BF16, "cols_only", True, 8, 128),
 ]
-CASES = CASES[-5:]     # the cases already run are in benchmarks/results/fp8_session4.json
+NEXT = [
+    ("tensorwise", F32, "select_clamp", True, 4, 64), ("tensorwise", F32, "no_transpose", True, 4, 64),
+    ("128x128", F32, "select_clamp", True, 8, 128), ("1x128", F32, "select_clamp", True, 8, 128),
+    ("1x128", BF16, "rows_only", True, 8, 128), ("1x128", BF16, "cols_only", True, 8, 128),
+]
 
 
 @triton.jit
@@ -195,7 +197,8 @@ def diagnose(check: torch.Tensor) -> None:
             print(f"{kind} {name}: {len(bad)} of {g.numel()} codes differ", flush=True)
             scale = ref[1] if kind == "tensorwise" else None
             for i, j in bad[:6].tolist():
-                s = scale if scale is not None else ref[1][i // 128, j // 128] if name == "q" else ref[1][j // 128, i // 128]
+                block = (i // 128, j // 128) if name == "q" else (j // 128, i // 128)
+                s = scale if scale is not None else ref[1][block]
                 print(f"  [{i},{j}] x={x[i, j].item()!r} x/s={(x[i, j].double() / s.double()).item()!r} "
                       f"got={g[i, j].float().item()!r} ref={r[i, j].float().item()!r}", flush=True)
 
@@ -204,6 +207,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--json")
+    parser.add_argument("--cases", default="next", choices=["next", "run", "all"],
+                        help="next: the cases not yet run (default); run: those of 2026-11-29; all: both")
     parser.add_argument("--diagnose", action="store_true", help="only: where the hardware cast of FP32 input differs")
     args = parser.parse_args()
     n = args.n
@@ -223,7 +228,8 @@ def main() -> None:
         diagnose(check)
         return
     rows = []
-    for kind, in_dtype, variant, hw_cast, warps, tile in CASES:
+    cases = {"next": NEXT, "run": RUN, "all": RUN + NEXT}[args.cases]
+    for kind, in_dtype, variant, hw_cast, warps, tile in cases:
         x = torch.randn(n, n, device="cuda", dtype=in_dtype)
         e, bpe = n * n, x.element_size()
         row = dict(kernel=kind, input=str(in_dtype).split(".")[1], variant=variant, hw_cast=hw_cast,
@@ -233,8 +239,8 @@ def main() -> None:
             got, _ = run_variant(kind, variant, c, "fp8_e4m3", hw_cast, warps, tile)
             ref = reference(kind, c, "fp8_e4m3")
             written = WRITES.get(variant, (0, 1))
-            exact = all(same_bytes(got[2 * i], ref[2 * i]) and torch.equal(got[2 * i + 1].float(), ref[2 * i + 1].float())
-                        for i in written)
+            exact = all(same_bytes(got[2 * i], ref[2 * i])
+                        and torch.equal(got[2 * i + 1].float(), ref[2 * i + 1].float()) for i in written)
             _, launch = run_variant(kind, variant, x, "fp8_e4m3", hw_cast, warps, tile)
             ms = triton.testing.do_bench(launch, return_mode="median")
             nbytes = e * bpe + e * len(WRITES.get(variant, (0, 1)))
