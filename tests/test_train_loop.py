@@ -13,7 +13,7 @@ from mixprec.train.checkpoint import load_checkpoint, save_checkpoint
 from mixprec.train.config import TrainConfig
 from mixprec.train.metrics import read_metrics
 from mixprec.train.trainer import Trainer
-from tolerances import COMPILED_VS_EAGER_LOSS_RTOL
+from tolerances import COMPILED_VS_EAGER_BF16_LOSS_RTOL, COMPILED_VS_EAGER_LOSS_RTOL
 
 TINY_GPT = dict(model="gpt", n_layer=1, n_head=2, d_model=32, seq_len=32, batch_size=4, eval_batches=2)
 
@@ -239,3 +239,13 @@ def test_compiled_training_follows_the_eager_trajectory(tmp_path):
     assert got.final_val_loss == pytest.approx(expected.final_val_loss, rel=COMPILED_VS_EAGER_LOSS_RTOL)
     # the checkpoint holds the model's own keys (no "_orig_mod." prefix): eager runs can resume from it
     assert set(load_checkpoint(compiled.out)["model"]) == set(eager.model.state_dict())
+
+
+def test_compiled_bf16_training_keeps_the_precision_rules(tmp_path):
+    sizes = dict(d_model=64, seq_len=64, batch_size=8, steps=4, eval_every=4)
+    runs = {(recipe, compiled): Trainer(_config(tmp_path, f"{recipe}-{compiled}", recipe=recipe, compile=compiled,
+                                                **sizes), progress=False, save_checkpoints=False).run().train_losses
+            for recipe, compiled in (("bf16-mixed", False), ("bf16-mixed", True), ("fp32", True))}
+    compiled, eager = runs[("bf16-mixed", True)], runs[("bf16-mixed", False)]
+    assert compiled == pytest.approx(eager, rel=COMPILED_VS_EAGER_BF16_LOSS_RTOL)
+    assert compiled != runs[("fp32", True)]          # autocast and the rules reached the compiled graph
