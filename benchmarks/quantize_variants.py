@@ -16,6 +16,10 @@ byte, and times it against a device-to-device copy, as bench_fp8.py quantize doe
                     workaround of triton-lang/triton#11111 for corrupted transposed FP8 stores)
     rows_only       1x128: only x's codes and row scales (no column reduction): the cost of one direction
     cols_only       1x128: only x^T's codes and column scales (no row reduction, no x codes)
+    chunked         1x128: the 128x128 tile in chunks of `tile` rows, twice: x's codes and the column
+                    amaxes, then x^T's codes from a second read (from L2). The one-pass kernel holds
+                    the whole tile and its codes: 255 registers with spills at 8 warps (ptxas -v, sm_90a),
+                    so one program per SM
 
     PYTHONPATH=src python3 benchmarks/quantize_variants.py [--cases next|run|all] [--n 8192] [--json FILE]
     PYTHONPATH=src python3 benchmarks/quantize_variants.py --diagnose    # where the FP32 hardware cast fails
@@ -35,7 +39,8 @@ from mixprec.fp8.kernels import (_codes, _grid_constants, _load_tile_raw, _odd_p
                                  _store_transposed, _tl_dtype)
 from mixprec.fp8.quantize import AMAX_EPS, get_fp8_format, quantize
 
-VARIANTS = ("trans_codes", "trans_input", "trans_bytes", "no_transpose", "select_clamp", "rows_only", "cols_only")
+VARIANTS = ("trans_codes", "trans_input", "trans_bytes", "no_transpose", "select_clamp", "rows_only", "cols_only",
+            "chunked")
 # which of (x's codes and scales, x^T's codes and scales) a variant writes
 WRITES = {"no_transpose": (0,), "rows_only": (0,), "cols_only": (1,)}
 _IDS = {name: i for i, name in enumerate(VARIANTS)}
@@ -57,6 +62,8 @@ NEXT = [
     ("tensorwise", F32, "select_clamp", True, 4, 64), ("tensorwise", F32, "no_transpose", True, 4, 64),
     ("128x128", F32, "select_clamp", True, 8, 128), ("1x128", F32, "select_clamp", True, 8, 128),
     ("1x128", BF16, "rows_only", True, 8, 128), ("1x128", BF16, "cols_only", True, 8, 128),
+    ("1x128", BF16, "chunked", True, 4, 32), ("1x128", BF16, "chunked", True, 8, 32),
+    ("1x128", BF16, "chunked", True, 4, 16), ("1x128", BF16, "chunked", True, 8, 64),
 ]
 
 
@@ -144,6 +151,35 @@ def _tile_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.const
         tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)
 
 
+@triton.jit
+def _tile_chunked_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.constexpr, FMAX: tl.constexpr,
+                          POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
+                          MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, B: tl.constexpr,
+                          CHUNK: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_k * B + tl.arange(0, B)
+    col_amax = tl.zeros((B,), dtype=tl.float32)
+    for c in range(B // CHUNK):          # x's codes, chunk by chunk; the column amaxes accumulate
+        rows = pid_r * B + c * CHUNK + tl.arange(0, CHUNK)
+        mask = (rows[:, None] < R) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        a = tl.abs(x)
+        row_s, row_inv = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)
+        tl.store(q_ptr + rows[:, None] * K + cols[None, :],
+                 _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST), mask=mask)
+        tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)
+        col_amax = tl.maximum(col_amax, tl.max(a, axis=0))
+    col_s, col_inv = _scale(col_amax, FMAX, POW2, EPS)
+    tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)
+    for c in range(B // CHUNK):          # x^T's codes from a second read of the same tile
+        rows = pid_r * B + c * CHUNK + tl.arange(0, CHUNK)
+        mask = (rows[:, None] < R) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        qt = tl.trans(_codes(x, col_inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST))
+        _store_transposed(qt_ptr, qt, rows, cols, mask, R)
+
+
 def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: bool, warps: int, tile: int):
     """Outputs of one variant (q, s, qt, st) and a closure that launches it again."""
     r, k = x.shape
@@ -167,7 +203,8 @@ def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: boo
         grid = (triton.cdiv(r, 128), triton.cdiv(k, 128))
         s_buf = torch.empty((grid[1], r), dtype=torch.float32, device=x.device)
         st_buf = torch.empty((grid[0], k), dtype=torch.float32, device=x.device)
-        launch = lambda: _tile_t_variant[grid](x, q, s_buf, qt, st_buf, r, k, B=128, **consts)  # noqa: E731
+        kernel, extra = (_tile_chunked_variant, dict(CHUNK=tile)) if variant == "chunked" else (_tile_t_variant, {})
+        launch = lambda: kernel[grid](x, q, s_buf, qt, st_buf, r, k, B=128, **extra, **consts)  # noqa: E731
         s, st = s_buf.t(), st_buf.t()
     launch()
     return (q, s, qt, st), launch
