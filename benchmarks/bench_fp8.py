@@ -237,36 +237,48 @@ def make_gpt(kind: str, args) -> GPT:
     return model
 
 
+def _peak_above(steady: int, fn):
+    """(fn(), the most memory allocated above `steady` bytes while it ran)."""
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated() - steady
+
+
 def memory_breakdown(model: nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer) -> dict:
     """Where one training step's memory goes (GiB, after the timed steps): what stays between steps
     (weights, optimizer state), what the forward leaves saved for the backward, the peaks inside the
     forward and the backward, the gradients the backward leaves, and the optimizer step's peak; all but
     the first above the steady state."""
+    def forward():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(x).float().square().mean()
+
     gib = 2 ** 30
     torch.cuda.synchronize()
     steady = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits = model(x)
-    loss = logits.float().square().mean()
-    del logits
-    torch.cuda.synchronize()
+    loss, forward_peak = _peak_above(steady, forward)
     saved = torch.cuda.memory_allocated() - steady
-    forward_peak = torch.cuda.max_memory_allocated() - steady
-    torch.cuda.reset_peak_memory_stats()
-    loss.backward()
+    _, backward_peak = _peak_above(steady, loss.backward)
     del loss
-    torch.cuda.synchronize()
-    backward_peak = torch.cuda.max_memory_allocated() - steady
     grads = torch.cuda.memory_allocated() - steady
-    torch.cuda.reset_peak_memory_stats()
-    opt.step()
-    torch.cuda.synchronize()
-    optimizer_peak = torch.cuda.max_memory_allocated() - steady
+    _, optimizer_peak = _peak_above(steady, opt.step)
     opt.zero_grad(set_to_none=True)
     return dict(steady_GiB=round(steady / gib, 2), saved_for_backward_GiB=round(saved / gib, 2),
                 forward_peak_GiB=round(forward_peak / gib, 2), backward_peak_GiB=round(backward_peak / gib, 2),
                 grads_GiB=round(grads / gib, 2), optimizer_peak_GiB=round(optimizer_peak / gib, 2))
+
+
+def _replay(events):
+    """The allocator's live blocks (address -> alloc event) and their total bytes after each event."""
+    live, total = {}, 0
+    for event in events:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+        yield live, total
 
 
 def live_at_peak(step_fn, top: int = 12) -> list[dict]:
@@ -280,15 +292,11 @@ def live_at_peak(step_fn, top: int = 12) -> list[dict]:
         snapshot = torch.cuda.memory._snapshot()
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
-    live, total, peak, at_peak = {}, 0, -1, {}
-    for event in snapshot["device_traces"][0]:
-        if event["action"] == "alloc":
-            live[event["addr"]] = event
-            total += event["size"]
-        elif event["action"] == "free_completed" and event["addr"] in live:
-            total -= live.pop(event["addr"])["size"]
-        if total > peak:
-            peak, at_peak = total, dict(live)
+    events = snapshot["device_traces"][0]
+    totals = [total for _, total in _replay(events)]     # first pass: when the peak is; second: what is live then
+    peak_at = max(range(len(totals)), key=totals.__getitem__, default=None)
+    at_peak = {} if peak_at is None else next(live for i, (live, _) in enumerate(_replay(events)) if i == peak_at)
+    peak = totals[peak_at] if totals else 0
     groups: dict[str, list[int]] = {}
     for event in at_peak.values():
         frames = [f for f in event.get("frames", []) if "/torch/" not in f["filename"]]
