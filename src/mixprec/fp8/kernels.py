@@ -6,7 +6,8 @@ reads the tensor once, tile by tile, and writes both code layouts (q: (R, K) and
 row-major) with their scales, so the backward needs no transpose pass:
 
     quantize_1x128_t    per 1x128 tile of x and per 1x128 tile of x^T (a 128x1 tile of x): a
-                        128x128 tile gives 128 row amaxes and 128 column amaxes
+                        128x128 tile gives 128 row amaxes and 128 column amaxes (read twice, in
+                        chunks of rows: the second read comes from L2)
     quantize_128x128_t  per 128x128 block; x^T's scales are the transpose of x's
     quantize_tensor_t   tensorwise: an amax reduction (atomic max) then one cast pass, whose x^T codes
                         come from the transposed input tile
@@ -40,6 +41,9 @@ _BLOCK = 128           # DeepSeek-V3's tile; also the only block torch._scaled_m
 # A 128x128 FP32 tile is 64 values per thread at 8 warps: measured per shape which warp count keeps it
 # in registers best (autotuned once per shape; training shapes repeat).
 _TILE_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
+# The 1x128 kernel walks its tile in chunks of rows (quantize_variants.py "chunked" on the H200, BF16
+# 8192^2: 0.30 of copy bandwidth at 4 warps and 32 rows, 0.26 at 8 and 64, against 0.26 unchunked).
+_CHUNK_CONFIGS = [triton.Config({"CHUNK": c}, num_warps=w) for w, c in ((4, 32), (8, 64), (4, 16))]
 # Tensorwise kernels have no tile the scale depends on: rectangles trade registers for parallelism.
 _FREE_CONFIGS = [triton.Config({"BR": br, "BK": bk}, num_warps=w)
                  for br, bk in ((128, 128), (64, 128), (128, 64), (64, 64)) for w in (4, 8)]
@@ -63,8 +67,8 @@ def _grid_constants(f, *, hw_cast: bool = True) -> dict:
     hardware cast, Triton 3.6 on the H200 stored x's codes right and x^T's wrong (whole rows of one
     garbage value, benchmarks/quantize_variants.py --diagnose), whether x^T's codes came from the code
     tile, its bytes or the transposed input. BF16 inputs were bit-exact, and so were the per-row-scaled
-    kernels (1x128, rowwise) with either input. Possibly triton-lang/triton#11111 (a transposed FP8
-    store corrupted after min/max); its workaround is not yet tested here.
+    kernels (1x128, rowwise) with either input. Not triton-lang/triton#11111's case (a transposed FP8
+    store corrupted after min/max): saturating with selects instead left the codes as wrong.
     """
     return dict(M=f.mantissa_bits, MIN_NORMAL=f.min_normal,
                 MAGIC=2.0 ** (f.min_exponent - f.mantissa_bits + 23), HW_CAST=hw_cast and not _interpreting())
@@ -151,24 +155,37 @@ def _store_transposed(qt_ptr, qt, rows, cols, mask, R):
     tl.store(qt_ptr + cols[:, None] * R + rows[None, :], qt, mask=tl.trans(mask))
 
 
-@triton.autotune(configs=_TILE_CONFIGS, key=["R", "K"])
+@triton.autotune(configs=_CHUNK_CONFIGS, key=["R", "K"])
 @triton.jit
 def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
                              FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                              OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
-                             MAGIC: tl.constexpr, HW_CAST: tl.constexpr):
+                             MAGIC: tl.constexpr, HW_CAST: tl.constexpr, CHUNK: tl.constexpr):
+    # The 128x128 tile in chunks of CHUNK rows, twice. Held whole with both code tiles, it took 255
+    # registers per thread and spilled (ptxas, sm_90a); in chunks the first pass writes x's codes and
+    # accumulates the column amaxes, the second reads the tile again (from L2) for x^T's codes.
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows, cols, mask, x = _load_tile(x_ptr, R, K, B, B)
-    a = tl.abs(x)
-    row_s, row_inv = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)   # x along K: one scale per row of the tile
-    col_s, col_inv = _scale(tl.max(a, axis=0), FMAX, POW2, EPS)   # x^T along R: one scale per column
-    q = _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
-    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
-    tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)           # (K/B, R) buffer: outer-dim-major
-    qt = tl.trans(_codes(x, col_inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST))
-    _store_transposed(qt_ptr, qt, rows, cols, mask, R)
+    cols = pid_k * B + tl.arange(0, B)
+    col_amax = tl.zeros((B,), dtype=tl.float32)
+    for c in range(B // CHUNK):
+        rows = pid_r * B + c * CHUNK + tl.arange(0, CHUNK)
+        mask = (rows[:, None] < R) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        a = tl.abs(x)
+        row_s, row_inv = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)   # x along K: one scale per row
+        tl.store(q_ptr + rows[:, None] * K + cols[None, :],
+                 _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST), mask=mask)
+        tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)      # (K/B, R) buffer: outer-dim-major
+        col_amax = tl.maximum(col_amax, tl.max(a, axis=0))
+    col_s, col_inv = _scale(col_amax, FMAX, POW2, EPS)                 # x^T along R: one scale per column
     tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)          # (R/B, K) buffer
+    for c in range(B // CHUNK):
+        rows = pid_r * B + c * CHUNK + tl.arange(0, CHUNK)
+        mask = (rows[:, None] < R) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        qt = tl.trans(_codes(x, col_inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST))
+        _store_transposed(qt_ptr, qt, rows, cols, mask, R)
 
 
 @triton.autotune(configs=_TILE_CONFIGS, key=["R", "K"])
