@@ -5,8 +5,11 @@ learned positions, tied head), bytes of the Python standard library as data, bf1
 
 Variants (the order rotates each repeat, see below):
   A  bare loop:  torch.autocast(bf16), fused AdamW, grad-norm clip, same batches; no logging
-  B  mixprec loop: the same loop with mp.prepare + mp.autocast (the library's precision rules) and the
-     LossScaler (a pass-through for BF16), still no logging: isolates the rules' cost from the trainer's
+  B  mixprec loop: the same loop with mp.prepare + mp.autocast (the library's precision rules, op rows by
+     its function mode: op_rules="intercept", the default) and the LossScaler (a pass-through for BF16),
+     still no logging: isolates the rules' cost from the trainer's
+  N  the same with op_rules="autocast" (the op rows left to torch.autocast's CUDA lists, no Python per op)
+     and mp.ops.cross_entropy, as the trainer runs on CUDA
   C  the trainer: mixprec.train.Trainer as `mixprec train` runs it (progress bar, metrics.jsonl every
      10 steps, validation every 100 steps, checkpoint cadence 500, so none inside the timed window)
 
@@ -22,7 +25,7 @@ headline ratio is trainer / bare loop.
 Timing on the lent GPU moved by 10-20 % from one window to the next (3.13 to 3.72 s for the same
 bare-loop window, benchmarks/results/train.md), more than the overheads measured here. So one
 untimed bare run warms the GPU up first, many short windows are taken (6 repeats by default), the
-order of A B C rotates each repeat (A B C, B C A, C A B, ...), and each variant's best window is
+order of the variants rotates each repeat (A B N C, B N C A, ...), and each variant's best window is
 reported beside the median of the per-repeat ratios.
 
 --compile runs every variant with the model under torch.compile (`mixprec train --compile`; the loss
@@ -101,8 +104,10 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS, eps=ADAM_EPS, fused=DEVICE == "cuda")
 
 
-def bare_loop(cfg: TrainConfig, data, steps: int, use_mixprec: bool, trace: StepTrace | None = None) -> float:
-    """Seconds for `steps` steps after WARMUP, of a hand-written loop."""
+def bare_loop(cfg: TrainConfig, data, steps: int, op_rules: str | None, trace: StepTrace | None = None) -> float:
+    """Seconds for `steps` steps after WARMUP, of a hand-written loop; op_rules None: torch.autocast
+    alone, else mixprec with that mp.autocast op_rules."""
+    use_mixprec = op_rules is not None
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model_config()).to(DEVICE)
     policy = mp.Policy.from_recipe(cfg.recipe)
@@ -121,10 +126,14 @@ def bare_loop(cfg: TrainConfig, data, steps: int, use_mixprec: bool, trace: Step
         if trace is not None and step >= WARMUP:
             trace.mark()
         x, y = (t.to(DEVICE, non_blocking=True) for t in data.train_batch(step))
-        context = mp.autocast(policy) if use_mixprec else torch.autocast(DEVICE, dtype=dtype)
+        if use_mixprec:
+            context = mp.autocast(policy, device_type=DEVICE, op_rules=op_rules)
+        else:
+            context = torch.autocast(DEVICE, dtype=dtype)
+        loss_fn = mp.ops.cross_entropy if op_rules == "autocast" else F.cross_entropy
         with context:
             logits = forward_model(x)
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+            loss = loss_fn(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -183,12 +192,14 @@ def main() -> None:
     cfg = _config(str(Path(args.out) / args.recipe), args.recipe, WARMUP + steps, compile=args.compile)
     data = batches_for("gpt", batch_size=BATCH, seq_len=SIZES["seq_len"], seed=cfg.seed)
     tokens = steps * BATCH * SIZES["seq_len"]
-    times: dict[str, list[float]] = {"bare": [], "mixprec": [], "trainer": []}
+    # the mixprec loops' op_rules ("mixprec-autocast" only on CUDA: it needs device_type="cuda")
+    loops = {"mixprec": "intercept", **({"mixprec-autocast": "autocast"} if DEVICE == "cuda" else {})}
+    times: dict[str, list[float]] = {"bare": [], **{name: [] for name in loops}, "trainer": []}
     own, ckpt, traces = [], [], []
-    bare_loop(cfg, data, min(steps, 30), use_mixprec=False)     # untimed: clocks and allocator warm up
+    bare_loop(cfg, data, min(steps, 30), op_rules=None)     # untimed: clocks and allocator warm up
     order = list(times)
     for repeat in range(args.repeats):
-        for name in order[repeat % 3:] + order[:repeat % 3]:
+        for name in order[repeat % len(order):] + order[:repeat % len(order)]:
             gc.collect()
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
@@ -198,12 +209,12 @@ def main() -> None:
                 own.append(rate)
                 ckpt.append(checkpoint_s)
             else:
-                seconds = bare_loop(cfg, data, steps, use_mixprec=name == "mixprec", trace=trace)
+                seconds = bare_loop(cfg, data, steps, op_rules=loops.get(name), trace=trace)
             times[name].append(seconds)
             if trace is not None:
                 traces.append(dict(variant=name, repeat=repeat, seconds=seconds, **trace.summary()))
                 print(f"  host ms/step {traces[-1]['host_ms']}, GPU ms/step {traces[-1]['gpu_ms']}", flush=True)
-            print(f"{name:8s} {tokens / seconds:10,.0f} tokens/s", flush=True)
+            print(f"{name:16s} {tokens / seconds:10,.0f} tokens/s", flush=True)
     best = {k: tokens / min(v) for k, v in times.items()}
     step_s = min(times["trainer"]) / steps
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
@@ -216,6 +227,10 @@ def main() -> None:
                   b / t for b, t in zip(times["bare"], times["trainer"])),
               "trainer_vs_mixprec_loop": best["trainer"] / best["mixprec"],
               "mixprec_loop_vs_bare": best["mixprec"] / best["bare"],
+              **({"mixprec_autocast_loop_vs_bare": best["mixprec-autocast"] / best["bare"],
+                  "mixprec_autocast_loop_vs_bare_median_of_repeats": statistics.median(
+                      b / t for b, t in zip(times["bare"], times["mixprec-autocast"]))}
+                 if "mixprec-autocast" in best else {}),
               "checkpoint_blocking_amortised_at_500": min(c["blocking"] for c in ckpt) / (500 * step_s),
               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None,
               "step_traces": traces}
@@ -225,9 +240,10 @@ def main() -> None:
     print(f"\n{result['device']}, torch {result['torch']}, GPT {SIZES}, B={BATCH}, {args.recipe}, "
           f"{'compiled' if args.compile else 'eager'}, {steps} timed steps, best of {args.repeats}")
     print("| loop | tokens/s | vs bare |\n| --- | --- | --- |")
-    for name, label in (("bare", "bare loop, torch.autocast"), ("mixprec", "bare loop, mp.prepare + mp.autocast"),
-                        ("trainer", "mixprec train (Trainer)")):
-        print(f"| {label} | {best[name]:,.0f} | {best[name] / best['bare']:.3f}x |")
+    labels = {"bare": "bare loop, torch.autocast", "mixprec": "bare loop, mp.prepare + mp.autocast",
+              "mixprec-autocast": "the same, op_rules='autocast'", "trainer": "mixprec train (Trainer)"}
+    for name in times:
+        print(f"| {labels[name]} | {best[name]:,.0f} | {best[name] / best['bare']:.3f}x |")
     print("trainer / bare, each repeat: " + ", ".join(f"{r:.3f}x" for r in result["trainer_vs_bare_each_repeat"])
           + f"; median {result['trainer_vs_bare_median_of_repeats']:.3f}x")
     blocking, write = min(c["blocking"] for c in ckpt), min(c["write"] for c in ckpt)

@@ -149,3 +149,108 @@ def test_cpu_and_cuda_apply_the_same_table(recipe, monkeypatch):
                 assert {o for _, outs in cpu[module] for o in outs} == {o for _, outs in cuda[module] for o in outs}
             else:
                 assert cpu[module] == cuda[module], (make, module, cpu[module] ^ cuda[module])
+
+
+def test_op_rules_option_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="Unknown op_rules 'fast'; choose one of: intercept, autocast"):
+        with mp.autocast("bf16-mixed", op_rules="fast"):
+            pass
+    with pytest.raises(ValueError, match="needs device_type='cuda'"):
+        with mp.autocast("bf16-mixed", device_type="cpu", op_rules="autocast"):
+            pass
+    try:
+        mp.rules.keep_fp32(torch.tanh)
+        with pytest.raises(ValueError, match="registered by the user \\(tanh\\)"):
+            with mp.autocast("bf16-mixed", device_type="cuda", op_rules="autocast"):
+                pass
+    finally:
+        mp.rules.reset()
+
+
+@pytest.mark.parametrize("recipe", ["bf16-mixed", "fp16-mixed"])
+def test_ops_cross_entropy_is_the_loss_row(recipe):
+    """mp.ops.cross_entropy computes in FP32 from half logits, as the mode makes F.cross_entropy do."""
+    torch.manual_seed(0)
+    logits = (torch.randn(32, 50) * 4).to(torch.bfloat16)
+    target = torch.randint(0, 50, (32,))
+    reference = F.cross_entropy(logits.float(), target, reduction="sum")
+    got = mp.ops.cross_entropy(logits, target, reduction="sum")
+    assert got.dtype == torch.float32 and torch.equal(got, reference)
+    with mp.autocast(recipe):
+        intercepted = F.cross_entropy(logits, target, reduction="sum")
+        inside = mp.ops.cross_entropy(logits, target, reduction="sum")
+    assert torch.equal(intercepted, reference) and torch.equal(inside, reference)
+
+
+def _op_table_cases(d):
+    """Arguments (as a BF16 autocast region sees them) for every function of the built-in op table."""
+    torch.manual_seed(0)
+    x = (torch.randn(64, 16, device=d) * 3).bfloat16()
+    y = torch.randn(64, 16, device=d).bfloat16()
+    z = torch.randn(64, 16, device=d).bfloat16()
+    shifted = (100 + torch.randn(64, 16, device=d)).bfloat16()     # norms: statistics in half would show
+    p = torch.rand(64, 16, device=d).bfloat16()
+    labels = torch.randint(0, 16, (64,), device=d)
+    signs = (torch.randint(0, 2, (64,), device=d) * 2 - 1).float()
+    w, b = torch.rand(16, device=d) + 0.5, torch.randn(16, device=d)
+    multilabel = torch.full((64, 16), -1, dtype=torch.long, device=d)
+    multilabel[:, :3] = torch.randint(0, 16, (64, 3), device=d)
+    log_probs = torch.randn(20, 4, 10, device=d).log_softmax(-1).bfloat16()
+    ctc = (log_probs, torch.randint(1, 10, (4, 6), device=d), torch.full((4,), 20, device=d),
+           torch.full((4,), 6, device=d))
+    softmaxes = {fn: lambda fn=fn: ((x, -1), {}) for fn in (
+        torch.softmax, F.softmax, torch.Tensor.softmax, torch.log_softmax, F.log_softmax, torch.Tensor.log_softmax,
+        torch.special.softmax, torch.special.log_softmax, F.softmin, torch.logsumexp, torch.Tensor.logsumexp,
+        torch.cumsum, torch.Tensor.cumsum)}
+    return {**softmaxes,
+            torch.norm: lambda: ((x,), {}), torch.linalg.vector_norm: lambda: ((x,), {}),
+            F.cross_entropy: lambda: ((x, labels), {}), F.nll_loss: lambda: ((x.log_softmax(-1), labels), {}),
+            F.mse_loss: lambda: ((x, y), {}), F.l1_loss: lambda: ((x, y), {}),
+            F.smooth_l1_loss: lambda: ((x, y), {}), F.huber_loss: lambda: ((x, y), {}),
+            F.binary_cross_entropy: lambda: ((p, p), {}), F.binary_cross_entropy_with_logits: lambda: ((x, p), {}),
+            F.kl_div: lambda: ((x.log_softmax(-1), y.softmax(-1)), {"reduction": "batchmean"}),
+            F.poisson_nll_loss: lambda: ((x, p), {}), F.gaussian_nll_loss: lambda: ((x, y, p + 0.1), {}),
+            F.cosine_embedding_loss: lambda: ((x, y, signs), {}), F.hinge_embedding_loss: lambda: ((x, y.sign()), {}),
+            F.margin_ranking_loss: lambda: ((x[:, 0], y[:, 0], signs), {}),
+            F.multilabel_margin_loss: lambda: ((x, multilabel), {}),
+            F.multilabel_soft_margin_loss: lambda: ((x, (p > 0.5).bfloat16()), {}),
+            F.multi_margin_loss: lambda: ((x, labels), {}), F.soft_margin_loss: lambda: ((x, y.sign()), {}),
+            F.triplet_margin_loss: lambda: ((x, y, z), {}), F.ctc_loss: lambda: (ctc, {}),
+            F.layer_norm: lambda: ((shifted, (16,), w, b), {}), F.rms_norm: lambda: ((shifted, (16,), w), {}),
+            F.group_norm: lambda: ((shifted, 4, w, b), {}),
+            F.batch_norm: lambda: ((shifted, torch.zeros(16, device=d), torch.ones(16, device=d), w, b, True), {}),
+            F.instance_norm: lambda: ((shifted.view(4, 16, 16).transpose(1, 2).contiguous(),), {})}
+
+
+@pytest.mark.cuda
+def test_cuda_autocast_lists_compute_the_built_in_op_rows():
+    """op_rules="autocast" (no function mode) gives what the rules give, on CUDA, for every built-in op
+    function but CUDA_AUTOCAST_EXCEPTIONS, which do differ as stated."""
+    from mixprec.autocast import CUDA_AUTOCAST_EXCEPTIONS
+    from tolerances import FP32_ORDER_ATOL, FP32_ORDER_RTOL
+    cases = _op_table_cases("cuda")
+    builtin = {fn for rule in mp.rules.BUILTIN_OP_RULES for fn in rule.functions}
+    assert set(cases) == builtin
+
+    def run(fn, op_rules):
+        args, kwargs = cases[fn]()
+        with mp.autocast("bf16-mixed", device_type="cuda", op_rules=op_rules):
+            return fn(*args, **kwargs)
+
+    for fn in builtin:
+        ruled = run(fn, "intercept")
+        if fn in CUDA_AUTOCAST_EXCEPTIONS:
+            try:
+                native = run(fn, "autocast")
+            except RuntimeError:
+                continue
+            assert fn is not F.binary_cross_entropy, "torch.autocast no longer refuses binary_cross_entropy"
+            assert not torch.allclose(native.float(), ruled.float(), rtol=FP32_ORDER_RTOL, atol=FP32_ORDER_ATOL), fn
+            continue
+        native = run(fn, "autocast")
+        if ruled.dtype == torch.float32:     # computed and returned in FP32 both ways
+            assert native.dtype == torch.float32, fn
+            torch.testing.assert_close(native, ruled, rtol=FP32_ORDER_RTOL, atol=FP32_ORDER_ATOL, msg=str(fn))
+        else:     # a norm: the rule casts back; the same FP32 values may round one BF16 ulp apart
+            torch.testing.assert_close(native.to(ruled.dtype).float(), ruled.float(), rtol=2 ** -8, atol=0,
+                                       msg=str(fn))

@@ -249,3 +249,21 @@ def test_compiled_bf16_training_keeps_the_precision_rules(tmp_path):
     compiled, eager = runs[("bf16-mixed", True)], runs[("bf16-mixed", False)]
     assert compiled == pytest.approx(eager, rel=COMPILED_VS_EAGER_BF16_LOSS_RTOL)
     assert compiled != runs[("fp32", True)]          # autocast and the rules reached the compiled graph
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("model", ["gpt", "cnn", "lstm"])
+def test_cuda_trainer_without_the_function_mode_trains_identically(tmp_path, model):
+    """On CUDA the trainer leaves the op rows to torch.autocast (op_rules="autocast"): the same losses,
+    bit for bit, as with mp.autocast's function mode applying them."""
+    sizes = dict(TINY_GPT, d_model=64, seq_len=64) if model == "gpt" else dict(model=model, batch_size=8)
+    losses = {}
+    for op_rules in ("autocast", "intercept"):
+        cfg = TrainConfig(**sizes, recipe="bf16-mixed", device="cuda", steps=4, log_every=1, eval_every=4,
+                          out=str(tmp_path / op_rules))
+        trainer = Trainer(cfg, progress=False, save_checkpoints=False)
+        assert trainer.op_rules == "autocast"        # the trainer's choice on CUDA
+        trainer.op_rules = op_rules
+        summary = trainer.run()
+        losses[op_rules] = (summary.train_losses, summary.final_val_loss)
+    assert losses["autocast"] == losses["intercept"]

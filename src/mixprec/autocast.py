@@ -6,6 +6,11 @@ stays BF16, losses and norms differ, FP16 kernels are slow). A TorchFunctionMode
 
 The mode acts only where torch.autocast is enabled for the op's device, so code that disables
 autocast (a module kept in FP32, an FP8 GEMM's own autograd function) is left alone.
+
+The mode costs host time on every torch call of the block (a Python call each: ~400 per forward of a
+12-layer GPT), which an eager GPU loop close to bound by its host turns into step time. On CUDA,
+torch.autocast's own lists already compute the built-in op rows in FP32 (CUDA_AUTOCAST_EXCEPTIONS
+names the few they do not), so `op_rules="autocast"` leaves them to it there and runs no Python per op.
 """
 from __future__ import annotations
 
@@ -35,6 +40,18 @@ GEMM_OPS = frozenset([
 _CPU_MISSING_GEMMS = frozenset([torch.mv, torch.Tensor.mv, torch.addmv, torch.addr, torch.chain_matmul,
                                 torch.linalg.multi_dot])
 _TO_FP32 = frozenset([torch.Tensor.float, torch.Tensor.double])
+
+# Built-in op rules that torch.autocast's CUDA lists do not compute in FP32 (tests/test_precision_table.py
+# checks every other function of the table against those lists on a GPU). Elsewhere they agree, up to the
+# output dtype of the functional norms: FP32 under torch.autocast, cast back to the input's under the
+# rule (batch_norm and instance_norm are not upcast there: their CUDA kernels keep the statistics in FP32).
+CUDA_AUTOCAST_EXCEPTIONS = {
+    F.binary_cross_entropy: "raises under torch.autocast (binary_cross_entropy_with_logits is safe)",
+    F.gaussian_nll_loss: "partly in half precision (input - target)",
+    F.multilabel_soft_margin_loss: "partly in half precision (its log-sigmoid)",
+    F.ctc_loss: "not cast: runs on the half log-probabilities as given",
+}
+OP_RULES = ("intercept", "autocast")
 _TO_FP16 = frozenset([torch.Tensor.half])
 
 
@@ -177,11 +194,20 @@ def check_device_supports(policy: Policy, device_type: str) -> None:
 
 
 @contextlib.contextmanager
-def autocast(policy: Policy | str, *, device_type: str | None = None, enabled: bool = True) -> Iterator[None]:
+def autocast(policy: Policy | str, *, device_type: str | None = None, enabled: bool = True,
+             op_rules: str = "intercept") -> Iterator[None]:
     """Run the enclosed forward pass (and loss) under the policy's compute precision.
 
     `policy` is a Policy or a recipe name. Without `device_type`, autocast is enabled for the CPU
     and, when present, CUDA; each op follows the device of its tensors.
+
+    op_rules: how the op rows of the precision table (softmax, losses, functional norms, ...) apply.
+      "intercept" (default): a function mode checks every torch call of the block against the table,
+          the same way on every device.
+      "autocast": torch.autocast's own lists apply them, with no Python per op (for eager GPU loops
+          bound by the host). Only with device_type="cuda" and no op rules registered by the user:
+          on CUDA those lists compute the built-in rows in FP32, except CUDA_AUTOCAST_EXCEPTIONS.
+      Module rules (norm modules, embeddings, head, RNNs) are mp.prepare's and apply either way.
 
         with mp.autocast(policy):
             loss = loss_fn(model(x), y)
@@ -199,10 +225,26 @@ def autocast(policy: Policy | str, *, device_type: str | None = None, enabled: b
         devices = [device_type]
     else:
         raise ValueError(f"Unknown device_type {device_type!r}; choose one of: cpu, cuda")
+    _check_op_rules(op_rules, devices)
     for d in devices:
         check_device_supports(policy, d)
     with contextlib.ExitStack() as stack:
         for d in devices:
             stack.enter_context(torch.autocast(d, dtype=policy.compute_dtype))
-        stack.enter_context(PrecisionMode(policy))
+        if op_rules == "intercept":
+            stack.enter_context(PrecisionMode(policy))
         yield
+
+
+def _check_op_rules(op_rules: str, devices: list[str]) -> None:
+    if op_rules not in OP_RULES:
+        raise ValueError(f"Unknown op_rules {op_rules!r}; choose one of: {', '.join(OP_RULES)}")
+    if op_rules == "intercept":
+        return
+    if devices != ["cuda"]:
+        raise ValueError(f"op_rules='autocast' needs device_type='cuda' (torch.autocast's CPU lists differ "
+                         f"from the table); got device_type for {devices}. Use op_rules='intercept'")
+    if rules.user_op_rules():
+        names = ", ".join(r.what for r in rules.user_op_rules())
+        raise ValueError(f"op_rules='autocast' cannot apply op rules registered by the user ({names}): "
+                         f"torch.autocast does not know them. Use op_rules='intercept'")

@@ -1,9 +1,10 @@
-"""Ops that autocast cannot place by itself: hand-written attention and the output head's GEMM."""
+"""Ops that autocast cannot place by itself: hand-written attention, the output head's GEMM, the loss."""
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 from mixprec import emulation, head_loss
 from mixprec.autocast import logical_dtype, to_fp32
@@ -38,6 +39,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if out_dtype == torch.float16 and emulation.is_logical_fp16(q):
         return emulation.to_fp16_values(out)
     return out.to(out_dtype)
+
+
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
+    """F.cross_entropy with the table's loss row applied: FP32 input and compute.
+
+    What mp.autocast's function mode makes of F.cross_entropy, also where the mode does not run
+    (op_rules="autocast", or outside mp.autocast): logits straight from a head mp.prepare set up take
+    mixprec.head_loss's fused path on CUDA, everything else F.cross_entropy on FP32 values.
+    """
+    if input.is_cuda and head_loss.ENABLED:
+        fused = head_loss.fused_cross_entropy(input, target, **kwargs)
+        if fused is not None:
+            return fused
+    with torch.autocast(input.device.type, enabled=False):
+        return F.cross_entropy(to_fp32(input), target, **kwargs)
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

@@ -210,6 +210,11 @@ def op_rules() -> list[OpRule]:
     return [*_registry.op_rules, *BUILTIN_OP_RULES]
 
 
+def user_op_rules() -> list[OpRule]:
+    """The op rules registered with keep_fp32 / allow_half (newest first)."""
+    return list(_registry.op_rules)
+
+
 def rules_version() -> int:
     return _registry.version
 

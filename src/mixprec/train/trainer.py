@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 import mixprec as mp
 from mixprec.fp8.convert import report as fp8_report
@@ -85,6 +84,10 @@ class Trainer:
         self.checkpoints = checkpoint.CheckpointWriter(self.out)
         self.device = torch.device(cfg.device)
         self.policy = mp.Policy.from_recipe(cfg.recipe)
+        # On CUDA the table's op rows ride on torch.autocast's own lists: the models and the loss here
+        # use none of mp.autocast's CUDA_AUTOCAST_EXCEPTIONS, and the eager loop is bound by its host,
+        # which the function mode's Python per op slowed by ~5% (benchmarks/results/train.md).
+        self.op_rules = "autocast" if self.device.type == "cuda" and not mp.rules.user_op_rules() else "intercept"
         model_cfg = cfg.model_config()
         self.data = batches_for(cfg.model, batch_size=cfg.batch_size, seq_len=getattr(model_cfg, "seq_len", 1),
                                 seed=cfg.seed)
@@ -133,11 +136,14 @@ class Trainer:
         return cfg.lr * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     # ---- one step ------------------------------------------------------------------------------
+    def autocast(self):
+        return mp.autocast(self.policy, device_type=self.device.type, op_rules=self.op_rules)
+
     def loss_on(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of a batch under the policy's autocast (the loss itself in FP32)."""
-        with mp.autocast(self.policy):
+        with self.autocast():
             logits = self.forward_model(x)
-            return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+            return mp.ops.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
 
     def train_step(self, step: int, *, count_memory: bool = False) -> torch.Tensor:
         """One optimizer step on batch `step`; returns the (unscaled) loss as a device tensor."""
@@ -179,9 +185,9 @@ class Trainer:
         self.model.eval()
         total, count = torch.zeros((), device=self.device), 0
         for x, y in self.val_batches:
-            with mp.autocast(self.policy):
+            with self.autocast():
                 logits = self.forward_model(x)
-                total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+                total += mp.ops.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
             count += y.numel()
         self.model.train()
         return float(total) / count
