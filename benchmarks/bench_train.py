@@ -28,6 +28,10 @@ untimed bare run warms the GPU up first, many short windows are taken (6 repeats
 order of the variants rotates each repeat (A B N C, B N C A, ...), and each variant's best window is
 reported beside the median of the per-repeat ratios.
 
+Before the windows, the host time of one forward (model and loss, under each variant's autocast) is
+measured alone: the clock stops when the forward returns, before the GPU finishes it, so it is the
+Python and launch cost per forward that a loop bound by its host pays.
+
 --compile runs every variant with the model under torch.compile (`mixprec train --compile`; the loss
 stays eager): the precision rules' function mode is then traced into the graph instead of running on
 the host for every op of every step (the eager loop here is close to bound by the host).
@@ -168,6 +172,31 @@ def trainer_run(cfg: TrainConfig, steps: int, trace: StepTrace | None = None) ->
     return window - (validation[WARMUP + steps] - validation[WARMUP]), summary.items_per_s, checkpoint_s
 
 
+def host_forward_ms(cfg: TrainConfig, data, op_rules: str | None, repeats: int = 20) -> float:
+    """Median host milliseconds of one training forward (model and loss, launches only: the clock stops
+    when the forward returns, before the GPU finishes it; a sync between forwards)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model_config()).to(DEVICE)
+    policy = mp.Policy.from_recipe(cfg.recipe)
+    if op_rules is not None:
+        model = mp.prepare(model, policy)
+    x, y = (t.to(DEVICE) for t in data.train_batch(0))
+    loss_fn = mp.ops.cross_entropy if op_rules == "autocast" else F.cross_entropy
+    samples = []
+    for _ in range(repeats + 3):
+        _sync()
+        start = time.perf_counter()
+        context = (torch.autocast(DEVICE, dtype=policy.compute_dtype) if op_rules is None
+                   else mp.autocast(policy, device_type=DEVICE, op_rules=op_rules))
+        with context:
+            logits = model(x)
+            loss = loss_fn(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        samples.append((time.perf_counter() - start) * 1e3)
+        del logits, loss
+    _sync()
+    return statistics.median(samples[3:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/bench_train", help="the trainer's run directories")
@@ -196,6 +225,8 @@ def main() -> None:
     loops = {"mixprec": "intercept", **({"mixprec-autocast": "autocast"} if DEVICE == "cuda" else {})}
     times: dict[str, list[float]] = {"bare": [], **{name: [] for name in loops}, "trainer": []}
     own, ckpt, traces = [], [], []
+    host_ms = {"bare": host_forward_ms(cfg, data, None), **{n: host_forward_ms(cfg, data, r) for n, r in loops.items()}}
+    print("host ms per forward (launches):", {k: round(v, 2) for k, v in host_ms.items()}, flush=True)
     bare_loop(cfg, data, min(steps, 30), op_rules=None)     # untimed: clocks and allocator warm up
     order = list(times)
     for repeat in range(args.repeats):
@@ -233,7 +264,7 @@ def main() -> None:
                  if "mixprec-autocast" in best else {}),
               "checkpoint_blocking_amortised_at_500": min(c["blocking"] for c in ckpt) / (500 * step_s),
               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None,
-              "step_traces": traces}
+              "host_forward_ms": host_ms, "step_traces": traces}
     json_path = Path(args.json) if args.json else Path(args.out) / "bench_train.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1))

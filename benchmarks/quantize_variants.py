@@ -17,12 +17,13 @@ byte, and times it against a device-to-device copy, as bench_fp8.py quantize doe
                     the H200 it left FP32 input's x^T codes wrong)
     rows_only       1x128: only x's codes and row scales (no column reduction): the cost of one direction
     cols_only       1x128: only x^T's codes and column scales (no row reduction, no x codes)
-    chunked         1x128, the library's kernel since 2026-11-29: the 128x128 tile in chunks of `tile`
-                    rows, twice: x's codes and the column amaxes, then x^T's codes from a second read
-                    (from L2). The one-pass kernel holds the whole tile and its codes: 255 registers
-                    with spills at 8 warps (ptxas -v, sm_90a), so one program per SM
-    chunked_cols    1x128: x's codes in chunks of `tile` rows, then x^T's in chunks of `tile` columns,
-                    each with its own column amaxes (no state kept between the passes)
+    chunked         1x128: the 128x128 tile in chunks of `tile` rows, twice: x's codes and the column
+                    amaxes, then x^T's codes from a second read (from L2). The one-pass kernel holds
+                    the whole tile and its codes: 255 registers with spills at 8 warps (ptxas -v,
+                    sm_90a), so one program per SM
+    chunked_cols    1x128, the library's kernel since 2026-11-29: x's codes in chunks of `tile` rows,
+                    then x^T's in chunks of `tile` columns, each with its own column amaxes (no state
+                    kept between the passes)
 
     PYTHONPATH=src python3 benchmarks/quantize_variants.py [--cases next|run|all] [--n 8192] [--json FILE]
     PYTHONPATH=src python3 benchmarks/quantize_variants.py --diagnose    # where the FP32 hardware cast fails
@@ -50,8 +51,8 @@ _IDS = {name: i for i, name in enumerate(VARIANTS)}
 F32, BF16 = torch.float32, torch.bfloat16
 # (kernel, input dtype, variant, hardware cast, warps, tile). The library's kernels take FP32 weights and
 # BF16 activations. RUN: the cases timed on 2026-11-29 (benchmarks/results/fp8_session4.json, call 2, and
-# fp8_session5.json, call 1: select_clamp did not make the FP32 hardware cast exact); NEXT: x^T's pass over
-# column chunks, beside the library's kernel (chunked, row chunks in both passes) in the same process.
+# fp8_session5.json, calls 1-2: select_clamp did not make the FP32 hardware cast exact); NEXT: none queued
+# (the library's 1x128 kernel against the row-chunked one, for a rerun).
 RUN = [
     ("tensorwise", F32, "trans_codes", True, 4, 64), ("tensorwise", F32, "trans_input", True, 4, 64),
     ("tensorwise", F32, "trans_bytes", True, 4, 64), ("tensorwise", BF16, "trans_input", True, 4, 64),
@@ -67,11 +68,9 @@ RUN = [
     ("1x128", BF16, "chunked", True, 4, 32), ("1x128", BF16, "chunked", True, 8, 32),
     ("1x128", BF16, "chunked", True, 4, 16), ("1x128", BF16, "chunked", True, 8, 64),
 ]
-NEXT = [
-    ("1x128", BF16, "chunked", True, 4, 32), ("1x128", BF16, "chunked_cols", True, 4, 32),
-    ("1x128", BF16, "chunked_cols", True, 8, 32), ("1x128", BF16, "chunked_cols", True, 4, 16),
-    ("1x128", BF16, "chunked_cols", True, 8, 64), ("1x128", BF16, "chunked_cols", True, 4, 64),
-]
+NEXT = [("1x128", BF16, "chunked", True, 4, 32), ("1x128", BF16, "chunked_cols", True, 4, 32)]
+RUN += [("1x128", BF16, "chunked_cols", True, 8, 32), ("1x128", BF16, "chunked_cols", True, 4, 16),
+        ("1x128", BF16, "chunked_cols", True, 8, 64), ("1x128", BF16, "chunked_cols", True, 4, 64)]
 
 
 @triton.jit
@@ -159,33 +158,32 @@ def _tile_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.const
 
 
 @triton.jit
-def _tile_chunked_cols_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.constexpr,
-                               FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr,
-                               M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr,
-                               HW_CAST: tl.constexpr, B: tl.constexpr, CHUNK: tl.constexpr):
-    # chunks of rows for x's codes, then chunks of columns for x^T's: each column chunk holds whole
-    # columns, so it has its own column amaxes (no state between the passes) and its transposed store
-    # writes full 128-byte rows of x^T
+def _tile_chunked_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.constexpr, FMAX: tl.constexpr,
+                          POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
+                          MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, B: tl.constexpr,
+                          CHUNK: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
-    all_rows = pid_r * B + tl.arange(0, B)
-    all_cols = pid_k * B + tl.arange(0, B)
-    for c in range(B // CHUNK):
+    cols = pid_k * B + tl.arange(0, B)
+    col_amax = tl.zeros((B,), dtype=tl.float32)
+    for c in range(B // CHUNK):          # x's codes, chunk by chunk; the column amaxes accumulate
         rows = pid_r * B + c * CHUNK + tl.arange(0, CHUNK)
-        mask = (rows[:, None] < R) & (all_cols[None, :] < K)
-        x = tl.load(x_ptr + rows[:, None] * K + all_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        row_s, row_inv = _scale(tl.max(tl.abs(x), axis=1), FMAX, POW2, EPS)
-        tl.store(q_ptr + rows[:, None] * K + all_cols[None, :],
+        mask = (rows[:, None] < R) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        a = tl.abs(x)
+        row_s, row_inv = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)
+        tl.store(q_ptr + rows[:, None] * K + cols[None, :],
                  _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST), mask=mask)
         tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)
-    for c in range(B // CHUNK):
-        cols = pid_k * B + c * CHUNK + tl.arange(0, CHUNK)
-        mask = (all_rows[:, None] < R) & (cols[None, :] < K)
-        x = tl.load(x_ptr + all_rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        col_s, col_inv = _scale(tl.max(tl.abs(x), axis=0), FMAX, POW2, EPS)
-        tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)
+        col_amax = tl.maximum(col_amax, tl.max(a, axis=0))
+    col_s, col_inv = _scale(col_amax, FMAX, POW2, EPS)
+    tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)
+    for c in range(B // CHUNK):          # x^T's codes from a second read of the same tile
+        rows = pid_r * B + c * CHUNK + tl.arange(0, CHUNK)
+        mask = (rows[:, None] < R) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         qt = tl.trans(_codes(x, col_inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST))
-        _store_transposed(qt_ptr, qt, all_rows, cols, mask, R)
+        _store_transposed(qt_ptr, qt, rows, cols, mask, R)
 
 
 def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: bool, warps: int, tile: int):
@@ -211,11 +209,11 @@ def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: boo
         grid = (triton.cdiv(r, 128), triton.cdiv(k, 128))
         s_buf = torch.empty((grid[1], r), dtype=torch.float32, device=x.device)
         st_buf = torch.empty((grid[0], k), dtype=torch.float32, device=x.device)
-        if variant == "chunked":     # the library's kernel, at one (warps, chunk) of its autotuned configs
+        if variant == "chunked_cols":     # the library's kernel, at one (warps, chunk) of its autotuned configs
             kernel, extra = kernels._quantize_1x128_t_kernel.fn, dict(CHUNK=tile)
             consts.pop("VARIANT")
-        elif variant == "chunked_cols":
-            kernel, extra = _tile_chunked_cols_variant, dict(CHUNK=tile)
+        elif variant == "chunked":
+            kernel, extra = _tile_chunked_variant, dict(CHUNK=tile)
         else:
             kernel, extra = _tile_t_variant, {}
         launch = lambda: kernel[grid](x, q, s_buf, qt, st_buf, r, k, B=128, **extra, **consts)  # noqa: E731

@@ -7,7 +7,7 @@ row-major) with their scales, so the backward needs no transpose pass:
 
     quantize_1x128_t    per 1x128 tile of x and per 1x128 tile of x^T (a 128x1 tile of x): a
                         128x128 tile gives 128 row amaxes and 128 column amaxes (read twice, in
-                        chunks of rows: the second read comes from L2)
+                        chunks of rows, then of columns: the second read comes from L2)
     quantize_128x128_t  per 128x128 block; x^T's scales are the transpose of x's
     quantize_tensor_t   tensorwise: an amax reduction (atomic max) then one cast pass, whose x^T codes
                         come from the transposed input tile
@@ -41,9 +41,9 @@ _BLOCK = 128           # DeepSeek-V3's tile; also the only block torch._scaled_m
 # A 128x128 FP32 tile is 64 values per thread at 8 warps: measured per shape which warp count keeps it
 # in registers best (autotuned once per shape; training shapes repeat).
 _TILE_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
-# The 1x128 kernel walks its tile in chunks of rows (quantize_variants.py "chunked" on the H200, BF16
-# 8192^2: 0.30 of copy bandwidth at 4 warps and 32 rows, 0.26 at 8 and 64, against 0.26 unchunked).
-_CHUNK_CONFIGS = [triton.Config({"CHUNK": c}, num_warps=w) for w, c in ((4, 32), (8, 64), (4, 16))]
+# The 1x128 kernel walks its tile in chunks (quantize_variants.py "chunked_cols" on the H200, BF16
+# 8192^2: 0.32 of copy bandwidth at 4 warps and chunks of 32 or 16, 0.30 at 8 warps, 0.26 unchunked).
+_CHUNK_CONFIGS = [triton.Config({"CHUNK": c}, num_warps=w) for w, c in ((4, 32), (4, 16), (8, 32))]
 # Tensorwise kernels have no tile the scale depends on: rectangles trade registers for parallelism.
 _FREE_CONFIGS = [triton.Config({"BR": br, "BK": bk}, num_warps=w)
                  for br, bk in ((128, 128), (64, 128), (128, 64), (64, 64)) for w in (4, 8)]
@@ -161,31 +161,30 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
                              FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                              OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
                              MAGIC: tl.constexpr, HW_CAST: tl.constexpr, CHUNK: tl.constexpr):
-    # The 128x128 tile in chunks of CHUNK rows, twice. Held whole with both code tiles, it took 255
-    # registers per thread and spilled (ptxas, sm_90a); in chunks the first pass writes x's codes and
-    # accumulates the column amaxes, the second reads the tile again (from L2) for x^T's codes.
+    # The 128x128 tile in two passes of chunks. Held whole with both code tiles, it took 255 registers
+    # per thread and spilled (ptxas, sm_90a). Chunks of rows give x's codes; then chunks of columns (the
+    # second read comes from L2) give x^T's: each holds whole columns of the tile, so it has its own
+    # column amaxes, and its transposed codes are whole 128-byte rows of x^T.
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
-    cols = pid_k * B + tl.arange(0, B)
-    col_amax = tl.zeros((B,), dtype=tl.float32)
+    tile_rows = pid_r * B + tl.arange(0, B)
+    tile_cols = pid_k * B + tl.arange(0, B)
     for c in range(B // CHUNK):
         rows = pid_r * B + c * CHUNK + tl.arange(0, CHUNK)
-        mask = (rows[:, None] < R) & (cols[None, :] < K)
-        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        a = tl.abs(x)
-        row_s, row_inv = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)   # x along K: one scale per row
-        tl.store(q_ptr + rows[:, None] * K + cols[None, :],
+        mask = (rows[:, None] < R) & (tile_cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * K + tile_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        row_s, row_inv = _scale(tl.max(tl.abs(x), axis=1), FMAX, POW2, EPS)   # x along K: a scale per row
+        tl.store(q_ptr + rows[:, None] * K + tile_cols[None, :],
                  _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST), mask=mask)
         tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)      # (K/B, R) buffer: outer-dim-major
-        col_amax = tl.maximum(col_amax, tl.max(a, axis=0))
-    col_s, col_inv = _scale(col_amax, FMAX, POW2, EPS)                 # x^T along R: one scale per column
-    tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)          # (R/B, K) buffer
     for c in range(B // CHUNK):
-        rows = pid_r * B + c * CHUNK + tl.arange(0, CHUNK)
-        mask = (rows[:, None] < R) & (cols[None, :] < K)
-        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        cols = pid_k * B + c * CHUNK + tl.arange(0, CHUNK)
+        mask = (tile_rows[:, None] < R) & (cols[None, :] < K)
+        x = tl.load(x_ptr + tile_rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        col_s, col_inv = _scale(tl.max(tl.abs(x), axis=0), FMAX, POW2, EPS)   # x^T along R: per column
+        tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)        # (R/B, K) buffer
         qt = tl.trans(_codes(x, col_inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST))
-        _store_transposed(qt_ptr, qt, rows, cols, mask, R)
+        _store_transposed(qt_ptr, qt, tile_rows, cols, mask, R)
 
 
 @triton.autotune(configs=_TILE_CONFIGS, key=["R", "K"])

@@ -84,9 +84,9 @@ class Trainer:
         self.checkpoints = checkpoint.CheckpointWriter(self.out)
         self.device = torch.device(cfg.device)
         self.policy = mp.Policy.from_recipe(cfg.recipe)
-        # On CUDA the table's op rows ride on torch.autocast's own lists: the models and the loss here
-        # use none of mp.autocast's CUDA_AUTOCAST_EXCEPTIONS, and the eager loop is bound by its host,
-        # which the function mode's Python per op slowed by ~5% (benchmarks/results/train.md).
+        # On CUDA the table's op rows ride on torch.autocast's own lists: the models here use none of
+        # mp.autocast's CUDA_AUTOCAST_EXCEPTIONS (the loss is mp.ops.cross_entropy), and the function
+        # mode's Python per op costs host time an eager GPU loop can be bound by (benchmarks/results/train.md).
         self.op_rules = "autocast" if self.device.type == "cuda" and not mp.rules.user_op_rules() else "intercept"
         model_cfg = cfg.model_config()
         self.data = batches_for(cfg.model, batch_size=cfg.batch_size, seq_len=getattr(model_cfg, "seq_len", 1),
