@@ -51,6 +51,14 @@ def time_ms(fn, device: str, warmup: int = 10, rep: int = 50) -> float:
     return statistics.median(times)
 
 
+def graph_time_ms(fn) -> float:
+    """Median milliseconds of fn() replayed from a CUDA graph: the kernels alone, without the host's
+    launch cost, which time_ms sees whenever the host takes longer to launch a call than the GPU to run
+    the cache flush before it (small kernels, a busy host). No L2 flush between the calls."""
+    import triton.testing
+    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |",
@@ -67,6 +75,19 @@ def failure(err: BaseException) -> str:
 
 
 # ---- quantize kernels -----------------------------------------------------------------------------
+def _config_text(config) -> str:
+    """A Triton config, compactly: "BR=64 BK=128 w4"."""
+    if config is None:
+        return "?"
+    return " ".join([*(f"{k}={v}" for k, v in config.kwargs.items()), f"w{config.num_warps}"])
+
+
+def _tuning(autotuned) -> dict[str, float]:
+    """The median milliseconds the autotuner measured for each config when it chose (its last key)."""
+    timings = getattr(autotuned, "configs_timings", None) or {}
+    return {_config_text(c): round(t[0] if isinstance(t, (list, tuple)) else t, 4) for c, t in timings.items()}
+
+
 def run_quantize(args) -> list[dict]:
     """Each Triton quantize kernel's bandwidth (bytes it must move / time) against a D2D copy's."""
     dev, n = args.device, args.n
@@ -74,12 +95,14 @@ def run_quantize(args) -> list[dict]:
     dst = torch.empty_like(src)
     copy_ms = time_ms(lambda: dst.copy_(src), dev)
     copy_bw = 2 * src.numel() * 2 / copy_ms / 1e6                      # read + write, GB/s
+    graph_copy_bw = 2 * src.numel() * 2 / graph_time_ms(lambda: dst.copy_(src)) / 1e6 if dev == "cuda" else None
     del src, dst
     rows = [dict(kernel=f"D2D copy (bf16, {4 * n * n * 2 >> 20} MiB), the anchor", ms=round(copy_ms, 4),
-                 GBps=round(copy_bw), of_copy=1.0)]
+                 GBps=round(copy_bw), of_copy=1.0, graph_of_copy=1.0 if graph_copy_bw else None)]
     x = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     w = torch.randn(n, n, device=dev, dtype=torch.float32)
     e = n * n
+    tuned = {}
     if dev == "cuda":
         from mixprec.fp8 import kernels
         amax = kernels.tensor_amax(x)
@@ -92,6 +115,13 @@ def run_quantize(args) -> list[dict]:
              2 * e + 2 * e),
             ("tensorwise amax + cast (online)", lambda: kernels.quantize_tensor_t(x, "fp8_e4m3"), 2 * e + 2 * e + 2 * e),
         ]
+        # the autotuned kernels behind each case: which config each picked goes into the row (the same
+        # kernels ran at 0.37 and at 0.70 of copy bandwidth in two processes of one session)
+        tuned = {"1x128": [kernels._quantize_1x128_t_kernel], "128x128": [kernels._quantize_128x128_t_kernel],
+                 "tensorwise amax pass": [kernels._amax_kernel], "tensorwise cast": [kernels._cast_t_kernel],
+                 "tensorwise amax + cast": [kernels._amax_kernel, kernels._cast_t_kernel],
+                 "rowwise row+column": [kernels._row_col_amax_kernel], "rowwise cast": [kernels._cast_rowwise_t_kernel],
+                 "rowwise amax + cast": [kernels._row_col_amax_kernel, kernels._cast_rowwise_t_kernel]}
         try:
             row_col = kernels.row_col_amax(x)
         except Exception as err:    # reported as a row; the kernels above still run
@@ -115,8 +145,18 @@ def run_quantize(args) -> list[dict]:
             rows.append(dict(kernel=name, note=failure(err)))
             continue
         bw = nbytes / ms / 1e6
-        rows.append(dict(kernel=name, ms=round(ms, 4), GBps=round(bw), of_copy=round(bw / copy_bw, 3)))
-    print(table(rows, ["kernel", "ms", "GBps", "of_copy", "note"]), flush=True)
+        behind = [k for prefix, ks in tuned.items() if name.startswith(prefix) for k in ks]
+        row = dict(kernel=name, ms=round(ms, 4), GBps=round(bw), of_copy=round(bw / copy_bw, 3),
+                   note="; ".join(_config_text(getattr(k, "best_config", None)) for k in behind),
+                   autotune_ms=[_tuning(k) for k in behind])
+        if dev == "cuda":
+            try:
+                graph_ms = graph_time_ms(fn)
+                row.update(graph_ms=round(graph_ms, 4), graph_of_copy=round(nbytes / graph_ms / 1e6 / graph_copy_bw, 3))
+            except Exception as err:
+                row["note"] += f"; graph timing {failure(err)}"
+        rows.append(row)
+    print(table(rows, ["kernel", "ms", "GBps", "of_copy", "graph_ms", "graph_of_copy", "note"]), flush=True)
     return rows
 
 
