@@ -51,12 +51,31 @@ def time_ms(fn, device: str, warmup: int = 10, rep: int = 50) -> float:
     return statistics.median(times)
 
 
-def graph_time_ms(fn) -> float:
-    """Median milliseconds of fn() replayed from a CUDA graph: the kernels alone, without the host's
-    launch cost, which time_ms sees whenever the host takes longer to launch a call than the GPU to run
-    the cache flush before it (small kernels, a busy host). No L2 flush between the calls."""
-    import triton.testing
-    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+def graph_time_ms(fn, calls: int = 20) -> float:
+    """Median milliseconds of fn() without the host: CUDA graphs of `calls` x (L2 flush, fn()) and of
+    `calls` x (L2 flush), the second's time taken from the first's. time_ms (do_bench) flushes L2 too,
+    but it also counts the GPU's wait for the host whenever the host takes longer to launch a call than
+    the GPU takes to run the flush before it (small kernels, a busy host)."""
+
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")   # 256 MiB, past any GPU's L2
+
+    def replay_ms(body) -> float:
+        body()                                    # warm (and autotune) outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                body()
+        times = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+        return statistics.median(times)
+
+    return replay_ms(lambda: (flush.zero_(), fn())) - replay_ms(flush.zero_)
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
