@@ -56,7 +56,6 @@ def graph_time_ms(fn, calls: int = 20) -> float:
     `calls` x (L2 flush), the second's time taken from the first's. time_ms (do_bench) flushes L2 too,
     but it also counts the GPU's wait for the host whenever the host takes longer to launch a call than
     the GPU takes to run the flush before it (small kernels, a busy host)."""
-
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")   # 256 MiB, past any GPU's L2
 
     def replay_ms(body) -> float:
