@@ -40,6 +40,7 @@ GEMM_OPS = frozenset([
 _CPU_MISSING_GEMMS = frozenset([torch.mv, torch.Tensor.mv, torch.addmv, torch.addr, torch.chain_matmul,
                                 torch.linalg.multi_dot])
 _TO_FP32 = frozenset([torch.Tensor.float, torch.Tensor.double])
+_TO_FP16 = frozenset([torch.Tensor.half])
 
 # Built-in op rules that torch.autocast's CUDA lists do not compute in FP32 (tests/test_precision_table.py
 # checks every other function of the table against those lists on a GPU). Elsewhere they agree, up to the
@@ -54,7 +55,6 @@ CUDA_AUTOCAST_EXCEPTIONS = {
     F.ctc_loss: "not cast: runs on the half log-probabilities as given",
 }
 OP_RULES = ("intercept", "autocast")
-_TO_FP16 = frozenset([torch.Tensor.half])
 
 
 def _first_tensor(args: Any, kwargs: dict) -> torch.Tensor | None:

@@ -2,7 +2,7 @@
 
 A linear layer's backward needs each tensor twice, quantized along each of its dimensions (x for the
 forward GEMM along K and x^T for the weight gradient along M; W and W^T; dy and dy^T). Each kernel
-reads the tensor once, tile by tile, and writes both code layouts (q: (R, K) and qT: (K, R), both
+reads the tensor from memory once, tile by tile, and writes both code layouts (q: (R, K) and qT: (K, R), both
 row-major) with their scales, so the backward needs no transpose pass:
 
     quantize_1x128_t    per 1x128 tile of x and per 1x128 tile of x^T (a 128x1 tile of x): a
