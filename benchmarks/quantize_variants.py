@@ -24,6 +24,11 @@ byte, and times it against a device-to-device copy, as bench_fp8.py quantize doe
     chunked_cols    1x128, the library's kernel since 2026-11-29: x's codes in chunks of `tile` rows,
                     then x^T's in chunks of `tile` columns, each with its own column amaxes (no state
                     kept between the passes)
+    odd2            128x128 (trans_codes) and 1x128 (chunked_cols) with a shorter round-to-odd step:
+                    truncate toward zero, then set the last bit if inexact (bit-exact in the
+                    interpreter, ties included; ptxas: ~10% fewer instructions, more registers)
+    pow2            1x128: the library's kernel with power-of-2 scales, whose products are exact (no
+                    round-to-odd step): what that step costs
 
     PYTHONPATH=src python3 benchmarks/quantize_variants.py [--cases next|run|all] [--n 8192] [--json FILE]
     PYTHONPATH=src python3 benchmarks/quantize_variants.py --diagnose    # where the FP32 hardware cast fails
@@ -44,15 +49,15 @@ from mixprec.fp8.kernels import (_codes, _grid_constants, _load_tile_raw, _odd_p
 from mixprec.fp8.quantize import AMAX_EPS, get_fp8_format, quantize
 
 VARIANTS = ("trans_codes", "trans_input", "trans_bytes", "no_transpose", "select_clamp", "rows_only", "cols_only",
-            "chunked", "chunked_cols")
+            "chunked", "chunked_cols", "odd2", "pow2")
 # which of (x's codes and scales, x^T's codes and scales) a variant writes
 WRITES = {"no_transpose": (0,), "rows_only": (0,), "cols_only": (1,)}
 _IDS = {name: i for i, name in enumerate(VARIANTS)}
 F32, BF16 = torch.float32, torch.bfloat16
 # (kernel, input dtype, variant, hardware cast, warps, tile). The library's kernels take FP32 weights and
 # BF16 activations. RUN: the cases timed on 2026-11-29 (benchmarks/results/fp8_session4.json, call 2, and
-# fp8_session5.json, calls 1-2: select_clamp did not make the FP32 hardware cast exact); NEXT: none queued
-# (the library's 1x128 kernel against the row-chunked one, for a rerun).
+# fp8_session5.json, calls 1-3: select_clamp did not make the FP32 hardware cast exact); NEXT: the shorter
+# round-to-odd step (odd2) and power-of-2 scales against the library's 1x128 and 128x128 kernels.
 RUN = [
     ("tensorwise", F32, "trans_codes", True, 4, 64), ("tensorwise", F32, "trans_input", True, 4, 64),
     ("tensorwise", F32, "trans_bytes", True, 4, 64), ("tensorwise", BF16, "trans_input", True, 4, 64),
@@ -68,15 +73,41 @@ RUN = [
     ("1x128", BF16, "chunked", True, 4, 32), ("1x128", BF16, "chunked", True, 8, 32),
     ("1x128", BF16, "chunked", True, 4, 16), ("1x128", BF16, "chunked", True, 8, 64),
 ]
-NEXT = [("1x128", BF16, "chunked", True, 4, 32), ("1x128", BF16, "chunked_cols", True, 4, 32)]
-RUN += [("1x128", BF16, "chunked_cols", True, 8, 32), ("1x128", BF16, "chunked_cols", True, 4, 16),
+NEXT = [("1x128", BF16, "chunked_cols", True, 4, 32), ("1x128", BF16, "odd2", True, 4, 32),
+        ("1x128", BF16, "odd2", True, 4, 16), ("1x128", BF16, "odd2", True, 8, 32),
+        ("1x128", BF16, "pow2", True, 4, 32),
+        ("128x128", F32, "trans_codes", False, 4, 128), ("128x128", F32, "trans_codes", False, 8, 128),
+        ("128x128", F32, "odd2", False, 4, 128), ("128x128", F32, "odd2", False, 8, 128)]
+RUN += [("1x128", BF16, "chunked", True, 4, 32), ("1x128", BF16, "chunked_cols", True, 4, 32),
+        ("1x128", BF16, "chunked_cols", True, 8, 32), ("1x128", BF16, "chunked_cols", True, 4, 16),
         ("1x128", BF16, "chunked_cols", True, 8, 64), ("1x128", BF16, "chunked_cols", True, 4, 64)]
+
+
+@triton.jit
+def _odd_product_v2(x, inv, POW2: tl.constexpr):
+    """kernels._odd_product in fewer steps: truncate toward zero, then set the last bit if inexact. The
+    FMA's exact error is nonzero if p is inexact, and of the other sign than p if p lies further from
+    zero than the exact product (its truncation is then bits - 1, in sign-magnitude)."""
+    p = x * inv
+    if not POW2:
+        error = tl.fma(x, inv, -p)
+        bits = p.to(tl.int32, bitcast=True)
+        inexact = (error != 0).to(tl.int32)
+        rounded_away = ((error.to(tl.int32, bitcast=True) ^ bits) < 0).to(tl.int32) & inexact
+        p = ((bits - rounded_away) | inexact).to(tl.float32, bitcast=True)
+    return p
 
 
 @triton.jit
 def _codes_v(x, inv, VARIANT: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, OUT: tl.constexpr,
              M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr):
-    """kernels._codes, or (select_clamp) the same with the saturation written as selects."""
+    """kernels._codes, or (select_clamp) the same with the saturation written as selects, or (odd2) with
+    the shorter round-to-odd step."""
+    if VARIANT == 9:
+        v = tl.minimum(tl.maximum(_odd_product_v2(x, inv, POW2), -FMAX), FMAX)
+        if HW_CAST:
+            return v.to(OUT)
+        return _round_to_grid(v, M, MIN_NORMAL, MAGIC).to(OUT)
     if VARIANT == 4:
         p = _odd_product(x, inv, POW2)
         v = tl.where(p > FMAX, FMAX, tl.where(p < -FMAX, -FMAX, p))
@@ -186,13 +217,41 @@ def _tile_chunked_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl
         _store_transposed(qt_ptr, qt, rows, cols, mask, R)
 
 
+@triton.jit
+def _tile_chunked_cols_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.constexpr,
+                               FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr,
+                               M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr,
+                               HW_CAST: tl.constexpr, B: tl.constexpr, CHUNK: tl.constexpr):
+    # kernels._quantize_1x128_t_kernel with its codes through _codes_v (odd2)
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    tile_rows = pid_r * B + tl.arange(0, B)
+    tile_cols = pid_k * B + tl.arange(0, B)
+    for c in range(B // CHUNK):
+        rows = pid_r * B + c * CHUNK + tl.arange(0, CHUNK)
+        mask = (rows[:, None] < R) & (tile_cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * K + tile_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        row_s, row_inv = _scale(tl.max(tl.abs(x), axis=1), FMAX, POW2, EPS)
+        tl.store(q_ptr + rows[:, None] * K + tile_cols[None, :],
+                 _codes_v(x, row_inv[:, None], VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST), mask=mask)
+        tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)
+    for c in range(B // CHUNK):
+        cols = pid_k * B + c * CHUNK + tl.arange(0, CHUNK)
+        mask = (tile_rows[:, None] < R) & (cols[None, :] < K)
+        x = tl.load(x_ptr + tile_rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        col_s, col_inv = _scale(tl.max(tl.abs(x), axis=0), FMAX, POW2, EPS)
+        tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)
+        qt = tl.trans(_codes_v(x, col_inv[None, :], VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST))
+        _store_transposed(qt_ptr, qt, tile_rows, cols, mask, R)
+
+
 def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: bool, warps: int, tile: int):
     """Outputs of one variant (q, s, qt, st) and a closure that launches it again."""
     r, k = x.shape
     f = get_fp8_format(fmt)
     q = torch.empty((r, k), dtype=f.torch_dtype, device=x.device)
     qt = torch.zeros((k, r), dtype=f.torch_dtype, device=x.device)
-    consts = dict(VARIANT=_IDS[variant], FMAX=f.max, POW2=False, EPS=AMAX_EPS, OUT=_tl_dtype(fmt),
+    consts = dict(VARIANT=_IDS[variant], FMAX=f.max, POW2=variant == "pow2", EPS=AMAX_EPS, OUT=_tl_dtype(fmt),
                   num_warps=warps, **_grid_constants(f, hw_cast=hw_cast))
     if kind == "tensorwise":
         amax = kernels.tensor_amax(x)
@@ -209,9 +268,11 @@ def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: boo
         grid = (triton.cdiv(r, 128), triton.cdiv(k, 128))
         s_buf = torch.empty((grid[1], r), dtype=torch.float32, device=x.device)
         st_buf = torch.empty((grid[0], k), dtype=torch.float32, device=x.device)
-        if variant == "chunked_cols":     # the library's kernel, at one (warps, chunk) of its autotuned configs
+        if variant in ("chunked_cols", "pow2"):   # the library's kernel, at one of its autotuned configs
             kernel, extra = kernels._quantize_1x128_t_kernel.fn, dict(CHUNK=tile)
             consts.pop("VARIANT")
+        elif variant == "odd2":
+            kernel, extra = _tile_chunked_cols_variant, dict(CHUNK=tile)
         elif variant == "chunked":
             kernel, extra = _tile_chunked_variant, dict(CHUNK=tile)
         else:
@@ -222,11 +283,11 @@ def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: boo
     return (q, s, qt, st), launch
 
 
-def reference(kind: str, x: torch.Tensor, fmt: str):
+def reference(kind: str, x: torch.Tensor, fmt: str, power_of_2: bool = False):
     """(q, s, qT, sT) from the PyTorch quantization: x along its rows, x^T along its rows."""
-    q, s = quantize(x, fmt, kind)
+    q, s = quantize(x, fmt, kind, power_of_2=power_of_2)
     if kind == "1x128":
-        qt, st = quantize(x.t().contiguous(), fmt, kind)
+        qt, st = quantize(x.t().contiguous(), fmt, kind, power_of_2=power_of_2)
     else:
         qt, st = q.t().contiguous(), s.t()
     return q, s, qt, st
@@ -286,7 +347,7 @@ def main() -> None:
         try:
             c = check.to(in_dtype)
             got, _ = run_variant(kind, variant, c, "fp8_e4m3", hw_cast, warps, tile)
-            ref = reference(kind, c, "fp8_e4m3")
+            ref = reference(kind, c, "fp8_e4m3", power_of_2=variant == "pow2")
             written = WRITES.get(variant, (0, 1))
             exact = all(same_bytes(got[2 * i], ref[2 * i])
                         and torch.equal(got[2 * i + 1].float(), ref[2 * i + 1].float()) for i in written)
