@@ -8,6 +8,7 @@ from torch import nn
 from mixprec.fp8 import Float8Config, Float8Linear, quantize, resolve_backend
 from mixprec.fp8.gemm import mm_nt
 from mixprec.fp8.recipes import GRANULARITY, quantize_pair
+from test_fp8_quantize import tie_tensor
 from tolerances import (BF16_OUTPUT_RTOL, FP8_COMPILED_VS_EAGER_GRAD_RTOL, FP8_FAST_ACCUM_VS_EMULATE_RTOL,
                         FP8_GEMM_VS_EMULATE_RTOL)
 
@@ -35,7 +36,7 @@ def test_auto_picks_triton_on_hopper():
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("granularity", ["1x128", "128x128", "tensorwise", "rowwise"])
-@pytest.mark.parametrize("layout", ["transposed", "odd_bf16_pow2", "bf16"])
+@pytest.mark.parametrize("layout", ["transposed", "odd_bf16_pow2", "bf16", "ties"])
 def test_triton_quantization_equals_pytorch_bit_for_bit(fmt, granularity, layout):
     odd = layout == "odd_bf16_pow2"
     power_of_2 = odd
@@ -45,7 +46,9 @@ def test_triton_quantization_equals_pytorch_bit_for_bit(fmt, granularity, layout
     x[:, 7] *= 1e-6                                       # subnormal codes, signed zeros
     x[5] = 0.0                                            # an all-zero row and column: the amax floor
     x[:, 11] = 0.0
-    if layout != "transposed":                           # BF16: kernels may use the hardware FP8 cast
+    if layout == "ties":                                  # products on FP8 ties: the round-to-odd step decides
+        x = tie_tensor(fmt, r, k).cuda()
+    elif layout != "transposed":                         # BF16: kernels may use the hardware FP8 cast
         x = x.bfloat16()
     else:
         x = x.t().contiguous().t()                        # column-major: strided loads

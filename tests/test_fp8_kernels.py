@@ -37,24 +37,6 @@ def _inputs() -> dict[str, torch.Tensor]:
     return {"fp32": x, "bf16": x.bfloat16(), "column_major": x.t().contiguous().t()}
 
 
-def _tie_input(fmt: str) -> torch.Tensor:
-    """Values whose FP32 product with the reciprocal scale lands on a tie of the FP8 grid where the exact
-    product does not (the round-to-odd step decides them), with the same amax in every row, column, 1x128
-    tile and 128x128 block, so that every granularity scales them by that amax."""
-    from test_fp8_quantize import tie_inputs
-    from mixprec.formats import get_format
-    torch.manual_seed(1)
-    for _ in range(100):
-        amax = (torch.empty(()).uniform_(1e3, 1e5) * get_format(fmt).max / 448).float()
-        tricky = tie_inputs(fmt, amax)
-        if tricky.numel() >= 16:
-            break
-    x = tricky[torch.randint(0, tricky.numel(), (150, 200))]
-    x[::128, :] = amax      # the first row of each 128-row block and the first column of each 128-column
-    x[:, ::128] = amax      # block: every row, column, tile and block holds amax
-    return x
-
-
 def _fuse_interpreter_fma() -> None:
     """Make the interpreter's tl.fma fused, as the GPU's is.
 
@@ -79,6 +61,7 @@ def _interpreter_main() -> None:
 
     from mixprec.fp8 import kernels
     from mixprec.fp8.recipes import quantize_pair
+    from test_fp8_quantize import tie_tensor
 
     kernels._check = lambda x: None       # the interpreter runs on CPU tensors
     _fuse_interpreter_fma()
@@ -93,7 +76,7 @@ def _interpreter_main() -> None:
     for granularity in GRANULARITIES:
         for fmt in ("fp8_e4m3", "fp8_e5m2"):
             for power_of_2 in (False, True):
-                for label, x in {**_inputs(), "ties": _tie_input(fmt)}.items():
+                for label, x in {**_inputs(), "ties": tie_tensor(fmt, 150, 200)}.items():
                     case = f"{granularity} {fmt} pow2={power_of_2} {label}"
                     got = quantize_pair(x, fmt, granularity, backend="triton", power_of_2=power_of_2)
                     ref = quantize_pair(x, fmt, granularity, backend="emulate", power_of_2=power_of_2)

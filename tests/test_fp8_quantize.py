@@ -192,6 +192,21 @@ def tie_inputs(fmt: str, amax: torch.Tensor) -> torch.Tensor:
     return candidates[naive != exact]
 
 
+def tie_tensor(fmt: str, rows: int, cols: int) -> torch.Tensor:
+    """A (rows, cols) tensor of tie_inputs with the same amax in every row, column, 1x128 tile and
+    128x128 block, so that every granularity scales them by that amax (for the kernels' tests)."""
+    torch.manual_seed(1)
+    for _ in range(100):
+        amax = (torch.empty(()).uniform_(1e3, 1e5) * get_format(fmt).max / 448).float()
+        tricky = tie_inputs(fmt, amax)
+        if tricky.numel() >= 16:
+            break
+    x = tricky[torch.randint(0, tricky.numel(), (rows, cols))]
+    x[::128, :] = amax      # the first row of each 128-row block and the first column of each 128-column
+    x[:, ::128] = amax      # block: every row, column, tile and block holds amax
+    return x
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_fp32_products_on_fp8_ties_round_correctly(fmt):
     for _ in range(100):   # a fresh random amax until its scale has such values
