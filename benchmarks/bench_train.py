@@ -108,20 +108,35 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS, eps=ADAM_EPS, fused=DEVICE == "cuda")
 
 
-def bare_loop(cfg: TrainConfig, data, steps: int, op_rules: str | None, trace: StepTrace | None = None) -> float:
-    """Seconds for `steps` steps after WARMUP, of a hand-written loop; op_rules None: torch.autocast
-    alone, else mixprec with that mp.autocast op_rules."""
-    use_mixprec = op_rules is not None
+def _variant_model(cfg: TrainConfig, op_rules: str | None) -> tuple[torch.nn.Module, mp.Policy]:
+    """The seeded model of a loop variant (prepared by mixprec unless op_rules is None) and its policy."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model_config()).to(DEVICE)
     policy = mp.Policy.from_recipe(cfg.recipe)
-    dtype = policy.compute_dtype
-    if use_mixprec:
-        model = mp.prepare(model, policy)
+    return (model if op_rules is None else mp.prepare(model, policy)), policy
+
+
+def _forward_loss(model, policy: mp.Policy, op_rules: str | None, x, y) -> torch.Tensor:
+    """A variant's training forward and loss: torch.autocast alone (op_rules None), else mp.autocast with
+    that op_rules (and mp.ops.cross_entropy where the function mode is off, as the trainer does)."""
+    if op_rules is None:
+        context, loss_fn = torch.autocast(DEVICE, dtype=policy.compute_dtype), F.cross_entropy
+    else:
+        context = mp.autocast(policy, device_type=DEVICE, op_rules=op_rules)
+        loss_fn = mp.ops.cross_entropy if op_rules == "autocast" else F.cross_entropy
+    with context:
+        logits = model(x)
+        return loss_fn(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
+def bare_loop(cfg: TrainConfig, data, steps: int, op_rules: str | None, trace: StepTrace | None = None) -> float:
+    """Seconds for `steps` steps after WARMUP, of a hand-written loop; op_rules None: torch.autocast
+    alone, else mixprec with that mp.autocast op_rules."""
+    model, policy = _variant_model(cfg, op_rules)
     optimizer = _optimizer(model, cfg)
     forward_model = torch.compile(model) if cfg.compile else model
-    scaler = mp.LossScaler.for_policy(policy) if use_mixprec else torch.amp.GradScaler(
-        enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(enabled=policy.compute_dtype == torch.float16) if op_rules is None \
+        else mp.LossScaler.for_policy(policy)
     start = 0.0
     for step in range(WARMUP + steps):
         if step == WARMUP:
@@ -130,14 +145,7 @@ def bare_loop(cfg: TrainConfig, data, steps: int, op_rules: str | None, trace: S
         if trace is not None and step >= WARMUP:
             trace.mark()
         x, y = (t.to(DEVICE, non_blocking=True) for t in data.train_batch(step))
-        if use_mixprec:
-            context = mp.autocast(policy, device_type=DEVICE, op_rules=op_rules)
-        else:
-            context = torch.autocast(DEVICE, dtype=dtype)
-        loss_fn = mp.ops.cross_entropy if op_rules == "autocast" else F.cross_entropy
-        with context:
-            logits = forward_model(x)
-            loss = loss_fn(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        loss = _forward_loss(forward_model, policy, op_rules, x, y)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -175,24 +183,15 @@ def trainer_run(cfg: TrainConfig, steps: int, trace: StepTrace | None = None) ->
 def host_forward_ms(cfg: TrainConfig, data, op_rules: str | None, repeats: int = 20) -> float:
     """Median host milliseconds of one training forward (model and loss, launches only: the clock stops
     when the forward returns, before the GPU finishes it; a sync between forwards)."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model_config()).to(DEVICE)
-    policy = mp.Policy.from_recipe(cfg.recipe)
-    if op_rules is not None:
-        model = mp.prepare(model, policy)
+    model, policy = _variant_model(cfg, op_rules)
     x, y = (t.to(DEVICE) for t in data.train_batch(0))
-    loss_fn = mp.ops.cross_entropy if op_rules == "autocast" else F.cross_entropy
     samples = []
     for _ in range(repeats + 3):
         _sync()
         start = time.perf_counter()
-        context = (torch.autocast(DEVICE, dtype=policy.compute_dtype) if op_rules is None
-                   else mp.autocast(policy, device_type=DEVICE, op_rules=op_rules))
-        with context:
-            logits = model(x)
-            loss = loss_fn(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        loss = _forward_loss(model, policy, op_rules, x, y)
         samples.append((time.perf_counter() - start) * 1e3)
-        del logits, loss
+        del loss
     _sync()
     return statistics.median(samples[3:])
 
