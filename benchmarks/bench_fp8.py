@@ -225,6 +225,39 @@ def print_kernel_profile(title: str, fn, steps: int = 3) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70), flush=True)
 
 
+# kernel name fragments -> category, first match wins (cuBLAS/CUTLASS GEMMs carry sm90/gemm/xmma/nvjet)
+KERNEL_CATEGORIES = [("fp8 quantize (mixprec)", ("_quantize_", "_amax_kernel", "_cast_t_kernel",
+                                                  "_row_col_amax", "_cast_rowwise")),
+                     ("attention", ("flash", "fmha", "attention")),
+                     ("optimizer", ("adam", "multi_tensor")),
+                     ("gemm", ("gemm", "xmma", "nvjet", "cutlass", "sm90_", "scaled_mm")),
+                     ("inductor triton", ("triton_",)),
+                     ("torch elementwise/reduce", ("elementwise", "reduce_kernel", "vectorized", "softmax",
+                                                   "nll_loss", "embedding", "index")),
+                     ("other", ("",))]
+
+
+def kernel_breakdown(fn, steps: int = 2, top: int = 25) -> dict:
+    """GPU time per step by kernel category, and the top kernels: where a variant's milliseconds go."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = {}
+    for ev in prof.key_averages():
+        us = ev.self_device_time_total
+        if us > 0:
+            kernels[ev.key] = (us / 1e3 / steps, ev.count // steps)
+    by_cat = {}
+    for name, (ms, _) in kernels.items():
+        cat = next(c for c, frags in KERNEL_CATEGORIES if any(f in name.lower() for f in frags))
+        by_cat[cat] = by_cat.get(cat, 0.0) + ms
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    return dict(ms_per_step_by_category={c: round(v, 3) for c, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+                top_kernels=[dict(name=n[:120], ms_per_step=round(ms, 3), calls_per_step=c) for n, (ms, c) in ranked])
+
+
 def run_linear(args) -> list[dict]:
     dev, n = args.device, args.n
     m = k = n
@@ -294,8 +327,9 @@ def make_gpt(kind: str, args) -> GPT:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
         convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(kind.split("-")[1]),
                                    module_filter_fn=lambda mod, fqn: fqn != "lm_head")
-    for block in model.blocks:        # one compiled graph, reused by every block
-        block.compile(backend=args.compile_backend)
+    if args.compile_scope == "blocks":
+        for block in model.blocks:        # one compiled graph, reused by every block
+            block.compile(backend=args.compile_backend)
     return model
 
 
@@ -391,10 +425,16 @@ def run_gpt(args) -> list[dict]:
             n_fp8 = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
 
-            def train_step():
+            def forward_loss(x, y):
                 with torch.autocast(dev, dtype=torch.bfloat16):
                     logits = model(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+            if args.compile_scope == "step":   # the whole forward and the loss in one graph
+                forward_loss = torch.compile(forward_loss, backend=args.compile_backend)
+
+            def train_step():
+                loss = forward_loss(x, y)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -422,6 +462,13 @@ def run_gpt(args) -> list[dict]:
                     memory = memory_breakdown(model, x, opt)
                 except Exception as err:
                     memory = dict(note=failure(err))
+                if args.profile:
+                    try:
+                        memory["kernels"] = kernel_breakdown(train_step)
+                        print(name, "GPU ms per step by category:", memory["kernels"]["ms_per_step_by_category"],
+                              *memory["kernels"]["top_kernels"], sep="\n  ", flush=True)
+                    except Exception as err:
+                        memory["kernels"] = failure(err)
                 if args.memory_trace:
                     try:
                         memory["live_at_peak"] = live_at_peak(train_step)
@@ -477,7 +524,10 @@ def main() -> None:
     ap.add_argument("--variants", default="", help="comma-separated subset (gpt: bf16,mixprec-blockwise,...; "
                                                    "linear: kind:mode, e.g. mixprec-blockwise:eager)")
     ap.add_argument("--compile-backend", default="inductor")
-    ap.add_argument("--profile", action="store_true", help="linear: print each variant's GPU kernel times")
+    ap.add_argument("--compile-scope", default="blocks", choices=["blocks", "step"],
+                    help="gpt: compile each block (one graph reused by all), or the whole forward and loss")
+    ap.add_argument("--profile", action="store_true", help="linear: print each variant's GPU kernel times; gpt: GPU time per step by "
+                                                               "kernel category and the top kernels")
     ap.add_argument("--memory-trace", action="store_true",
                     help="gpt: what is allocated at one step's peak, by allocating line (allocator trace)")
     ap.add_argument("--warm-only", action="store_true", help="fill the compile caches, time nothing")

@@ -5,7 +5,8 @@
 #   phase B (one process at a time, timed): quantize kernels (and quantize_variants.py's next cases),
 #   Float8Linear 8192^3, GPT end to end, then the accuracy run (`mixprec compare`).
 #   tests,quantize,linear,gpt took 393 s on 2026-11-29; all steps exceed one 10-minute device call.
-# FP8_GPU_STEPS=quantize,variants,linear,gpt,tests,compare picks parts (default: all). A CPU dry run of the script:
+# FP8_GPU_STEPS=quantize,variants,linear,gpt,tests,compare picks parts (default: all); FP8_GPT_VARIANTS
+# (space-separated) the GPT variants. A CPU dry run of the script:
 # FP8_BENCH_ARGS="--device cpu --n 256 --d 256 --heads 4 --batch 2 --seq 64 --vocab 256 --steps 2
 # --compile-backend aot_eager" FP8_COMPARE_ARGS="--device cpu --steps 3" with python3 the venv's.
 set -u
@@ -25,7 +26,7 @@ say "phase A: tests and warm-up in parallel"
 
 LINEAR_COMPILED=bf16:compiled,mixprec-tensorwise:compiled,mixprec-rowwise:compiled,mixprec-blockwise:compiled,mixprec-tensorwise@cublas:compiled,torchao-tensorwise:compiled,torchao-rowwise:compiled
 LINEAR_EAGER_FP8=mixprec-tensorwise:eager,mixprec-rowwise:eager,mixprec-blockwise:eager
-GPT_VARIANTS="bf16 mixprec-tensorwise mixprec-blockwise mixprec-rowwise torchao-tensorwise torchao-rowwise"
+GPT_VARIANTS=${FP8_GPT_VARIANTS:-"bf16 mixprec-tensorwise mixprec-blockwise mixprec-rowwise torchao-tensorwise torchao-rowwise"}
 pids=()
 if has tests; then
   timeout 200 python3 -m pytest -q -p no:cacheprovider -n 6 -rf --timeout 150 tests/test_fp8_cuda.py > "$OUT/cuda_tests.log" 2>&1 &
