@@ -29,6 +29,10 @@ byte, and times it against a device-to-device copy, as bench_fp8.py quantize doe
                     interpreter, ties included; ptxas: ~10% fewer instructions, more registers)
     pow2            1x128: the library's kernel with power-of-2 scales, whose products are exact (no
                     round-to-odd step): what that step costs
+    library         the library's kernel at one autotune config (round to odd in inline PTX, and FP32
+                    inputs cast to FP8 by PTX's cvt)
+    triton_ops      the same kernel with both steps in Triton operations (the library's before
+                    2026-11-29's session 6)
 
     PYTHONPATH=src python3 benchmarks/quantize_variants.py [--cases next|run|all] [--n 8192] [--json FILE]
     PYTHONPATH=src python3 benchmarks/quantize_variants.py --diagnose    # where the FP32 hardware cast fails
@@ -49,7 +53,9 @@ from mixprec.fp8.kernels import (_codes, _grid_constants, _load_tile_raw, _odd_p
 from mixprec.fp8.quantize import AMAX_EPS, get_fp8_format, quantize
 
 VARIANTS = ("trans_codes", "trans_input", "trans_bytes", "no_transpose", "select_clamp", "rows_only", "cols_only",
-            "chunked", "chunked_cols", "odd2", "pow2")
+            "chunked", "chunked_cols", "odd2", "pow2", "library", "triton_ops")
+# the library's own kernel at one of its autotuned configs (not a variant kernel of this file)
+LIBRARY_KERNEL = ("chunked_cols", "pow2", "library", "triton_ops")
 # which of (x's codes and scales, x^T's codes and scales) a variant writes
 WRITES = {"no_transpose": (0,), "rows_only": (0,), "cols_only": (1,)}
 _IDS = {name: i for i, name in enumerate(VARIANTS)}
@@ -73,14 +79,21 @@ RUN = [
     ("1x128", BF16, "chunked", True, 4, 32), ("1x128", BF16, "chunked", True, 8, 32),
     ("1x128", BF16, "chunked", True, 4, 16), ("1x128", BF16, "chunked", True, 8, 64),
 ]
-NEXT = [("1x128", BF16, "chunked_cols", True, 4, 32), ("1x128", BF16, "odd2", True, 4, 32),
-        ("1x128", BF16, "odd2", True, 4, 16), ("1x128", BF16, "odd2", True, 8, 32),
-        ("1x128", BF16, "pow2", True, 4, 32),
-        ("128x128", F32, "trans_codes", False, 4, 128), ("128x128", F32, "trans_codes", False, 8, 128),
-        ("128x128", F32, "odd2", False, 4, 128), ("128x128", F32, "odd2", False, 8, 128)]
 RUN += [("1x128", BF16, "chunked", True, 4, 32), ("1x128", BF16, "chunked_cols", True, 4, 32),
         ("1x128", BF16, "chunked_cols", True, 8, 32), ("1x128", BF16, "chunked_cols", True, 4, 16),
-        ("1x128", BF16, "chunked_cols", True, 8, 64), ("1x128", BF16, "chunked_cols", True, 4, 64)]
+        ("1x128", BF16, "chunked_cols", True, 8, 64), ("1x128", BF16, "chunked_cols", True, 4, 64),
+        ("1x128", BF16, "odd2", True, 4, 32), ("1x128", BF16, "odd2", True, 4, 16),
+        ("1x128", BF16, "odd2", True, 8, 32), ("1x128", BF16, "pow2", True, 4, 32),
+        ("128x128", F32, "trans_codes", False, 4, 128), ("128x128", F32, "trans_codes", False, 8, 128),
+        ("128x128", F32, "odd2", False, 4, 128), ("128x128", F32, "odd2", False, 8, 128)]
+# NEXT: the library's kernels with round to odd (and the FP32 inputs' cast) in inline PTX, against the
+# same kernels in Triton operations, at each autotune config
+NEXT = [(kind, dt, v, hw, w, t) for kind, dt, hw, configs in (
+            ("1x128", BF16, True, ((4, 32), (4, 16), (8, 32))),
+            ("128x128", F32, False, ((4, 128), (8, 128), (16, 128))),
+            ("tensorwise", BF16, True, ((4, 64), (8, 64), (4, 128))),
+            ("tensorwise", F32, False, ((4, 64), (8, 64), (4, 128))))
+        for w, t in configs for v in ("library", "triton_ops")]
 
 
 @triton.jit
@@ -100,7 +113,7 @@ def _odd_product_v2(x, inv, POW2: tl.constexpr):
 
 @triton.jit
 def _codes_v(x, inv, VARIANT: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, OUT: tl.constexpr,
-             M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr):
+             M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr):
     """kernels._codes, or (select_clamp) the same with the saturation written as selects, or (odd2) with
     the shorter round-to-odd step."""
     if VARIANT == 9:
@@ -109,27 +122,27 @@ def _codes_v(x, inv, VARIANT: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constex
             return v.to(OUT)
         return _round_to_grid(v, M, MIN_NORMAL, MAGIC).to(OUT)
     if VARIANT == 4:
-        p = _odd_product(x, inv, POW2)
+        p = _odd_product(x, inv, POW2, PTX)
         v = tl.where(p > FMAX, FMAX, tl.where(p < -FMAX, -FMAX, p))
         if HW_CAST:
             return v.to(OUT)
         return _round_to_grid(v, M, MIN_NORMAL, MAGIC).to(OUT)
-    return _codes(x, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+    return _codes(x, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
 
 
 @triton.jit
 def _transposed_codes(x_raw, x, q, inv_t, VARIANT: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
                       OUT: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr,
-                      HW_CAST: tl.constexpr, SAME_CODES: tl.constexpr):
+                      HW_CAST: tl.constexpr, PTX: tl.constexpr, SAME_CODES: tl.constexpr):
     """x^T's code tile (BK, BR). inv_t: the reciprocal scales laid out for x^T; SAME_CODES: x^T's codes are
     x's codes transposed (one scale for the tile), so q can be transposed as it is."""
     if VARIANT == 1:     # trans_input
         return _codes_v(tl.trans(x_raw).to(tl.float32), inv_t, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC,
-                        HW_CAST)
+                        HW_CAST, PTX)
     if SAME_CODES:
         qt = q
     else:
-        qt = _codes_v(x, tl.trans(inv_t), VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+        qt = _codes_v(x, tl.trans(inv_t), VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
     if VARIANT == 2:     # trans_bytes
         return tl.trans(qt.to(tl.int8, bitcast=True)).to(OUT, bitcast=True)
     return tl.trans(qt)
@@ -138,29 +151,29 @@ def _transposed_codes(x_raw, x, q, inv_t, VARIANT: tl.constexpr, FMAX: tl.conste
 @triton.jit
 def _cast_t_variant(x_ptr, amax_ptr, q_ptr, qt_ptr, R, K, VARIANT: tl.constexpr, FMAX: tl.constexpr,
                     POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
-                    MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr,
+                    MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr,
                     BR: tl.constexpr, BK: tl.constexpr):
     rows, cols, mask, x_raw = _load_tile_raw(x_ptr, R, K, BR, BK)
     x = x_raw.to(tl.float32)
     s, inv = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
-    q = _codes_v(x, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+    q = _codes_v(x, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     if VARIANT != 3:
-        qt = _transposed_codes(x_raw, x, q, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, True)
+        qt = _transposed_codes(x_raw, x, q, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX, True)
         _store_transposed(qt_ptr, qt, rows, cols, mask, R)
 
 
 @triton.jit
 def _block_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, NK, VARIANT: tl.constexpr, FMAX: tl.constexpr,
                      POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
-                     MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, B: tl.constexpr):
+                     MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr, B: tl.constexpr):
     rows, cols, mask, x_raw = _load_tile_raw(x_ptr, R, K, B, B)
     x = x_raw.to(tl.float32)
     s, inv = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS)
-    q = _codes_v(x, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+    q = _codes_v(x, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     if VARIANT != 3:
-        qt = _transposed_codes(x_raw, x, q, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, True)
+        qt = _transposed_codes(x_raw, x, q, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX, True)
         _store_transposed(qt_ptr, qt, rows, cols, mask, R)
     tl.store(s_ptr + tl.program_id(0) * NK + tl.program_id(1), s)
 
@@ -168,7 +181,7 @@ def _block_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, NK, VARIANT: tl.constexp
 @triton.jit
 def _tile_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.constexpr, FMAX: tl.constexpr,
                     POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
-                    MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, B: tl.constexpr):
+                    MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr, B: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows, cols, mask, x_raw = _load_tile_raw(x_ptr, R, K, B, B)
@@ -177,13 +190,13 @@ def _tile_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.const
     q = x              # cols_only computes no x codes (x^T's codes here never derive from them)
     if VARIANT != 6:
         row_s, row_inv = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)
-        q = _codes_v(x, row_inv[:, None], VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+        q = _codes_v(x, row_inv[:, None], VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
         tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
         tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)
     if (VARIANT != 3) & (VARIANT != 5):
         col_s, col_inv = _scale(tl.max(a, axis=0), FMAX, POW2, EPS)
         qt = _transposed_codes(x_raw, x, q, col_inv[:, None], VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC,
-                               HW_CAST, False)
+                               HW_CAST, PTX, False)
         _store_transposed(qt_ptr, qt, rows, cols, mask, R)
         tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)
 
@@ -191,7 +204,7 @@ def _tile_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.const
 @triton.jit
 def _tile_chunked_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.constexpr, FMAX: tl.constexpr,
                           POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
-                          MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, B: tl.constexpr,
+                          MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr, B: tl.constexpr,
                           CHUNK: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -204,7 +217,7 @@ def _tile_chunked_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl
         a = tl.abs(x)
         row_s, row_inv = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)
         tl.store(q_ptr + rows[:, None] * K + cols[None, :],
-                 _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST), mask=mask)
+                 _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX), mask=mask)
         tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)
         col_amax = tl.maximum(col_amax, tl.max(a, axis=0))
     col_s, col_inv = _scale(col_amax, FMAX, POW2, EPS)
@@ -213,7 +226,7 @@ def _tile_chunked_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl
         rows = pid_r * B + c * CHUNK + tl.arange(0, CHUNK)
         mask = (rows[:, None] < R) & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        qt = tl.trans(_codes(x, col_inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST))
+        qt = tl.trans(_codes(x, col_inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX))
         _store_transposed(qt_ptr, qt, rows, cols, mask, R)
 
 
@@ -221,7 +234,7 @@ def _tile_chunked_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl
 def _tile_chunked_cols_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.constexpr,
                                FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr,
                                M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr,
-                               HW_CAST: tl.constexpr, B: tl.constexpr, CHUNK: tl.constexpr):
+                               HW_CAST: tl.constexpr, PTX: tl.constexpr, B: tl.constexpr, CHUNK: tl.constexpr):
     # kernels._quantize_1x128_t_kernel with its codes through _codes_v (odd2)
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -233,7 +246,7 @@ def _tile_chunked_cols_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIAN
         x = tl.load(x_ptr + rows[:, None] * K + tile_cols[None, :], mask=mask, other=0.0).to(tl.float32)
         row_s, row_inv = _scale(tl.max(tl.abs(x), axis=1), FMAX, POW2, EPS)
         tl.store(q_ptr + rows[:, None] * K + tile_cols[None, :],
-                 _codes_v(x, row_inv[:, None], VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST), mask=mask)
+                 _codes_v(x, row_inv[:, None], VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX), mask=mask)
         tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)
     for c in range(B // CHUNK):
         cols = pid_k * B + c * CHUNK + tl.arange(0, CHUNK)
@@ -241,7 +254,7 @@ def _tile_chunked_cols_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIAN
         x = tl.load(x_ptr + tile_rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         col_s, col_inv = _scale(tl.max(tl.abs(x), axis=0), FMAX, POW2, EPS)
         tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)
-        qt = tl.trans(_codes_v(x, col_inv[None, :], VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST))
+        qt = tl.trans(_codes_v(x, col_inv[None, :], VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX))
         _store_transposed(qt_ptr, qt, tile_rows, cols, mask, R)
 
 
@@ -253,24 +266,34 @@ def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: boo
     qt = torch.zeros((k, r), dtype=f.torch_dtype, device=x.device)
     consts = dict(VARIANT=_IDS[variant], FMAX=f.max, POW2=variant == "pow2", EPS=AMAX_EPS, OUT=_tl_dtype(fmt),
                   num_warps=warps, **_grid_constants(f, hw_cast=hw_cast))
+    if variant == "triton_ops":      # round to odd (and, without the hardware cast, onto the grid) without PTX
+        consts["PTX"] = False
+    library = variant in LIBRARY_KERNEL
+    if library:
+        consts.pop("VARIANT")
     if kind == "tensorwise":
         amax = kernels.tensor_amax(x)
         s = kernels.quantize_tensor_t(x, fmt, amax=amax)[0][1]
         grid = (triton.cdiv(r, tile), triton.cdiv(k, tile))
-        launch = lambda: _cast_t_variant[grid](x, amax, q, qt, r, k, BR=tile, BK=tile, **consts)  # noqa: E731
+        if library:
+            s_out = torch.empty((), dtype=torch.float32, device=x.device)
+            launch = lambda: kernels._cast_t_kernel.fn[grid](x, amax, q, qt, s_out, r, k, BR=tile, BK=tile,  # noqa: E731
+                                                             **consts)
+        else:
+            launch = lambda: _cast_t_variant[grid](x, amax, q, qt, r, k, BR=tile, BK=tile, **consts)  # noqa: E731
         st = s
     elif kind == "128x128":
         grid = (triton.cdiv(r, 128), triton.cdiv(k, 128))
         s = torch.empty(grid, dtype=torch.float32, device=x.device)
-        launch = lambda: _block_t_variant[grid](x, q, s, qt, r, k, grid[1], B=128, **consts)  # noqa: E731
+        kernel = kernels._quantize_128x128_t_kernel.fn if library else _block_t_variant
+        launch = lambda: kernel[grid](x, q, s, qt, r, k, grid[1], B=128, **consts)  # noqa: E731
         st = s.t()
     else:
         grid = (triton.cdiv(r, 128), triton.cdiv(k, 128))
         s_buf = torch.empty((grid[1], r), dtype=torch.float32, device=x.device)
         st_buf = torch.empty((grid[0], k), dtype=torch.float32, device=x.device)
-        if variant in ("chunked_cols", "pow2"):   # the library's kernel, at one of its autotuned configs
+        if library:
             kernel, extra = kernels._quantize_1x128_t_kernel.fn, dict(CHUNK=tile)
-            consts.pop("VARIANT")
         elif variant == "odd2":
             kernel, extra = _tile_chunked_cols_variant, dict(CHUNK=tile)
         elif variant == "chunked":

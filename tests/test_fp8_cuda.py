@@ -129,13 +129,16 @@ def test_inductor_compiled_model_matches_eager(recipe):
 
 @pytest.mark.parametrize("granularity", ["1x128", "128x128", "tensorwise", "rowwise"])
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
-def test_inductor_compiled_pytorch_quantization_equals_eager(granularity, fmt):
-    """The cublas backend's quantization (PyTorch ops) compiled by inductor gives eager's codes and scales."""
+@pytest.mark.parametrize("backend, dtype", [("cublas", torch.float32), ("triton", torch.bfloat16)])
+def test_inductor_compiled_quantization_equals_eager(granularity, fmt, backend, dtype):
+    """Quantization compiled by inductor gives eager's codes and scales: the cublas backend's (PyTorch
+    ops), and the triton backend's on 16-bit input (whose tensorwise amax inductor computes)."""
     torch._dynamo.reset()
-    x = torch.randn(1024, 768, device="cuda") * torch.exp(torch.randn(1024, 768, device="cuda"))
+    x = (torch.randn(1024, 768, device="cuda") * torch.exp(torch.randn(1024, 768, device="cuda"))).to(dtype)
 
     def pair(t):
-        a, at = quantize_pair(t, fmt, granularity, backend="cublas", power_of_2=False)
+        t = t * 1.0        # a kernel inductor writes: the amax can fuse into it
+        a, at = quantize_pair(t, fmt, granularity, backend=backend, power_of_2=False)
         return a.q, a.scale, at.q, at.scale
 
     eager = pair(x)

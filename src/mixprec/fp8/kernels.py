@@ -60,7 +60,8 @@ def _tl_dtype(fmt: str):
 
 
 def _grid_constants(f, *, hw_cast: bool = True) -> dict:
-    """Constants of the FP8 format's grid; HW_CAST: cast with the GPU's FP32 -> FP8 conversion.
+    """Constants of the FP8 format's grid; HW_CAST: cast with the GPU's FP32 -> FP8 conversion; PTX: round
+    to odd in inline PTX (on a GPU; Triton's interpreter cannot run it).
 
     The kernels with one scale per tile or tensor round onto the grid in FP32 first (hw_cast=False):
     128x128 for every input (its inputs are FP32 master weights), tensorwise for FP32 inputs. With the
@@ -70,8 +71,9 @@ def _grid_constants(f, *, hw_cast: bool = True) -> dict:
     kernels (1x128, rowwise) with either input. Not triton-lang/triton#11111's case (a transposed FP8
     store corrupted after min/max): saturating with selects instead left the codes as wrong.
     """
+    gpu = not _interpreting()
     return dict(M=f.mantissa_bits, MIN_NORMAL=f.min_normal,
-                MAGIC=2.0 ** (f.min_exponent - f.mantissa_bits + 23), HW_CAST=hw_cast and not _interpreting())
+                MAGIC=2.0 ** (f.min_exponent - f.mantissa_bits + 23), HW_CAST=hw_cast and gpu, PTX=gpu)
 
 
 def _interpreting() -> bool:
@@ -93,29 +95,72 @@ def _scale(amax, FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr):
     return s, tl.div_rn(1.0, s)
 
 
+# x * inv rounded to odd in PTX: truncate (mul.rz), then set the last bit if the FMA's exact error of
+# the truncation is nonzero. Five instructions where Triton's form below takes about twice as many
+# (the round-to-odd step was 35-45% of the 1x128 kernel's SASS, benchmarks/results/fp8.md).
+_ODD_PRODUCT_PTX = tl.constexpr("""{
+.reg .f32 t, e;
+.reg .pred inexact;
+mul.rz.f32 $0, $1, $2;
+neg.f32 t, $0;
+fma.rn.f32 e, $1, $2, t;
+setp.neu.f32 inexact, e, 0f00000000;
+@inexact or.b32 $0, $0, 1;
+}""")
+
+
 @triton.jit
-def _odd_product(x, inv, POW2: tl.constexpr):
-    """x * inv in FP32, rounded to odd (as quantize.odd_product) unless the scales are powers of 2."""
+def _odd_product(x, inv, POW2: tl.constexpr, PTX: tl.constexpr):
+    """x * inv in FP32, rounded to odd (as quantize.odd_product) unless the scales are powers of 2.
+
+    PTX: the inline-assembly form (GPU); else the same rounding in Triton operations (also the
+    interpreter's, which cannot run PTX).
+    """
+    if POW2:
+        return x * inv
+    if PTX:
+        return tl.inline_asm_elementwise(_ODD_PRODUCT_PTX, "=r,r,r", [x, inv], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    # The FMA gives the product's exact error, whose sign says which neighbour of an inexact even p the
+    # exact product lies towards. (With power-of-2 scales the product is exact, down to far below FP8's
+    # smallest subnormal.)
     p = x * inv
-    if not POW2:
-        # The FMA gives the product's exact error, whose sign says which neighbour of an inexact even p
-        # the exact product lies towards. With power-of-2 scales the product is exact (down to far
-        # below FP8's smallest subnormal).
-        error = tl.fma(x, inv, -p)
-        bits = p.to(tl.int32, bitcast=True)
-        inexact_even = (error != 0) & ((bits & 1) == 0) & (p != 0)
-        away_from_zero = (error > 0) == (p > 0)
-        p = tl.where(inexact_even, tl.where(away_from_zero, bits + 1, bits - 1), bits).to(tl.float32, bitcast=True)
-    return p
+    error = tl.fma(x, inv, -p)
+    bits = p.to(tl.int32, bitcast=True)
+    inexact_even = (error != 0) & ((bits & 1) == 0) & (p != 0)
+    away_from_zero = (error > 0) == (p > 0)
+    return tl.where(inexact_even, tl.where(away_from_zero, bits + 1, bits - 1), bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _codes(x, inv, FMAX: tl.constexpr, POW2: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
-           MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr):
-    v = tl.minimum(tl.maximum(_odd_product(x, inv, POW2), -FMAX), FMAX)
+           MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr):
+    v = tl.minimum(tl.maximum(_odd_product(x, inv, POW2, PTX), -FMAX), FMAX)
     if HW_CAST:     # the GPU's FP32 -> FP8 conversion rounds to nearest even
         return v.to(OUT)
+    if PTX:         # the same conversion, written out in PTX (see _grid_constants)
+        return _cast_ptx(v, M).to(OUT, bitcast=True)
     return _round_to_grid(v, M, MIN_NORMAL, MAGIC).to(OUT)    # on the grid already: the cast is exact
+
+
+# cvt.rn.satfinite.<fp8>x2.f32 d, a, b puts a's code in d's high byte and b's in its low byte; four
+# values per call make one 32-bit register of four codes, element 0 in the lowest byte.
+_CAST_PTX = """{{
+.reg .b16 lo, hi;
+cvt.rn.satfinite.{fmt}x2.f32 lo, $2, $1;
+cvt.rn.satfinite.{fmt}x2.f32 hi, $4, $3;
+mov.b32 $0, {{lo, hi}};
+}}"""
+_CAST_E4M3_PTX = tl.constexpr(_CAST_PTX.format(fmt="e4m3"))
+_CAST_E5M2_PTX = tl.constexpr(_CAST_PTX.format(fmt="e5m2"))
+
+
+@triton.jit
+def _cast_ptx(v, M: tl.constexpr):
+    """FP32 -> FP8 codes (as int8) rounded to nearest even, by inline PTX rather than Triton's cast."""
+    if M == 3:
+        return tl.inline_asm_elementwise(_CAST_E4M3_PTX, "=r,r,r,r,r", [v], dtype=tl.int8, is_pure=True, pack=4)
+    return tl.inline_asm_elementwise(_CAST_E5M2_PTX, "=r,r,r,r,r", [v], dtype=tl.int8, is_pure=True, pack=4)
 
 
 @triton.jit
@@ -160,7 +205,7 @@ def _store_transposed(qt_ptr, qt, rows, cols, mask, R):
 def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
                              FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                              OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
-                             MAGIC: tl.constexpr, HW_CAST: tl.constexpr, CHUNK: tl.constexpr):
+                             MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr, CHUNK: tl.constexpr):
     # The 128x128 tile in two passes of chunks. Held whole with both code tiles, it took 255 registers
     # per thread and spilled (ptxas, sm_90a). Chunks of rows give x's codes; then chunks of columns (the
     # second read comes from L2) give x^T's: each holds whole columns of the tile, so it has its own
@@ -175,7 +220,7 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
         x = tl.load(x_ptr + rows[:, None] * K + tile_cols[None, :], mask=mask, other=0.0).to(tl.float32)
         row_s, row_inv = _scale(tl.max(tl.abs(x), axis=1), FMAX, POW2, EPS)   # x along K: a scale per row
         tl.store(q_ptr + rows[:, None] * K + tile_cols[None, :],
-                 _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST), mask=mask)
+                 _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX), mask=mask)
         tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)      # (K/B, R) buffer: outer-dim-major
     for c in range(B // CHUNK):
         cols = pid_k * B + c * CHUNK + tl.arange(0, CHUNK)
@@ -183,7 +228,7 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
         x = tl.load(x_ptr + tile_rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         col_s, col_inv = _scale(tl.max(tl.abs(x), axis=0), FMAX, POW2, EPS)   # x^T along R: per column
         tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)        # (R/B, K) buffer
-        qt = tl.trans(_codes(x, col_inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST))
+        qt = tl.trans(_codes(x, col_inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX))
         _store_transposed(qt_ptr, qt, tile_rows, cols, mask, R)
 
 
@@ -192,12 +237,12 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
 def _quantize_128x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, NK,
                                FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                                OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
-                               MAGIC: tl.constexpr, HW_CAST: tl.constexpr):
+                               MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows, cols, mask, x = _load_tile(x_ptr, R, K, B, B)
     s, inv = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS)
-    q = _codes(x, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+    q = _codes(x, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     _store_transposed(qt_ptr, tl.trans(q), rows, cols, mask, R)
     tl.store(s_ptr + pid_r * NK + pid_k, s)
@@ -223,17 +268,18 @@ def _amax_kernel(x_ptr, amax_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr, STRI
 def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K,
                    FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                    OUT: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
-                   MAGIC: tl.constexpr, HW_CAST: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+                   MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr, BR: tl.constexpr,
+                   BK: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows, cols, mask, x = _load_tile_raw(x_ptr, R, K, BR, BK)
     s, inv = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
-    q = _codes(x.to(tl.float32), inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+    q = _codes(x.to(tl.float32), inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     # x^T's codes from the transposed input tile: a BF16 tile moved through shared memory faster than
     # the code tile (0.56 against 0.45 of copy bandwidth, quantize_variants.py on the H200); FP32
     # inputs take the same path (measured end to end only, benchmarks/results/fp8.md)
-    qt = _codes(tl.trans(x).to(tl.float32), inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+    qt = _codes(tl.trans(x).to(tl.float32), inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
     _store_transposed(qt_ptr, qt, rows, cols, mask, R)
     if (pid_r == 0) & (pid_k == 0):
         tl.store(s_ptr, s)
@@ -254,15 +300,16 @@ def _row_col_amax_kernel(x_ptr, row_amax_ptr, col_amax_ptr, R, K, BR: tl.constex
 def _cast_rowwise_t_kernel(x_ptr, row_amax_ptr, col_amax_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
                            FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                            OUT: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
-                           MAGIC: tl.constexpr, HW_CAST: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+                           MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr, BR: tl.constexpr,
+                   BK: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows, cols, mask, x = _load_tile(x_ptr, R, K, BR, BK)
     row_s, row_inv = _scale(tl.load(row_amax_ptr + rows, mask=rows < R, other=0.0), FMAX, POW2, EPS)  # along K
     col_s, col_inv = _scale(tl.load(col_amax_ptr + cols, mask=cols < K, other=0.0), FMAX, POW2, EPS)  # along R
-    q = _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST)
+    q = _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
-    qt = tl.trans(_codes(x, col_inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST))
+    qt = tl.trans(_codes(x, col_inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX))
     _store_transposed(qt_ptr, qt, rows, cols, mask, R)
     if pid_k == 0:      # each scale written once: by the first tile of its row (column)
         tl.store(s_ptr + rows, row_s, mask=rows < R)
@@ -433,9 +480,15 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
 
 def quantize_tensor_t(x: torch.Tensor, fmt: str, *, power_of_2: bool = False,
                       amax: torch.Tensor | None = None) -> QuantPair:
-    """((q, s), (qT, s)) tensorwise; scale from `amax` if given (delayed scaling), else from x's."""
+    """((q, s), (qT, s)) tensorwise; scale from `amax` if given (delayed scaling), else from x's.
+
+    Under torch.compile a 16-bit x (an activation or a gradient, made by a kernel inductor writes) takes
+    its amax as torch operations, which inductor can fuse into that kernel: one read of x less. FP32
+    inputs (master weights) are read by no kernel before this one, so they keep the Triton pass.
+    """
     if amax is None:
-        amax = _amax_op(x)
+        fusable = torch.compiler.is_compiling() and x.element_size() == 2
+        amax = x.abs().amax().float() if fusable else _amax_op(x)   # max is exact in any order
     q, qt, s = _cast_t_op(x, amax, fmt, power_of_2)
     return (q, s), (qt, s)
 
