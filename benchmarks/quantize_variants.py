@@ -21,9 +21,9 @@ byte, and times it against a device-to-device copy, as bench_fp8.py quantize doe
                     amaxes, then x^T's codes from a second read (from L2). The one-pass kernel holds
                     the whole tile and its codes: 255 registers with spills at 8 warps (ptxas -v,
                     sm_90a), so one program per SM
-    chunked_cols    1x128, the library's kernel since 2026-11-29: x's codes in chunks of `tile` rows,
-                    then x^T's in chunks of `tile` columns, each with its own column amaxes (no state
-                    kept between the passes)
+    chunked_cols    1x128, the library's kernel in session 5 of 2026-11-29: one program walks its tile,
+                    x's codes in chunks of `tile` rows, then x^T's in chunks of `tile` columns, each
+                    with its own column amaxes (now a program per chunk; round to odd as the library)
     odd2            128x128 (trans_codes) and 1x128 (chunked_cols) with a shorter round-to-odd step:
                     truncate toward zero, then set the last bit if inexact (bit-exact in the
                     interpreter, ties included; ptxas: ~10% fewer instructions, more registers)
@@ -55,7 +55,7 @@ from mixprec.fp8.quantize import AMAX_EPS, get_fp8_format, quantize
 VARIANTS = ("trans_codes", "trans_input", "trans_bytes", "no_transpose", "select_clamp", "rows_only", "cols_only",
             "chunked", "chunked_cols", "odd2", "pow2", "library", "triton_ops")
 # the library's own kernel at one of its autotuned configs (not a variant kernel of this file)
-LIBRARY_KERNEL = ("chunked_cols", "pow2", "library", "triton_ops")
+LIBRARY_KERNEL = ("pow2", "library", "triton_ops")
 # which of (x's codes and scales, x^T's codes and scales) a variant writes
 WRITES = {"no_transpose": (0,), "rows_only": (0,), "cols_only": (1,)}
 _IDS = {name: i for i, name in enumerate(VARIANTS)}
@@ -89,11 +89,12 @@ RUN += [("1x128", BF16, "chunked", True, 4, 32), ("1x128", BF16, "chunked_cols",
 # NEXT: the library's kernels with round to odd (and the FP32 inputs' cast) in inline PTX, against the
 # same kernels in Triton operations, at each autotune config
 NEXT = [(kind, dt, v, hw, w, t) for kind, dt, hw, configs in (
-            ("1x128", BF16, True, ((4, 32), (4, 16), (8, 32))),
+            ("1x128", BF16, True, ((4, 32), (4, 16), (8, 32), (8, 64))),
             ("128x128", F32, False, ((4, 128), (8, 128), (16, 128))),
             ("tensorwise", BF16, True, ((4, 64), (8, 64), (4, 128))),
             ("tensorwise", F32, False, ((4, 64), (8, 64), (4, 128))))
         for w, t in configs for v in ("library", "triton_ops")]
+NEXT += [("1x128", BF16, "chunked_cols", True, 4, 32), ("1x128", BF16, "chunked_cols", True, 4, 16)]
 
 
 @triton.jit
@@ -235,7 +236,8 @@ def _tile_chunked_cols_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIAN
                                FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr,
                                M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr,
                                HW_CAST: tl.constexpr, PTX: tl.constexpr, B: tl.constexpr, CHUNK: tl.constexpr):
-    # kernels._quantize_1x128_t_kernel with its codes through _codes_v (odd2)
+    # the library's 1x128 kernel in session 5 (one program walks all chunks of its tile), with its codes
+    # through _codes_v: odd2, or (chunked_cols) the library's _codes
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     tile_rows = pid_r * B + tl.arange(0, B)
@@ -292,9 +294,10 @@ def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: boo
         grid = (triton.cdiv(r, 128), triton.cdiv(k, 128))
         s_buf = torch.empty((grid[1], r), dtype=torch.float32, device=x.device)
         st_buf = torch.empty((grid[0], k), dtype=torch.float32, device=x.device)
-        if library:
+        if library:      # a program per chunk of rows or columns
             kernel, extra = kernels._quantize_1x128_t_kernel.fn, dict(CHUNK=tile)
-        elif variant == "odd2":
+            grid = (grid[0] * 2 * (128 // tile), grid[1])
+        elif variant in ("odd2", "chunked_cols"):
             kernel, extra = _tile_chunked_cols_variant, dict(CHUNK=tile)
         elif variant == "chunked":
             kernel, extra = _tile_chunked_variant, dict(CHUNK=tile)

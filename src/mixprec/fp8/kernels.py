@@ -6,19 +6,20 @@ reads the tensor from memory once, tile by tile, and writes both code layouts (q
 row-major) with their scales, so the backward needs no transpose pass:
 
     quantize_1x128_t    per 1x128 tile of x and per 1x128 tile of x^T (a 128x1 tile of x): a
-                        128x128 tile gives 128 row amaxes and 128 column amaxes (read twice, in
-                        chunks of rows, then of columns: the second read comes from L2)
+                        128x128 tile gives 128 row amaxes and 128 column amaxes; a program per
+                        chunk of its rows (x's codes) or of its columns (x^T's), so the tile is
+                        read twice, the second time mostly from L2
     quantize_128x128_t  per 128x128 block; x^T's scales are the transpose of x's
     quantize_tensor_t   tensorwise: an amax reduction (atomic max) then one cast pass, whose x^T codes
                         come from the transposed input tile
-    quantize_rowwise_t  per row of x and per row of x^T (a column of x): one pass reduces each tile to
-                        its row and column amaxes (atomic max into an R- and a K-vector), then one cast
+    quantize_rowwise_t  per row of x and per row of x^T (a column of x): one pass reduces tiles to
+                        their row and column amaxes (atomic max into an R- and a K-vector), then one cast
                         pass writes both code layouts. A row's scale needs the whole row and a column's
                         the whole column, so no single tile sees either: two reads, as tensorwise.
 
 Arithmetic is that of mixprec.fp8.quantize (one correctly rounded reciprocal per group, then per
-value a multiply, an FMA for the product's exact error and a round-to-odd step, saturation and the
-RNE cast to FP8), so codes and scales equal the PyTorch path bit for bit (tests/test_fp8_cuda.py on
+value the product rounded to odd, saturation and the RNE cast to FP8; on a GPU the rounding to odd,
+and the cast of FP32 inputs, are inline PTX), so codes and scales equal the PyTorch path bit for bit (tests/test_fp8_cuda.py on
 a GPU, tests/test_fp8_kernels.py in Triton's interpreter). The entry points are torch.library
 custom ops, so torch.compile keeps them as opaque calls.
 
@@ -41,18 +42,19 @@ _BLOCK = 128           # DeepSeek-V3's tile; also the only block torch._scaled_m
 # A 128x128 FP32 tile is 64 values per thread at 8 warps: measured per shape which warp count keeps it
 # in registers best (autotuned once per shape; training shapes repeat).
 _TILE_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
-# The 1x128 kernel walks its tile in chunks (quantize_variants.py "chunked_cols" on the H200, BF16
-# 8192^2: 0.32 of copy bandwidth at 4 warps and chunks of 32 or 16, 0.30 at 8 warps, 0.26 unchunked).
-_CHUNK_CONFIGS = [triton.Config({"CHUNK": c}, num_warps=w) for w, c in ((4, 32), (4, 16), (8, 32))]
+# The 1x128 kernel splits its tile into chunks of rows and of columns, a program each (one program
+# walking all chunks: 0.49 of copy bandwidth at 4 warps and chunks of 32, BF16 8192^2 on the H200).
+_CHUNK_CONFIGS = [triton.Config({"CHUNK": c}, num_warps=w) for w, c in ((4, 32), (4, 16), (8, 32), (8, 64))]
 # Tensorwise kernels have no tile the scale depends on: rectangles trade registers for parallelism.
 _FREE_CONFIGS = [triton.Config({"BR": br, "BK": bk}, num_warps=w)
                  for br, bk in ((128, 128), (64, 128), (128, 64), (64, 64)) for w in (4, 8)]
 # The tensorwise amax pass: STRIPS tiles per program, one atomic each.
 _AMAX_CONFIGS = [triton.Config({"BR": br, "BK": bk, "STRIPS": n}, num_warps=w)
                  for br, bk in ((64, 128), (32, 256)) for n in (4, 16) for w in (4, 8)]
-# The rowwise amax pass does one atomic per row per tile: tiles wider along K mean fewer of them.
-_ROW_AMAX_CONFIGS = [triton.Config({"BR": br, "BK": bk}, num_warps=w)
-                     for br, bk in ((128, 128), (64, 128), (32, 256), (16, 512)) for w in (4, 8)]
+# The rowwise amax pass does one atomic per row per tile (tiles wider along K mean fewer of them) and
+# one per column per STRIPS tiles.
+_ROW_AMAX_CONFIGS = [triton.Config({"BR": br, "BK": bk, "STRIPS": n}, num_warps=w)
+                     for br, bk in ((128, 128), (64, 128), (32, 256)) for n in (1, 4) for w in (4, 8)]
 
 
 def _tl_dtype(fmt: str):
@@ -60,16 +62,17 @@ def _tl_dtype(fmt: str):
 
 
 def _grid_constants(f, *, hw_cast: bool = True) -> dict:
-    """Constants of the FP8 format's grid; HW_CAST: cast with the GPU's FP32 -> FP8 conversion; PTX: round
-    to odd in inline PTX (on a GPU; Triton's interpreter cannot run it).
+    """Constants of the FP8 format's grid. HW_CAST: cast with Triton's FP32 -> FP8 conversion. PTX (on a
+    GPU; Triton's interpreter cannot run it): round to odd in inline PTX, and where HW_CAST is off cast
+    by PTX's cvt; off, both are done in Triton operations (rounding onto the grid in FP32).
 
-    The kernels with one scale per tile or tensor round onto the grid in FP32 first (hw_cast=False):
-    128x128 for every input (its inputs are FP32 master weights), tensorwise for FP32 inputs. With the
-    hardware cast, Triton 3.6 on the H200 stored x's codes right and x^T's wrong (whole rows of one
-    garbage value, benchmarks/quantize_variants.py --diagnose), whether x^T's codes came from the code
-    tile, its bytes or the transposed input. BF16 inputs were bit-exact, and so were the per-row-scaled
-    kernels (1x128, rowwise) with either input. Not triton-lang/triton#11111's case (a transposed FP8
-    store corrupted after min/max): saturating with selects instead left the codes as wrong.
+    The kernels with one scale per tile or tensor do not use Triton's conversion (hw_cast=False) for
+    FP32 inputs: 128x128 (whose inputs are FP32 master weights) and tensorwise. With it, Triton 3.6 on
+    the H200 stored x's codes right and x^T's wrong (whole rows of one garbage value,
+    benchmarks/quantize_variants.py --diagnose), whether x^T's codes came from the code tile, its bytes
+    or the transposed input; BF16 inputs and the per-row-scaled kernels were bit-exact. The same
+    conversion written as inline PTX (cvt.rn.satfinite) is bit-exact there (2026-11-29, session 6), so
+    the fault is in Triton's lowering of the conversion, not in the transposed store.
     """
     gpu = not _interpreting()
     return dict(M=f.mantissa_bits, MIN_NORMAL=f.min_normal,
@@ -206,30 +209,54 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
                              FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                              OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
                              MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr, CHUNK: tl.constexpr):
-    # The 128x128 tile in two passes of chunks. Held whole with both code tiles, it took 255 registers
-    # per thread and spilled (ptxas, sm_90a). Chunks of rows give x's codes; then chunks of columns (the
-    # second read comes from L2) give x^T's: each holds whole columns of the tile, so it has its own
-    # column amaxes, and its transposed codes are whole 128-byte rows of x^T.
-    pid_r = tl.program_id(0)
+    # One program per chunk of a 128x128 tile: a strip of CHUNK rows gives x's codes (each row its own
+    # 1x128 scale), a strip of CHUNK columns x^T's (each column its own amax over the tile's 128 rows;
+    # its transposed codes are whole 128-byte rows of x^T). Held whole with both code tiles, the tile
+    # took 255 registers and spilled (ptxas, sm_90a); walked in a loop of chunks by one program, the
+    # chunks' loads waited on each other. A tile's 2 * B / CHUNK programs have consecutive ids, so
+    # most of its reads come from L2.
+    NC: tl.constexpr = B // CHUNK
+    pid_r = tl.program_id(0) // (2 * NC)
+    part = tl.program_id(0) % (2 * NC)
     pid_k = tl.program_id(1)
-    tile_rows = pid_r * B + tl.arange(0, B)
-    tile_cols = pid_k * B + tl.arange(0, B)
-    for c in range(B // CHUNK):
-        rows = pid_r * B + c * CHUNK + tl.arange(0, CHUNK)
-        mask = (rows[:, None] < R) & (tile_cols[None, :] < K)
-        x = tl.load(x_ptr + rows[:, None] * K + tile_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        row_s, row_inv = _scale(tl.max(tl.abs(x), axis=1), FMAX, POW2, EPS)   # x along K: a scale per row
-        tl.store(q_ptr + rows[:, None] * K + tile_cols[None, :],
-                 _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX), mask=mask)
-        tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)      # (K/B, R) buffer: outer-dim-major
-    for c in range(B // CHUNK):
-        cols = pid_k * B + c * CHUNK + tl.arange(0, CHUNK)
-        mask = (tile_rows[:, None] < R) & (cols[None, :] < K)
-        x = tl.load(x_ptr + tile_rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        col_s, col_inv = _scale(tl.max(tl.abs(x), axis=0), FMAX, POW2, EPS)   # x^T along R: per column
-        tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)        # (R/B, K) buffer
-        qt = tl.trans(_codes(x, col_inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX))
-        _store_transposed(qt_ptr, qt, tile_rows, cols, mask, R)
+    if part < NC:
+        _1x128_row_chunk(x_ptr, q_ptr, s_ptr, R, K, pid_r * B + part * CHUNK, pid_k, FMAX, POW2, EPS, OUT, B, M,
+                         MIN_NORMAL, MAGIC, HW_CAST, PTX, CHUNK)
+    else:
+        _1x128_column_chunk(x_ptr, qt_ptr, st_ptr, R, K, pid_r, pid_k * B + (part - NC) * CHUNK, FMAX, POW2, EPS,
+                            OUT, B, M, MIN_NORMAL, MAGIC, HW_CAST, PTX, CHUNK)
+
+
+@triton.jit
+def _1x128_row_chunk(x_ptr, q_ptr, s_ptr, R, K, row0, pid_k, FMAX: tl.constexpr, POW2: tl.constexpr,
+                     EPS: tl.constexpr, OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr,
+                     MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr,
+                     CHUNK: tl.constexpr):
+    """x's codes and 1x128 scales for CHUNK rows (from row0) of the tile in column pid_k."""
+    rows = row0 + tl.arange(0, CHUNK)
+    cols = pid_k * B + tl.arange(0, B)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s, inv = _scale(tl.max(tl.abs(x), axis=1), FMAX, POW2, EPS)   # x along K: a scale per row
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :],
+             _codes(x, inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX), mask=mask)
+    tl.store(s_ptr + pid_k * R + rows, s, mask=rows < R)      # (K/B, R) buffer: outer-dim-major
+
+
+@triton.jit
+def _1x128_column_chunk(x_ptr, qt_ptr, st_ptr, R, K, pid_r, col0, FMAX: tl.constexpr, POW2: tl.constexpr,
+                        EPS: tl.constexpr, OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr,
+                        MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr,
+                        CHUNK: tl.constexpr):
+    """x^T's codes and 1x128 scales for CHUNK columns (from col0) of the tile in row pid_r."""
+    rows = pid_r * B + tl.arange(0, B)
+    cols = col0 + tl.arange(0, CHUNK)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s, inv = _scale(tl.max(tl.abs(x), axis=0), FMAX, POW2, EPS)   # x^T along R: a scale per column
+    tl.store(st_ptr + pid_r * K + cols, s, mask=cols < K)        # (R/B, K) buffer
+    qt = tl.trans(_codes(x, inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX))
+    _store_transposed(qt_ptr, qt, rows, cols, mask, R)
 
 
 @triton.autotune(configs=_TILE_CONFIGS, key=["R", "K"])
@@ -287,12 +314,20 @@ def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K,
 
 @triton.autotune(configs=_ROW_AMAX_CONFIGS, key=["R", "K"])
 @triton.jit
-def _row_col_amax_kernel(x_ptr, row_amax_ptr, col_amax_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
-    rows, cols, mask, x = _load_tile(x_ptr, R, K, BR, BK)
-    a = tl.abs(x)
-    # |x| >= 0 and max is exact: the order in which tiles arrive does not change the result
-    tl.atomic_max(row_amax_ptr + rows, tl.max(a, axis=1), mask=rows < R)
-    tl.atomic_max(col_amax_ptr + cols, tl.max(a, axis=0), mask=cols < K)
+def _row_col_amax_kernel(x_ptr, row_amax_ptr, col_amax_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr,
+                         STRIPS: tl.constexpr):
+    # Each program reduces STRIPS tiles down its column of tiles: the column amaxes stay in registers
+    # until one atomic each. The amaxes are int32 bit patterns: |x| >= 0 orders as its bits, so one
+    # integer atomic max is exact (a float one is two, one per sign), whatever order tiles arrive in.
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    col_max = tl.zeros((BK,), dtype=tl.float32)
+    for i in range(STRIPS):
+        rows = (tl.program_id(0) * STRIPS + i) * BR + tl.arange(0, BR)
+        mask = (rows[:, None] < R) & (cols[None, :] < K)
+        a = tl.abs(tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32))
+        tl.atomic_max(row_amax_ptr + rows, tl.max(a, axis=1).to(tl.int32, bitcast=True), mask=rows < R)
+        col_max = tl.maximum(col_max, tl.max(a, axis=0))
+    tl.atomic_max(col_amax_ptr + cols, col_max.to(tl.int32, bitcast=True), mask=cols < K)
 
 
 @triton.autotune(configs=_FREE_CONFIGS, key=["R", "K"])
@@ -341,7 +376,9 @@ def _quantize_1x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple[t
     qt = torch.empty((k, r), dtype=f.torch_dtype, device=x.device)
     s = torch.empty((triton.cdiv(k, _BLOCK), r), dtype=torch.float32, device=x.device)
     st = torch.empty((triton.cdiv(r, _BLOCK), k), dtype=torch.float32, device=x.device)
-    _quantize_1x128_t_kernel[_grid(r, k)](x, q, s, qt, st, r, k, FMAX=f.max,
+    tiles_r, tiles_k = _grid(r, k)
+    grid = lambda meta: (tiles_r * 2 * (_BLOCK // meta["CHUNK"]), tiles_k)   # noqa: E731  (a program per chunk)
+    _quantize_1x128_t_kernel[grid](x, q, s, qt, st, r, k, FMAX=f.max,
                                           POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK,
                                           **_grid_constants(f))
     return q, s, qt, st
@@ -422,10 +459,11 @@ def _row_col_amax_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check(x)
     x = x.contiguous()   # a unit inner stride the compiler knows: 16-byte loads
     r, k = x.shape
-    row_amax = torch.zeros(r, dtype=torch.float32, device=x.device)    # 0: the identity of max over |x|
-    col_amax = torch.zeros(k, dtype=torch.float32, device=x.device)
-    _row_col_amax_kernel[_free_grid(r, k)](x, row_amax, col_amax, r, k)
-    return row_amax, col_amax
+    row_amax = torch.zeros(r, dtype=torch.int32, device=x.device)    # the bits of +0.0: max's identity over |x|
+    col_amax = torch.zeros(k, dtype=torch.int32, device=x.device)
+    grid = lambda meta: (triton.cdiv(r, meta["BR"] * meta["STRIPS"]), triton.cdiv(k, meta["BK"]))  # noqa: E731
+    _row_col_amax_kernel[grid](x, row_amax, col_amax, r, k)
+    return row_amax.view(torch.float32), col_amax.view(torch.float32)
 
 
 @_row_col_amax_op.register_fake
@@ -480,15 +518,9 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
 
 def quantize_tensor_t(x: torch.Tensor, fmt: str, *, power_of_2: bool = False,
                       amax: torch.Tensor | None = None) -> QuantPair:
-    """((q, s), (qT, s)) tensorwise; scale from `amax` if given (delayed scaling), else from x's.
-
-    Under torch.compile a 16-bit x (an activation or a gradient, made by a kernel inductor writes) takes
-    its amax as torch operations, which inductor can fuse into that kernel: one read of x less. FP32
-    inputs (master weights) are read by no kernel before this one, so they keep the Triton pass.
-    """
+    """((q, s), (qT, s)) tensorwise; scale from `amax` if given (delayed scaling), else from x's."""
     if amax is None:
-        fusable = torch.compiler.is_compiling() and x.element_size() == 2
-        amax = x.abs().amax().float() if fusable else _amax_op(x)   # max is exact in any order
+        amax = _amax_op(x)
     q, qt, s = _cast_t_op(x, amax, fmt, power_of_2)
     return (q, s), (qt, s)
 
