@@ -29,13 +29,15 @@ LINEAR_EAGER_FP8=mixprec-tensorwise:eager,mixprec-rowwise:eager,mixprec-blockwis
 GPT_VARIANTS=${FP8_GPT_VARIANTS:-"bf16 mixprec-tensorwise mixprec-blockwise mixprec-rowwise torchao-tensorwise torchao-rowwise"}
 pids=()
 if has tests; then
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -n 6 -rf --timeout 150 tests/test_fp8_cuda.py > "$OUT/cuda_tests.log" 2>&1 &
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -n 4 -rf --timeout 150 tests/test_fp8_cuda.py > "$OUT/cuda_tests.log" 2>&1 &
   pids+=($!)
 fi
-if has gpt; then   # one layer: the same block graph as the 4-layer model, a quarter of the memory
-  # (with --compile-scope step the graph is the whole model's: FP8_WARM_LAYERS=4)
+if has gpt; then
+  # the compiled graph is the whole model's (--compile-scope step, the default): warm the 4 layers; with
+  # --compile-scope blocks one layer has the same block graph, at a quarter of the memory
+  layers=4; [[ "$EXTRA" == *"--compile-scope blocks"* ]] && layers=1
   for v in $GPT_VARIANTS; do
-    timeout 130 python3 benchmarks/bench_fp8.py gpt --warm-only --variants "$v" $EXTRA --layers "${FP8_WARM_LAYERS:-1}" > "/tmp/warm_gpt_$v.log" 2>&1 &
+    timeout 130 python3 benchmarks/bench_fp8.py gpt --warm-only --variants "$v" $EXTRA --layers $layers > "/tmp/warm_gpt_$v.log" 2>&1 &
     pids+=($!)
   done
 fi

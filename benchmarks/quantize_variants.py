@@ -86,15 +86,20 @@ RUN += [("1x128", BF16, "chunked", True, 4, 32), ("1x128", BF16, "chunked_cols",
         ("1x128", BF16, "odd2", True, 8, 32), ("1x128", BF16, "pow2", True, 4, 32),
         ("128x128", F32, "trans_codes", False, 4, 128), ("128x128", F32, "trans_codes", False, 8, 128),
         ("128x128", F32, "odd2", False, 4, 128), ("128x128", F32, "odd2", False, 8, 128)]
-# NEXT: the library's kernels with round to odd (and the FP32 inputs' cast) in inline PTX, against the
-# same kernels in Triton operations, at each autotune config
-NEXT = [(kind, dt, v, hw, w, t) for kind, dt, hw, configs in (
+# the library's kernels with round to odd (and the FP32 inputs' cast) in inline PTX, against the same
+# kernels in Triton operations, at each autotune config (fp8_session6.json, calls 2-3)
+RUN += [(kind, dt, v, hw, w, t) for kind, dt, hw, configs in (
             ("1x128", BF16, True, ((4, 32), (4, 16), (8, 32), (8, 64))),
             ("128x128", F32, False, ((4, 128), (8, 128), (16, 128))),
             ("tensorwise", BF16, True, ((4, 64), (8, 64), (4, 128))),
             ("tensorwise", F32, False, ((4, 64), (8, 64), (4, 128))))
         for w, t in configs for v in ("library", "triton_ops")]
-NEXT += [("1x128", BF16, "chunked_cols", True, 4, 32), ("1x128", BF16, "chunked_cols", True, 4, 16)]
+RUN += [("1x128", BF16, "chunked_cols", True, 4, 32), ("1x128", BF16, "chunked_cols", True, 4, 16)]
+# NEXT: with round to odd in PTX, does the one-pass 1x128 kernel (the whole tile in registers: 144
+# registers at 8 warps, 96 at 16, no spills) beat a program per chunk?
+NEXT = [("1x128", BF16, "library", True, 4, 32), ("1x128", BF16, "library", True, 2, 32),
+        ("1x128", BF16, "trans_input", True, 8, 128), ("1x128", BF16, "trans_input", True, 16, 128),
+        ("1x128", BF16, "trans_codes", True, 8, 128), ("1x128", BF16, "trans_codes", True, 16, 128)]
 
 
 @triton.jit

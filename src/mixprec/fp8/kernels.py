@@ -44,7 +44,8 @@ _BLOCK = 128           # DeepSeek-V3's tile; also the only block torch._scaled_m
 _TILE_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
 # The 1x128 kernel splits its tile into chunks of rows and of columns, a program each (one program
 # walking all chunks: 0.49 of copy bandwidth at 4 warps and chunks of 32, BF16 8192^2 on the H200).
-_CHUNK_CONFIGS = [triton.Config({"CHUNK": c}, num_warps=w) for w, c in ((4, 32), (4, 16), (8, 32), (8, 64))]
+_CHUNK_CONFIGS = [triton.Config({"CHUNK": c}, num_warps=w)
+                  for w, c in ((4, 32), (4, 16), (8, 32), (8, 64), (2, 32), (2, 16), (8, 128), (16, 128))]
 # Tensorwise kernels have no tile the scale depends on: rectangles trade registers for parallelism.
 _FREE_CONFIGS = [triton.Config({"BR": br, "BK": bk}, num_warps=w)
                  for br, bk in ((128, 128), (64, 128), (128, 64), (64, 64)) for w in (4, 8)]
@@ -54,7 +55,9 @@ _AMAX_CONFIGS = [triton.Config({"BR": br, "BK": bk, "STRIPS": n}, num_warps=w)
 # The rowwise amax pass does one atomic per row per tile (tiles wider along K mean fewer of them) and
 # one per column per STRIPS tiles.
 _ROW_AMAX_CONFIGS = [triton.Config({"BR": br, "BK": bk, "STRIPS": n}, num_warps=w)
-                     for br, bk in ((128, 128), (64, 128), (32, 256)) for n in (1, 4) for w in (4, 8)]
+                     for br, bk, n, w in ((128, 128, 1, 4), (128, 128, 1, 8), (32, 256, 16, 4), (64, 128, 4, 4),
+                                          (64, 128, 4, 8), (64, 128, 16, 8), (32, 128, 16, 4), (32, 128, 16, 8),
+                                          (32, 256, 8, 4), (32, 256, 8, 8), (32, 256, 16, 8), (16, 512, 16, 8))]
 
 
 def _tl_dtype(fmt: str):
@@ -316,18 +319,20 @@ def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K,
 @triton.jit
 def _row_col_amax_kernel(x_ptr, row_amax_ptr, col_amax_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr,
                          STRIPS: tl.constexpr):
-    # Each program reduces STRIPS tiles down its column of tiles: the column amaxes stay in registers
-    # until one atomic each. The amaxes are int32 bit patterns: |x| >= 0 orders as its bits, so one
-    # integer atomic max is exact (a float one is two, one per sign), whatever order tiles arrive in.
+    # Each program reduces STRIPS tiles down its column of tiles. Each tile's rows reduce along K (within
+    # a warp); the columns' maxima accumulate elementwise and reduce across the tile's rows (across
+    # warps, the dearer reduction) once, before one atomic each. The amaxes are int32 bit patterns:
+    # |x| >= 0 orders as its bits, so one integer atomic max is exact (a float one is two, one per
+    # sign), whatever order the tiles arrive in.
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    col_max = tl.zeros((BK,), dtype=tl.float32)
+    m = tl.zeros((BR, BK), dtype=tl.float32)
     for i in range(STRIPS):
         rows = (tl.program_id(0) * STRIPS + i) * BR + tl.arange(0, BR)
         mask = (rows[:, None] < R) & (cols[None, :] < K)
         a = tl.abs(tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32))
         tl.atomic_max(row_amax_ptr + rows, tl.max(a, axis=1).to(tl.int32, bitcast=True), mask=rows < R)
-        col_max = tl.maximum(col_max, tl.max(a, axis=0))
-    tl.atomic_max(col_amax_ptr + cols, col_max.to(tl.int32, bitcast=True), mask=cols < K)
+        m = tl.maximum(m, a)
+    tl.atomic_max(col_amax_ptr + cols, tl.max(m, axis=0).to(tl.int32, bitcast=True), mask=cols < K)
 
 
 @triton.autotune(configs=_FREE_CONFIGS, key=["R", "K"])
