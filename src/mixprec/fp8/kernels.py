@@ -42,22 +42,23 @@ _BLOCK = 128           # DeepSeek-V3's tile; also the only block torch._scaled_m
 # A 128x128 FP32 tile is 64 values per thread at 8 warps: measured per shape which warp count keeps it
 # in registers best (autotuned once per shape; training shapes repeat).
 _TILE_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
-# The 1x128 kernel splits its tile into chunks of rows and of columns, a program each (one program
-# walking all chunks: 0.49 of copy bandwidth at 4 warps and chunks of 32, BF16 8192^2 on the H200).
-_CHUNK_CONFIGS = [triton.Config({"CHUNK": c}, num_warps=w)
-                  for w, c in ((4, 32), (4, 16), (8, 32), (8, 64), (2, 32), (2, 16), (8, 128), (16, 128))]
+# The 1x128 kernel splits its tile into chunks of rows and of columns, a program each. BF16 8192^2 on
+# the H200 (benchmarks/results/fp8_session6.json): 0.54-0.55 of copy bandwidth with chunks of 32 at 2 or
+# 4 warps (kernel time 0.117 ms); one program walking all chunks 0.49; the whole tile in one program
+# 0.32; chunks of 64 at 8 warps and of 128 slower (0.137, 0.155 ms).
+_CHUNK_CONFIGS = [triton.Config({"CHUNK": c}, num_warps=w) for w, c in ((2, 32), (4, 32), (2, 16), (8, 64))]
 # Tensorwise kernels have no tile the scale depends on: rectangles trade registers for parallelism.
 _FREE_CONFIGS = [triton.Config({"BR": br, "BK": bk}, num_warps=w)
                  for br, bk in ((128, 128), (64, 128), (128, 64), (64, 64)) for w in (4, 8)]
 # The tensorwise amax pass: STRIPS tiles per program, one atomic each.
 _AMAX_CONFIGS = [triton.Config({"BR": br, "BK": bk, "STRIPS": n}, num_warps=w)
                  for br, bk in ((64, 128), (32, 256)) for n in (4, 16) for w in (4, 8)]
-# The rowwise amax pass does one atomic per row per tile (tiles wider along K mean fewer of them) and
-# one per column per STRIPS tiles.
+# The rowwise amax pass does one atomic per row per tile and one per column per STRIPS tiles. BF16
+# 8192^2 on the H200: 0.057 ms at 128x128 tiles, 4 warps, 0.063-0.081 for strips of smaller tiles
+# (fp8_session6.json); float atomics (two per value) had taken 0.071.
 _ROW_AMAX_CONFIGS = [triton.Config({"BR": br, "BK": bk, "STRIPS": n}, num_warps=w)
-                     for br, bk, n, w in ((128, 128, 1, 4), (128, 128, 1, 8), (32, 256, 16, 4), (64, 128, 4, 4),
-                                          (64, 128, 4, 8), (64, 128, 16, 8), (32, 128, 16, 4), (32, 128, 16, 8),
-                                          (32, 256, 8, 4), (32, 256, 8, 8), (32, 256, 16, 8), (16, 512, 16, 8))]
+                     for br, bk, n, w in ((128, 128, 1, 4), (128, 128, 1, 8), (64, 128, 4, 4), (32, 128, 16, 4),
+                                          (32, 256, 8, 4))]
 
 
 def _tl_dtype(fmt: str):
@@ -102,8 +103,9 @@ def _scale(amax, FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr):
 
 
 # x * inv rounded to odd in PTX: truncate (mul.rz), then set the last bit if the FMA's exact error of
-# the truncation is nonzero. Five instructions where Triton's form below takes about twice as many
-# (the round-to-odd step was 35-45% of the 1x128 kernel's SASS, benchmarks/results/fp8.md).
+# the truncation is nonzero. Five instructions where Triton's form below takes about twice as many.
+# With it (and FP32 inputs cast by PTX), on the H200: tensorwise cast 0.55 -> 0.83 of copy bandwidth,
+# 128x128 0.63 -> 0.92, 1x128 0.32 -> 0.49 (quantize_variants.py, same process; fp8_session6.json).
 _ODD_PRODUCT_PTX = tl.constexpr("""{
 .reg .f32 t, e;
 .reg .pred inexact;
