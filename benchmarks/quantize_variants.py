@@ -172,7 +172,8 @@ def _cast_t_variant(x_ptr, amax_ptr, q_ptr, qt_ptr, R, K, VARIANT: tl.constexpr,
 @triton.jit
 def _block_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, NK, VARIANT: tl.constexpr, FMAX: tl.constexpr,
                      POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
-                     MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr, B: tl.constexpr):
+                     MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr,
+                     B: tl.constexpr):
     rows, cols, mask, x_raw = _load_tile_raw(x_ptr, R, K, B, B)
     x = x_raw.to(tl.float32)
     s, inv = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS)
@@ -187,7 +188,8 @@ def _block_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, NK, VARIANT: tl.constexp
 @triton.jit
 def _tile_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.constexpr, FMAX: tl.constexpr,
                     POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
-                    MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr, B: tl.constexpr):
+                    MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr,
+                    B: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows, cols, mask, x_raw = _load_tile_raw(x_ptr, R, K, B, B)
@@ -210,8 +212,8 @@ def _tile_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.const
 @triton.jit
 def _tile_chunked_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.constexpr, FMAX: tl.constexpr,
                           POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
-                          MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr, B: tl.constexpr,
-                          CHUNK: tl.constexpr):
+                          MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr,
+                          B: tl.constexpr, CHUNK: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid_k * B + tl.arange(0, B)
@@ -284,8 +286,8 @@ def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: boo
         grid = (triton.cdiv(r, tile), triton.cdiv(k, tile))
         if library:
             s_out = torch.empty((), dtype=torch.float32, device=x.device)
-            launch = lambda: kernels._cast_t_kernel.fn[grid](x, amax, q, qt, s_out, r, k, BR=tile, BK=tile,  # noqa: E731
-                                                             **consts)
+            kernel = kernels._cast_t_kernel.fn
+            launch = lambda: kernel[grid](x, amax, q, qt, s_out, r, k, BR=tile, BK=tile, **consts)  # noqa: E731
         else:
             launch = lambda: _cast_t_variant[grid](x, amax, q, qt, r, k, BR=tile, BK=tile, **consts)  # noqa: E731
         st = s

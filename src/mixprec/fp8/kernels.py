@@ -8,7 +8,7 @@ row-major) with their scales, so the backward needs no transpose pass:
     quantize_1x128_t    per 1x128 tile of x and per 1x128 tile of x^T (a 128x1 tile of x): a
                         128x128 tile gives 128 row amaxes and 128 column amaxes; a program per
                         chunk of its rows (x's codes) or of its columns (x^T's), so the tile is
-                        read twice, the second time mostly from L2
+                        read twice
     quantize_128x128_t  per 128x128 block; x^T's scales are the transpose of x's
     quantize_tensor_t   tensorwise: an amax reduction (atomic max) then one cast pass, whose x^T codes
                         come from the transposed input tile
@@ -19,8 +19,8 @@ row-major) with their scales, so the backward needs no transpose pass:
 
 Arithmetic is that of mixprec.fp8.quantize (one correctly rounded reciprocal per group, then per
 value the product rounded to odd, saturation and the RNE cast to FP8; on a GPU the rounding to odd,
-and the cast of FP32 inputs, are inline PTX), so codes and scales equal the PyTorch path bit for bit (tests/test_fp8_cuda.py on
-a GPU, tests/test_fp8_kernels.py in Triton's interpreter). The entry points are torch.library
+and the cast of FP32 inputs, are inline PTX), so codes and scales equal the PyTorch path bit for bit
+(tests/test_fp8_cuda.py on a GPU, tests/test_fp8_kernels.py in Triton's interpreter). The entry points are torch.library
 custom ops, so torch.compile keeps them as opaque calls.
 
 Scales come back in the layouts torch._scaled_mm reads: 1x128 scales outer-dim-major (a contiguous
@@ -43,9 +43,9 @@ _BLOCK = 128           # DeepSeek-V3's tile; also the only block torch._scaled_m
 # in registers best (autotuned once per shape; training shapes repeat).
 _TILE_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
 # The 1x128 kernel splits its tile into chunks of rows and of columns, a program each. BF16 8192^2 on
-# the H200 (benchmarks/results/fp8_session6.json): 0.54-0.55 of copy bandwidth with chunks of 32 at 2 or
-# 4 warps (kernel time 0.117 ms); one program walking all chunks 0.49; the whole tile in one program
-# 0.32; chunks of 64 at 8 warps and of 128 slower (0.137, 0.155 ms).
+# the H200 (quantize_variants.py, benchmarks/results/fp8_session6.json): 0.54-0.55 of copy bandwidth
+# with chunks of 32 at 2 or 4 warps (kernel time 0.117 ms); one program walking all chunks 0.49; the
+# whole tile in one program 0.32; chunks of 64 at 8 warps and of 128 slower (0.137, 0.155 ms).
 _CHUNK_CONFIGS = [triton.Config({"CHUNK": c}, num_warps=w) for w, c in ((2, 32), (4, 32), (2, 16), (8, 64))]
 # Tensorwise kernels have no tile the scale depends on: rectangles trade registers for parallelism.
 _FREE_CONFIGS = [triton.Config({"BR": br, "BK": bk}, num_warps=w)
@@ -218,8 +218,8 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
     # 1x128 scale), a strip of CHUNK columns x^T's (each column its own amax over the tile's 128 rows;
     # its transposed codes are whole 128-byte rows of x^T). Held whole with both code tiles, the tile
     # took 255 registers and spilled (ptxas, sm_90a); walked in a loop of chunks by one program, the
-    # chunks' loads waited on each other. A tile's 2 * B / CHUNK programs have consecutive ids, so
-    # most of its reads come from L2.
+    # chunks' loads waited on each other. A tile's 2 * B / CHUNK programs have consecutive ids, so its
+    # second read can come from L2 (not measured: benchmarks/results/fp8.md, session 6).
     NC: tl.constexpr = B // CHUNK
     pid_r = tl.program_id(0) // (2 * NC)
     part = tl.program_id(0) % (2 * NC)
@@ -309,8 +309,8 @@ def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K,
     q = _codes(x.to(tl.float32), inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     # x^T's codes from the transposed input tile: a BF16 tile moved through shared memory faster than
-    # the code tile (0.56 against 0.45 of copy bandwidth, quantize_variants.py on the H200); FP32
-    # inputs take the same path (measured end to end only, benchmarks/results/fp8.md)
+    # the code tile (0.56 against 0.45 of copy bandwidth, quantize_variants.py on the H200, session 4);
+    # FP32 inputs take the same path (0.93 of copy with the PTX cast, session 6)
     qt = _codes(tl.trans(x).to(tl.float32), inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
     _store_transposed(qt_ptr, qt, rows, cols, mask, R)
     if (pid_r == 0) & (pid_k == 0):
@@ -343,7 +343,7 @@ def _cast_rowwise_t_kernel(x_ptr, row_amax_ptr, col_amax_ptr, q_ptr, s_ptr, qt_p
                            FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                            OUT: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
                            MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr, BR: tl.constexpr,
-                   BK: tl.constexpr):
+                           BK: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows, cols, mask, x = _load_tile(x_ptr, R, K, BR, BK)
@@ -385,9 +385,8 @@ def _quantize_1x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple[t
     st = torch.empty((triton.cdiv(r, _BLOCK), k), dtype=torch.float32, device=x.device)
     tiles_r, tiles_k = _grid(r, k)
     grid = lambda meta: (tiles_r * 2 * (_BLOCK // meta["CHUNK"]), tiles_k)   # noqa: E731  (a program per chunk)
-    _quantize_1x128_t_kernel[grid](x, q, s, qt, st, r, k, FMAX=f.max,
-                                          POW2=power_of_2, EPS=AMAX_EPS, OUT=_tl_dtype(fmt), B=_BLOCK,
-                                          **_grid_constants(f))
+    _quantize_1x128_t_kernel[grid](x, q, s, qt, st, r, k, FMAX=f.max, POW2=power_of_2, EPS=AMAX_EPS,
+                                   OUT=_tl_dtype(fmt), B=_BLOCK, **_grid_constants(f))
     return q, s, qt, st
 
 
