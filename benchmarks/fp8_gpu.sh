@@ -4,7 +4,8 @@
 #   phase A (in parallel, nothing timed): CUDA tests, compile-cache warm-up
 #   phase B (one process at a time, timed): quantize kernels (and quantize_variants.py's next cases),
 #   Float8Linear 8192^3, GPT end to end, then the accuracy run (`mixprec compare`).
-#   tests,quantize,linear,gpt took 393 s on 2026-11-29; all steps exceed one 10-minute device call.
+#   tests,quantize,variants,linear,gpt took 478 s on 2026-11-29 (session 6); all steps exceed one
+#   10-minute device call.
 # FP8_GPU_STEPS=quantize,variants,linear,gpt,tests,compare picks parts (default: all); FP8_GPT_VARIANTS
 # (space-separated) the GPT variants. A CPU dry run of the script:
 # FP8_BENCH_ARGS="--device cpu --n 256 --d 256 --heads 4 --batch 2 --seq 64 --vocab 256 --steps 2

@@ -132,12 +132,12 @@ def test_inductor_compiled_model_matches_eager(recipe):
 @pytest.mark.parametrize("backend, dtype", [("cublas", torch.float32), ("triton", torch.bfloat16)])
 def test_inductor_compiled_quantization_equals_eager(granularity, fmt, backend, dtype):
     """Quantization compiled by inductor gives eager's codes and scales: the cublas backend's (PyTorch
-    ops), and the triton backend's on 16-bit input (whose tensorwise amax inductor computes)."""
+    ops, which inductor fuses and may reorder) and the triton backend's custom ops on BF16 input."""
     torch._dynamo.reset()
     x = (torch.randn(1024, 768, device="cuda") * torch.exp(torch.randn(1024, 768, device="cuda"))).to(dtype)
 
     def pair(t):
-        t = t * 1.0        # a kernel inductor writes: the amax can fuse into it
+        t = t * 1.0        # the input made by a kernel inductor writes, as in a model
         a, at = quantize_pair(t, fmt, granularity, backend=backend, power_of_2=False)
         return a.q, a.scale, at.q, at.scale
 
