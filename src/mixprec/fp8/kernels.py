@@ -79,8 +79,9 @@ def _grid_constants(f, *, hw_cast: bool = True) -> dict:
     the fault is in Triton's lowering of the conversion, not in the transposed store.
     """
     gpu = not _interpreting()
+    nvidia = gpu and torch.version.hip is None    # PTX is NVIDIA's; ROCm builds take the Triton operations
     return dict(M=f.mantissa_bits, MIN_NORMAL=f.min_normal,
-                MAGIC=2.0 ** (f.min_exponent - f.mantissa_bits + 23), HW_CAST=hw_cast and gpu, PTX=gpu)
+                MAGIC=2.0 ** (f.min_exponent - f.mantissa_bits + 23), HW_CAST=hw_cast and gpu, PTX=nvidia)
 
 
 def _interpreting() -> bool:
