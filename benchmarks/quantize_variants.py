@@ -33,6 +33,9 @@ byte, and times it against a device-to-device copy, as bench_fp8.py quantize doe
                     inputs cast to FP8 by PTX's cvt)
     triton_ops      the same kernel with both steps in Triton operations (the library's before
                     2026-11-29's session 6)
+    group4, group16 1x128: the library's kernel with its programs ordered by groups of 4 (16) tiles down a
+                    column of tiles, all row chunks of a group before its column chunks (the library: 1).
+                    Does the second read of a tile come from L2? If so the order should matter little.
 
     PYTHONPATH=src python3 benchmarks/quantize_variants.py [--cases next|run|all] [--n 8192] [--json FILE]
     PYTHONPATH=src python3 benchmarks/quantize_variants.py --diagnose    # where the FP32 hardware cast fails
@@ -53,9 +56,10 @@ from mixprec.fp8.kernels import (_codes, _grid_constants, _load_tile_raw, _odd_p
 from mixprec.fp8.quantize import AMAX_EPS, get_fp8_format, quantize
 
 VARIANTS = ("trans_codes", "trans_input", "trans_bytes", "no_transpose", "select_clamp", "rows_only", "cols_only",
-            "chunked", "chunked_cols", "odd2", "pow2", "library", "triton_ops")
+            "chunked", "chunked_cols", "odd2", "pow2", "library", "triton_ops", "group4", "group16")
 # the library's own kernel at one of its autotuned configs (not a variant kernel of this file)
-LIBRARY_KERNEL = ("pow2", "library", "triton_ops")
+LIBRARY_KERNEL = ("pow2", "library", "triton_ops", "group4", "group16")
+GROUP = {"group4": 4, "group16": 16}      # 1x128: tiles per group of the program order (the library's: 1)
 # which of (x's codes and scales, x^T's codes and scales) a variant writes
 WRITES = {"no_transpose": (0,), "rows_only": (0,), "cols_only": (1,)}
 _IDS = {name: i for i, name in enumerate(VARIANTS)}
@@ -95,11 +99,13 @@ RUN += [(kind, dt, v, hw, w, t) for kind, dt, hw, configs in (
             ("tensorwise", F32, False, ((4, 64), (8, 64), (4, 128))))
         for w, t in configs for v in ("library", "triton_ops")]
 RUN += [("1x128", BF16, "chunked_cols", True, 4, 32), ("1x128", BF16, "chunked_cols", True, 4, 16)]
-# NEXT: with round to odd in PTX, does the one-pass 1x128 kernel (the whole tile in registers: 144
-# registers at 8 warps, 96 at 16, no spills) beat a program per chunk?
-NEXT = [("1x128", BF16, "library", True, 4, 32), ("1x128", BF16, "library", True, 2, 32),
+# with round to odd in PTX, the one-pass 1x128 kernel (the whole tile in registers: 144 registers at 8
+# warps, 96 at 16, no spills) against a program per chunk (fp8_session6.json, call 4)
+RUN += [("1x128", BF16, "library", True, 4, 32), ("1x128", BF16, "library", True, 2, 32),
         ("1x128", BF16, "trans_input", True, 8, 128), ("1x128", BF16, "trans_input", True, 16, 128),
         ("1x128", BF16, "trans_codes", True, 8, 128), ("1x128", BF16, "trans_codes", True, 16, 128)]
+# NEXT: the 1x128 kernel's program order (does its second read of a tile come from L2?)
+NEXT = [("1x128", BF16, v, True, 2, 32) for v in ("library", "group4", "group16")]
 
 
 @triton.jit
@@ -302,7 +308,7 @@ def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: boo
         s_buf = torch.empty((grid[1], r), dtype=torch.float32, device=x.device)
         st_buf = torch.empty((grid[0], k), dtype=torch.float32, device=x.device)
         if library:      # a program per chunk of rows or columns
-            kernel, extra = kernels._quantize_1x128_t_kernel.fn, dict(CHUNK=tile)
+            kernel, extra = kernels._quantize_1x128_t_kernel.fn, dict(CHUNK=tile, GROUP=GROUP.get(variant, 1))
             grid = (grid[0] * 2 * (128 // tile), grid[1])
         elif variant in ("odd2", "chunked_cols"):
             kernel, extra = _tile_chunked_cols_variant, dict(CHUNK=tile)

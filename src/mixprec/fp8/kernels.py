@@ -46,7 +46,7 @@ _TILE_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
 # the H200 (quantize_variants.py, benchmarks/results/fp8_session6.json): 0.54-0.55 of copy bandwidth
 # with chunks of 32 at 2 or 4 warps (kernel time 0.117 ms); one program walking all chunks 0.49; the
 # whole tile in one program 0.32; chunks of 64 at 8 warps and of 128 slower (0.137, 0.155 ms).
-_CHUNK_CONFIGS = [triton.Config({"CHUNK": c}, num_warps=w) for w, c in ((2, 32), (4, 32), (2, 16), (8, 64))]
+_CHUNK_CONFIGS = [triton.Config({"CHUNK": c, "GROUP": 1}, num_warps=w) for w, c in ((2, 32), (4, 32), (2, 16), (8, 64))]
 # Tensorwise kernels have no tile the scale depends on: rectangles trade registers for parallelism.
 _FREE_CONFIGS = [triton.Config({"BR": br, "BK": bk}, num_warps=w)
                  for br, bk in ((128, 128), (64, 128), (128, 64), (64, 64)) for w in (4, 8)]
@@ -214,23 +214,28 @@ def _store_transposed(qt_ptr, qt, rows, cols, mask, R):
 def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
                              FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                              OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
-                             MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr, CHUNK: tl.constexpr):
+                             MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr, CHUNK: tl.constexpr,
+                             GROUP: tl.constexpr):
     # One program per chunk of a 128x128 tile: a strip of CHUNK rows gives x's codes (each row its own
     # 1x128 scale), a strip of CHUNK columns x^T's (each column its own amax over the tile's 128 rows;
     # its transposed codes are whole 128-byte rows of x^T). Held whole with both code tiles, the tile
     # took 255 registers and spilled (ptxas, sm_90a); walked in a loop of chunks by one program, the
-    # chunks' loads waited on each other. A tile's 2 * B / CHUNK programs have consecutive ids, so its
-    # second read can come from L2 (not measured: benchmarks/results/fp8.md, session 6).
+    # chunks' loads waited on each other. Program ids go by groups of GROUP tiles down a column of
+    # tiles: first the group's row chunks, then its column chunks, so the second read of a tile can
+    # come from L2 (whether it does is not measured: benchmarks/results/fp8.md, session 6).
     NC: tl.constexpr = B // CHUNK
-    pid_r = tl.program_id(0) // (2 * NC)
-    part = tl.program_id(0) % (2 * NC)
+    group = tl.program_id(0) // (2 * NC * GROUP)
+    size = tl.minimum(GROUP, tl.cdiv(R, B) - group * GROUP)    # the last group may be short
+    j = tl.program_id(0) % (2 * NC * GROUP)
     pid_k = tl.program_id(1)
-    if part < NC:
-        _1x128_row_chunk(x_ptr, q_ptr, s_ptr, R, K, pid_r * B + part * CHUNK, pid_k, FMAX, POW2, EPS, OUT, B, M,
-                         MIN_NORMAL, MAGIC, HW_CAST, PTX, CHUNK)
+    if j < NC * size:
+        pid_r = group * GROUP + j // NC
+        _1x128_row_chunk(x_ptr, q_ptr, s_ptr, R, K, pid_r * B + (j % NC) * CHUNK, pid_k, FMAX, POW2, EPS, OUT, B,
+                         M, MIN_NORMAL, MAGIC, HW_CAST, PTX, CHUNK)
     else:
-        _1x128_column_chunk(x_ptr, qt_ptr, st_ptr, R, K, pid_r, pid_k * B + (part - NC) * CHUNK, FMAX, POW2, EPS,
-                            OUT, B, M, MIN_NORMAL, MAGIC, HW_CAST, PTX, CHUNK)
+        pid_r = group * GROUP + (j - NC * size) // NC
+        _1x128_column_chunk(x_ptr, qt_ptr, st_ptr, R, K, pid_r, pid_k * B + ((j - NC * size) % NC) * CHUNK, FMAX,
+                            POW2, EPS, OUT, B, M, MIN_NORMAL, MAGIC, HW_CAST, PTX, CHUNK)
 
 
 @triton.jit
