@@ -35,7 +35,8 @@ byte, and times it against a device-to-device copy, as bench_fp8.py quantize doe
                     2026-11-29's session 6)
     group4, group16 1x128: the library's kernel with its programs ordered by groups of 4 (16) tiles down a
                     column of tiles, all row chunks of a group before its column chunks (the library: 1).
-                    Does the second read of a tile come from L2? If so the order should matter little.
+                    The order changes when a tile's second read comes, and so whether it finds the tile
+                    in L2; if the time moves with it, the second read is where the bandwidth goes.
 
     PYTHONPATH=src python3 benchmarks/quantize_variants.py [--cases next|run|all] [--n 8192] [--json FILE]
     PYTHONPATH=src python3 benchmarks/quantize_variants.py --diagnose    # where the FP32 hardware cast fails
