@@ -34,9 +34,11 @@ if has tests; then
   pids+=($!)
 fi
 if has gpt; then
-  # the compiled graph is the whole model's (--compile-scope step, the default): warm the 4 layers; with
-  # --compile-scope blocks one layer has the same block graph, at a quarter of the memory
-  layers=4; [[ "$EXTRA" == *"--compile-scope blocks"* ]] && layers=1
+  # the compiled graph is the whole model's (--compile-scope step, the default): warm the 4 layers (six
+  # variants at ~19 GiB each fit a 141 GiB H200); with --compile-scope blocks, or on a smaller GPU, one
+  # layer: the same block graph (blocks) or at least the same Triton kernels (step), a quarter of the memory
+  gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  layers=4; [[ "$EXTRA" == *"--compile-scope blocks"* || ${gpu_mib:-0} -lt 130000 ]] && layers=1
   for v in $GPT_VARIANTS; do
     timeout 130 python3 benchmarks/bench_fp8.py gpt --warm-only --variants "$v" $EXTRA --layers $layers > "/tmp/warm_gpt_$v.log" 2>&1 &
     pids+=($!)
