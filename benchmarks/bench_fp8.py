@@ -253,8 +253,7 @@ def kernel_breakdown(fn, steps: int = 2, top: int = 25) -> dict:
             kernels[ev.key] = (us / 1e3 / steps, ev.count // steps)
     by_cat = {}
     for name, (ms, _) in kernels.items():
-        cat = next(c for c, frags in KERNEL_CATEGORIES if any(f in name.lower() for f in frags)
-                   and (c != "inductor triton" or name.startswith("triton_")))
+        cat = next(c for c, frags in KERNEL_CATEGORIES if any(f in name.lower() for f in frags))
         by_cat[cat] = by_cat.get(cat, 0.0) + ms
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
     return dict(ms_per_step_by_category={c: round(v, 3) for c, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},

@@ -20,8 +20,8 @@ row-major) with their scales, so the backward needs no transpose pass:
 Arithmetic is that of mixprec.fp8.quantize (one correctly rounded reciprocal per group, then per
 value the product rounded to odd, saturation and the RNE cast to FP8; on a GPU the rounding to odd,
 and the cast of FP32 inputs, are inline PTX), so codes and scales equal the PyTorch path bit for bit
-(tests/test_fp8_cuda.py on a GPU, tests/test_fp8_kernels.py in Triton's interpreter). The entry points are torch.library
-custom ops, so torch.compile keeps them as opaque calls.
+(tests/test_fp8_cuda.py on a GPU, tests/test_fp8_kernels.py in Triton's interpreter). The entry points
+are torch.library custom ops, so torch.compile keeps them as opaque calls.
 
 Scales come back in the layouts torch._scaled_mm reads: 1x128 scales outer-dim-major (a contiguous
 (K/128, R) buffer viewed as (R, K/128)), 128x128 scales contiguous (R/128, K/128), rowwise scales
