@@ -37,6 +37,16 @@ byte, and times it against a device-to-device copy, as bench_fp8.py quantize doe
                     column of tiles, all row chunks of a group before its column chunks (the library: 1).
                     The order changes when a tile's second read comes, and so whether it finds the tile
                     in L2; if the time moves with it, the second read is where the bandwidth goes.
+    chunk_rows      1x128: the library's row-chunk programs alone (x's codes; bytes counted: 2 read, 1
+                    written for BF16): one side's cost. If each side alone runs near the tensorwise
+                    cast's fraction of copy and both together at their sum, the two reads of a tile
+                    cost as two reads from HBM, whatever the order
+    chunk_cols      1x128: the library's column-chunk programs alone (x^T's codes)
+    chunk_tin       1x128: a program per chunk as the library, the column chunks transposing the input
+                    chunk in BF16 (as the tensorwise cast does) and storing x^T's rows from it
+    strips          1x128: one program per tile reads it once, as four strips of 32 columns loaded
+                    before any is used: each strip gives x^T's codes for its columns and its rows'
+                    partial amaxes, then x's codes come from the strips still in registers
 
     PYTHONPATH=src python3 benchmarks/quantize_variants.py [--cases next|run|all] [--n 8192] [--json FILE]
     PYTHONPATH=src python3 benchmarks/quantize_variants.py --diagnose    # where the FP32 hardware cast fails
@@ -57,12 +67,14 @@ from mixprec.fp8.kernels import (_codes, _grid_constants, _load_tile_raw, _odd_p
 from mixprec.fp8.quantize import AMAX_EPS, get_fp8_format, quantize
 
 VARIANTS = ("trans_codes", "trans_input", "trans_bytes", "no_transpose", "select_clamp", "rows_only", "cols_only",
-            "chunked", "chunked_cols", "odd2", "pow2", "library", "triton_ops", "group4", "group16")
+            "chunked", "chunked_cols", "odd2", "pow2", "library", "triton_ops", "group4", "group16", "chunk_rows",
+            "chunk_cols", "chunk_tin", "strips")
 # the library's own kernel at one of its autotuned configs (not a variant kernel of this file)
 LIBRARY_KERNEL = ("pow2", "library", "triton_ops", "group4", "group16")
 GROUP = {"group4": 4, "group16": 16}      # 1x128: tiles per group of the program order (the library's: 1)
 # which of (x's codes and scales, x^T's codes and scales) a variant writes
-WRITES = {"no_transpose": (0,), "rows_only": (0,), "cols_only": (1,)}
+WRITES = {"no_transpose": (0,), "rows_only": (0,), "cols_only": (1,), "chunk_rows": (0,), "chunk_cols": (1,)}
+CHUNK_SIDES = {"chunk_rows": 0, "chunk_cols": 1, "chunk_tin": 2}     # the chunk_* kernel's SIDES
 _IDS = {name: i for i, name in enumerate(VARIANTS)}
 F32, BF16 = torch.float32, torch.bfloat16
 # (kernel, input dtype, variant, hardware cast, warps, tile). The library's kernels take FP32 weights and
@@ -105,8 +117,12 @@ RUN += [("1x128", BF16, "chunked_cols", True, 4, 32), ("1x128", BF16, "chunked_c
 RUN += [("1x128", BF16, "library", True, 4, 32), ("1x128", BF16, "library", True, 2, 32),
         ("1x128", BF16, "trans_input", True, 8, 128), ("1x128", BF16, "trans_input", True, 16, 128),
         ("1x128", BF16, "trans_codes", True, 8, 128), ("1x128", BF16, "trans_codes", True, 16, 128)]
-# NEXT: the 1x128 kernel's program order (does its second read of a tile come from L2?)
-NEXT = [("1x128", BF16, v, True, 2, 32) for v in ("library", "group4", "group16")]
+# NEXT: the 1x128 kernel's program order (does its second read of a tile come from L2?), each side's cost
+# alone, x^T's chunks from the transposed input, and one read per tile (strips)
+NEXT = [("1x128", BF16, v, True, 2, 32) for v in ("library", "group4", "group16", "chunk_rows", "chunk_cols",
+                                                   "chunk_tin")]
+NEXT += [("1x128", BF16, "chunk_tin", True, 4, 32), ("1x128", BF16, "strips", True, 4, 32),
+         ("1x128", BF16, "strips", True, 8, 32), ("1x128", BF16, "strips", True, 16, 32)]
 
 
 @triton.jit
@@ -274,6 +290,93 @@ def _tile_chunked_cols_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIAN
         _store_transposed(qt_ptr, qt, tile_rows, cols, mask, R)
 
 
+@triton.jit
+def _chunk_sides_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, SIDES: tl.constexpr, FMAX: tl.constexpr,
+                         POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
+                         MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr,
+                         B: tl.constexpr, CHUNK: tl.constexpr):
+    # a program per chunk, as the library (GROUP=1): SIDES 0 only the row chunks, 1 only the column
+    # chunks (the library's functions), 2 both, the column chunks transposing their input first
+    NC: tl.constexpr = B // CHUNK
+    PER_TILE: tl.constexpr = NC if SIDES < 2 else 2 * NC
+    pid_r = tl.program_id(0) // PER_TILE
+    j = tl.program_id(0) % PER_TILE
+    pid_k = tl.program_id(1)
+    if SIDES == 0:
+        kernels._1x128_row_chunk(x_ptr, q_ptr, s_ptr, R, K, pid_r * B + j * CHUNK, pid_k, FMAX, POW2, EPS, OUT, B,
+                                 M, MIN_NORMAL, MAGIC, HW_CAST, PTX, CHUNK)
+    elif SIDES == 1:
+        kernels._1x128_column_chunk(x_ptr, qt_ptr, st_ptr, R, K, pid_r, pid_k * B + j * CHUNK, FMAX, POW2, EPS, OUT,
+                                    B, M, MIN_NORMAL, MAGIC, HW_CAST, PTX, CHUNK)
+    elif j < NC:
+        kernels._1x128_row_chunk(x_ptr, q_ptr, s_ptr, R, K, pid_r * B + j * CHUNK, pid_k, FMAX, POW2, EPS, OUT, B,
+                                 M, MIN_NORMAL, MAGIC, HW_CAST, PTX, CHUNK)
+    else:
+        rows = pid_r * B + tl.arange(0, B)
+        cols = pid_k * B + (j - NC) * CHUNK + tl.arange(0, CHUNK)
+        mask = (rows[:, None] < R) & (cols[None, :] < K)
+        xt = tl.trans(tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)).to(tl.float32)
+        s, inv = _scale(tl.max(tl.abs(xt), axis=1), FMAX, POW2, EPS)
+        tl.store(st_ptr + pid_r * K + cols, s, mask=cols < K)
+        qt = _codes(xt, inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
+        _store_transposed(qt_ptr, qt, rows, cols, mask, R)
+
+
+@triton.jit
+def _load_strip(x_ptr, R, K, rows, col0, CHUNK: tl.constexpr):
+    cols = col0 + tl.arange(0, CHUNK)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    return cols, mask, tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _strip_transposed_codes(x, rows, cols, mask, qt_ptr, st_ptr, pid_r, R, K, FMAX: tl.constexpr,
+                            POW2: tl.constexpr, EPS: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
+                            MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr,
+                            PTX: tl.constexpr):
+    """x^T's codes and scales for a strip's columns; returns the strip's row amaxes."""
+    a = tl.abs(x)
+    s, inv = _scale(tl.max(a, axis=0), FMAX, POW2, EPS)
+    tl.store(st_ptr + pid_r * K + cols, s, mask=cols < K)
+    _store_transposed(qt_ptr, tl.trans(_codes(x, inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)),
+                      rows, cols, mask, R)
+    return tl.max(a, axis=1)
+
+
+@triton.jit
+def _tile_strips_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, FMAX: tl.constexpr, POW2: tl.constexpr,
+                         EPS: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                         MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr, B: tl.constexpr,
+                         CHUNK: tl.constexpr):
+    tl.static_assert(B == 4 * CHUNK)
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_r * B + tl.arange(0, B)
+    c0, m0, x0 = _load_strip(x_ptr, R, K, rows, pid_k * B, CHUNK)      # all four loads in flight at once
+    c1, m1, x1 = _load_strip(x_ptr, R, K, rows, pid_k * B + CHUNK, CHUNK)
+    c2, m2, x2 = _load_strip(x_ptr, R, K, rows, pid_k * B + 2 * CHUNK, CHUNK)
+    c3, m3, x3 = _load_strip(x_ptr, R, K, rows, pid_k * B + 3 * CHUNK, CHUNK)
+    a0 = _strip_transposed_codes(x0, rows, c0, m0, qt_ptr, st_ptr, pid_r, R, K, FMAX, POW2, EPS, OUT, M, MIN_NORMAL,
+                                 MAGIC, HW_CAST, PTX)
+    a1 = _strip_transposed_codes(x1, rows, c1, m1, qt_ptr, st_ptr, pid_r, R, K, FMAX, POW2, EPS, OUT, M, MIN_NORMAL,
+                                 MAGIC, HW_CAST, PTX)
+    a2 = _strip_transposed_codes(x2, rows, c2, m2, qt_ptr, st_ptr, pid_r, R, K, FMAX, POW2, EPS, OUT, M, MIN_NORMAL,
+                                 MAGIC, HW_CAST, PTX)
+    a3 = _strip_transposed_codes(x3, rows, c3, m3, qt_ptr, st_ptr, pid_r, R, K, FMAX, POW2, EPS, OUT, M, MIN_NORMAL,
+                                 MAGIC, HW_CAST, PTX)
+    s, inv = _scale(tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3)), FMAX, POW2, EPS)
+    tl.store(s_ptr + pid_k * R + rows, s, mask=rows < R)
+    inv = inv[:, None]
+    tl.store(q_ptr + rows[:, None] * K + c0[None, :], _codes(x0, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST,
+                                                             PTX), mask=m0)
+    tl.store(q_ptr + rows[:, None] * K + c1[None, :], _codes(x1, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST,
+                                                             PTX), mask=m1)
+    tl.store(q_ptr + rows[:, None] * K + c2[None, :], _codes(x2, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST,
+                                                             PTX), mask=m2)
+    tl.store(q_ptr + rows[:, None] * K + c3[None, :], _codes(x3, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST,
+                                                             PTX), mask=m3)
+
+
 def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: bool, warps: int, tile: int):
     """Outputs of one variant (q, s, qt, st) and a closure that launches it again."""
     r, k = x.shape
@@ -308,7 +411,15 @@ def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: boo
         grid = (triton.cdiv(r, 128), triton.cdiv(k, 128))
         s_buf = torch.empty((grid[1], r), dtype=torch.float32, device=x.device)
         st_buf = torch.empty((grid[0], k), dtype=torch.float32, device=x.device)
-        if library:      # a program per chunk of rows or columns
+        if variant in CHUNK_SIDES:
+            sides = CHUNK_SIDES[variant]
+            kernel, extra = _chunk_sides_variant, dict(CHUNK=tile, SIDES=sides)
+            consts.pop("VARIANT")
+            grid = (grid[0] * (128 // tile) * (2 if sides == 2 else 1), grid[1])
+        elif variant == "strips":
+            kernel, extra = _tile_strips_variant, dict(CHUNK=tile)
+            consts.pop("VARIANT")
+        elif library:      # a program per chunk of rows or columns
             kernel, extra = kernels._quantize_1x128_t_kernel.fn, dict(CHUNK=tile, GROUP=GROUP.get(variant, 1))
             grid = (grid[0] * 2 * (128 // tile), grid[1])
         elif variant in ("odd2", "chunked_cols"):

@@ -107,6 +107,25 @@ def test_output_dtype_follows_autocast_else_input():
     assert layer.weight.grad.dtype == torch.float32 and layer.bias.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "blockwise"])
+def test_autocast_casts_the_input_first_as_autocast_linear_does(recipe):
+    # an FP32 input under BF16 autocast is quantized from its BF16 rounding (as nn.Linear under autocast
+    # multiplies that rounding): the same output and weight gradient as a BF16 input, bit for bit
+    layer = Float8Linear(256, 128, config=Float8Config(recipe=recipe))
+    x = (torch.randn(8, 256) * 3).requires_grad_()
+    x16 = x.detach().bfloat16().requires_grad_()
+    outs, grads = [], []
+    for inp in (x, x16):
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(inp)
+        y.float().pow(2).sum().backward()
+        outs.append(y)
+        grads.append(layer.weight.grad.clone())
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+    assert x.grad.dtype == torch.float32 and torch.equal(x.grad, x16.grad.float())
+
+
 def test_delayed_recipe_keeps_amax_histories():
     layer = Float8Linear(128, 128, config=Float8Config(recipe="delayed", amax_history_len=4))
     xs = [torch.randn(8, 128) * s for s in (1.0, 3.0)]

@@ -58,7 +58,8 @@ _AMAX_CONFIGS = [triton.Config({"BR": br, "BK": bk, "STRIPS": n}, num_warps=w)
 # (fp8_session6.json); float atomics (two per value) had taken 0.071.
 _ROW_AMAX_CONFIGS = [triton.Config({"BR": br, "BK": bk, "STRIPS": n}, num_warps=w)
                      for br, bk, n, w in ((128, 128, 1, 4), (128, 128, 1, 8), (64, 128, 4, 4), (32, 128, 16, 4),
-                                          (32, 256, 8, 4))]
+                                          (32, 256, 8, 4), (64, 128, 1, 4), (128, 256, 1, 8), (256, 128, 1, 8),
+                                          (128, 128, 1, 16), (64, 256, 1, 4))]
 
 
 def _tl_dtype(fmt: str):

@@ -3,7 +3,7 @@
 Per call, with x (M, K), W (N, K) and the recipe's formats and granularities (recipes.py):
 
     forward:   (x_q, x^T_q) = quantize_pair(x);  (W_q, W^T_q) = quantize_pair(W)
-               y = mm_nt(x_q, W_q) + b                  in the autocast dtype, else in x's dtype
+               y = mm_nt(x_q, W_q) + b                  in x's dtype (under autocast, x is first cast to its dtype)
                save x^T_q, W^T_q for the backward       (FP8: a quarter of FP32's memory)
     backward:  (dy_q, dy^T_q) = quantize_pair(dy)
                dx = mm_nt(dy_q, W^T_q)                  in x's dtype
@@ -28,7 +28,7 @@ from mixprec.fp8.recipes import GRANULARITY, quantize_pair
 class _Float8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, recipe: str, fwd_fmt: str, bwd_fmt: str, power_of_2: bool, block: int,
-                backend: str, fast_accum: bool, out_dtype: torch.dtype, hist_x, hist_w, hist_dy):
+                backend: str, fast_accum: bool, hist_x, hist_w, hist_dy):
         act_gran, w_gran = GRANULARITY[recipe]
         common = dict(backend=backend, power_of_2=power_of_2, block_size=block)
         with torch.autocast(x.device.type, enabled=False):
@@ -37,9 +37,9 @@ class _Float8LinearFunction(torch.autograd.Function):
             wa, wt = quantize_pair(weight, fwd_fmt, w_gran, history=hist_w, **common)
             # cuBLAS's blockwise kernels promote every 128 of K by construction; fast_accum is for the others
             fast = fast_accum and act_gran != "1x128"
-            y = mm_nt(xa, wa, out_dtype=out_dtype, backend=backend, fast_accum=fast, block_size=block)
+            y = mm_nt(xa, wa, out_dtype=x.dtype, backend=backend, fast_accum=fast, block_size=block)
             if bias is not None:
-                y = y + bias.to(out_dtype)
+                y = y + bias.to(x.dtype)
         ctx.save_for_backward(xt.q, xt.scale, wt.q, wt.scale, hist_dy)
         ctx.meta = (act_gran, w_gran, bwd_fmt, common, x.shape, x.dtype, weight.dtype,
                     None if bias is None else bias.dtype)
@@ -63,15 +63,16 @@ class _Float8LinearFunction(torch.autograd.Function):
                                block_size=block)
             if ctx.needs_input_grad[2]:
                 db = dy2.float().sum(0).to(b_dtype)
-        return dx, dw, db, None, None, None, None, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None, None, None
 
 
 class Float8Linear(nn.Linear):
     """A drop-in nn.Linear that runs its forward and both backward GEMMs in FP8.
 
     config: the Float8Config (recipe, formats, backend); default Float8Config() (blockwise, auto).
-    Under an enabled autocast the output is in autocast's dtype (BF16 for the FP8 recipes), otherwise
-    in the input's dtype. Delayed scaling keeps its amax histories in non-persistent buffers (not in
+    Under an enabled autocast the input is first cast to autocast's dtype (BF16 for the FP8 recipes),
+    as autocast's linear does, and the output is in that dtype; otherwise the output is in the input's
+    dtype. Delayed scaling keeps its amax histories in non-persistent buffers (not in
     the state_dict, whose keys stay nn.Linear's).
     """
 
@@ -118,15 +119,15 @@ class Float8Linear(nn.Linear):
         cfg = self.config
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
-            out_dtype = torch.get_autocast_dtype(device_type)
-        else:
-            out_dtype = x.dtype
+            # as autocast's own linear: the input in the autocast dtype, so that an FP32 input (a norm's
+            # output) is read at half the bytes and its gradient comes back in that dtype too
+            x = x.to(torch.get_autocast_dtype(device_type))
         capable = self._fp8_capable if x.device == self.weight.device else None
         backend = resolve_backend(cfg.backend, x.device, fp8_capable=capable)
         delayed = cfg.recipe == "delayed"
         return _Float8LinearFunction.apply(
             x, self.weight, self.bias, cfg.recipe, cfg.forward_format, cfg.backward_format,
-            bool(cfg.power_of_2_scales), cfg.block_size, backend, cfg.fast_accum, out_dtype,
+            bool(cfg.power_of_2_scales), cfg.block_size, backend, cfg.fast_accum,
             self.amax_history_input if delayed else None, self.amax_history_weight if delayed else None,
             self.amax_history_grad_output if delayed else None)
 
