@@ -44,6 +44,9 @@ byte, and times it against a device-to-device copy, as bench_fp8.py quantize doe
     chunk_cols      1x128: the library's column-chunk programs alone (x^T's codes)
     chunk_tin       1x128: a program per chunk as the library, the column chunks transposing the input
                     chunk in BF16 (as the tensorwise cast does) and storing x^T's rows from it
+    partials        rowwise amax pass: each tile stores its rows' and columns' maxima (no atomics), and
+                    torch.amax reduces the partials (two more launches); the library does one atomic
+                    max per row and per column of each tile (kind row_amax, variant library)
     strips          1x128: one program per tile reads it once, as four strips of 32 columns loaded
                     before any is used: each strip gives x^T's codes for its columns and its rows'
                     partial amaxes, then x's codes come from the strips still in registers
@@ -68,7 +71,7 @@ from mixprec.fp8.quantize import AMAX_EPS, get_fp8_format, quantize
 
 VARIANTS = ("trans_codes", "trans_input", "trans_bytes", "no_transpose", "select_clamp", "rows_only", "cols_only",
             "chunked", "chunked_cols", "odd2", "pow2", "library", "triton_ops", "group4", "group16", "chunk_rows",
-            "chunk_cols", "chunk_tin", "strips")
+            "chunk_cols", "chunk_tin", "strips", "partials")
 # the library's own kernel at one of its autotuned configs (not a variant kernel of this file)
 LIBRARY_KERNEL = ("pow2", "library", "triton_ops", "group4", "group16")
 GROUP = {"group4": 4, "group16": 16}      # 1x128: tiles per group of the program order (the library's: 1)
@@ -123,6 +126,9 @@ NEXT = [("1x128", BF16, v, True, 2, 32) for v in ("library", "group4", "group16"
                                                    "chunk_tin")]
 NEXT += [("1x128", BF16, "chunk_tin", True, 4, 32), ("1x128", BF16, "strips", True, 4, 32),
          ("1x128", BF16, "strips", True, 8, 32), ("1x128", BF16, "strips", True, 16, 32)]
+# ... and the rowwise amax pass without atomics (tile: the square tile's side)
+NEXT += [("row_amax", BF16, "library", True, 4, 128)] + [("row_amax", BF16, "partials", True, w, t)
+                                                          for w, t in ((4, 128), (8, 128), (4, 64), (8, 256))]
 
 
 @triton.jit
@@ -377,6 +383,15 @@ def _tile_strips_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, FMAX: tl.con
                                                              PTX), mask=m3)
 
 
+@triton.jit
+def _row_col_partials_variant(x_ptr, row_part_ptr, col_part_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
+    # the tile's row maxima into row_part (K/BK, R) and its column maxima into col_part (R/BR, K)
+    rows, cols, mask, x = _load_tile_raw(x_ptr, R, K, BR, BK)
+    a = tl.abs(x.to(tl.float32))
+    tl.store(row_part_ptr + tl.program_id(1) * R + rows, tl.max(a, axis=1), mask=rows < R)
+    tl.store(col_part_ptr + tl.program_id(0) * K + cols, tl.max(a, axis=0), mask=cols < K)
+
+
 def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: bool, warps: int, tile: int):
     """Outputs of one variant (q, s, qt, st) and a closure that launches it again."""
     r, k = x.shape
@@ -390,6 +405,19 @@ def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: boo
     library = variant in LIBRARY_KERNEL
     if library:
         consts.pop("VARIANT")
+    if kind == "row_amax":       # (row amaxes, None, column amaxes, None): the layout main() compares
+        if variant == "library":
+            launch = lambda: kernels.row_col_amax(x)   # noqa: E731
+        else:
+            grid = (triton.cdiv(r, tile), triton.cdiv(k, tile))
+            row_part = torch.empty((grid[1], r), dtype=torch.float32, device=x.device)
+            col_part = torch.empty((grid[0], k), dtype=torch.float32, device=x.device)
+
+            def launch():
+                _row_col_partials_variant[grid](x, row_part, col_part, r, k, BR=tile, BK=tile, num_warps=warps)
+                return row_part.amax(0), col_part.amax(0)
+        row_amax, col_amax = launch()
+        return (row_amax, None, col_amax, None), launch
     if kind == "tensorwise":
         amax = kernels.tensor_amax(x)
         s = kernels.quantize_tensor_t(x, fmt, amax=amax)[0][1]
@@ -435,7 +463,11 @@ def run_variant(kind: str, variant: str, x: torch.Tensor, fmt: str, hw_cast: boo
 
 
 def reference(kind: str, x: torch.Tensor, fmt: str, power_of_2: bool = False):
-    """(q, s, qT, sT) from the PyTorch quantization: x along its rows, x^T along its rows."""
+    """(q, s, qT, sT) from the PyTorch quantization: x along its rows, x^T along its rows (row_amax:
+    (row amaxes, None, column amaxes, None))."""
+    if kind == "row_amax":
+        a = x.float().abs()
+        return a.amax(1), None, a.amax(0), None
     q, s = quantize(x, fmt, kind, power_of_2=power_of_2)
     if kind == "1x128":
         qt, st = quantize(x.t().contiguous(), fmt, kind, power_of_2=power_of_2)
@@ -500,11 +532,14 @@ def main() -> None:
             got, _ = run_variant(kind, variant, c, "fp8_e4m3", hw_cast, warps, tile)
             ref = reference(kind, c, "fp8_e4m3", power_of_2=variant == "pow2")
             written = WRITES.get(variant, (0, 1))
-            exact = all(same_bytes(got[2 * i], ref[2 * i])
-                        and torch.equal(got[2 * i + 1].float(), ref[2 * i + 1].float()) for i in written)
+            if kind == "row_amax":      # amaxes only: read once, nothing of x's size written
+                exact, nbytes = torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2]), e * bpe
+            else:
+                exact = all(same_bytes(got[2 * i], ref[2 * i])
+                            and torch.equal(got[2 * i + 1].float(), ref[2 * i + 1].float()) for i in written)
+                nbytes = e * bpe + e * len(written)
             _, launch = run_variant(kind, variant, x, "fp8_e4m3", hw_cast, warps, tile)
             ms = triton.testing.do_bench(launch, return_mode="median")
-            nbytes = e * bpe + e * len(WRITES.get(variant, (0, 1)))
             row.update(bit_exact=exact, ms=round(ms, 4), of_copy=round(nbytes / ms / 1e6 / copy_bw, 3))
         except Exception as err:     # a variant that does not compile is a result too
             row.update(error=f"{type(err).__name__}: {str(err).splitlines()[0][:100]}")

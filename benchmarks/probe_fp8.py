@@ -1,0 +1,110 @@
+"""Two probes behind the end-to-end FP8 figures (GPU only), each against an anchor in the same process.
+
+    host   the CPU time of one quantize_pair call (triton backend) per granularity, on a tensor small
+           enough that the GPU is never the bottleneck: what each call costs the host, against a
+           torch op (abs().amax()) and a bare launch of the same Triton kernel. In a training step the
+           GPU idles where the host falls behind, so this bounds what a lighter launch path can save.
+    gemm   torch._scaled_mm at a weight-gradient shape (out N x K, reduced over M tokens) and a forward
+           shape, per scale layout and output dtype: whether the blockwise weight-gradient GEMM (1x128 x
+           1x128 scales, FP32 out) is slow for its scales or for its FP32 output.
+
+    PYTHONPATH=src python3 benchmarks/probe_fp8.py [host] [gemm] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import triton
+import triton.testing
+
+from mixprec.fp8 import kernels
+from mixprec.fp8.gemm import Operand, mm_nt
+from mixprec.fp8.recipes import quantize_pair
+
+
+def _host_us(fn, calls: int = 300) -> float:
+    """Wall time per call (us) of `calls` calls queued without a sync (the GPU work per call is tiny)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def probe_host() -> list[dict]:
+    x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    rows = [dict(probe="host", what="anchor: x.abs().amax()", us_per_call=round(_host_us(lambda: x.abs().amax()), 1))]
+    for gran in ("tensorwise", "rowwise", "1x128", "128x128"):
+        us = _host_us(lambda: quantize_pair(x, "fp8_e4m3", gran, backend="triton", power_of_2=False))
+        rows.append(dict(probe="host", what=f"quantize_pair {gran} (custom ops)", us_per_call=round(us, 1)))
+    amax = kernels.tensor_amax(x)
+    rows.append(dict(probe="host", what="tensor_amax op alone",
+                     us_per_call=round(_host_us(lambda: kernels.tensor_amax(x)), 1)))
+    rows.append(dict(probe="host", what="cast_t op alone (amax given)",
+                     us_per_call=round(_host_us(lambda: kernels.quantize_tensor_t(x, "fp8_e4m3", amax=amax)), 1)))
+    # the same amax kernel launched bare (its autotuned config already chosen above): Triton's own launch cost
+    out = torch.zeros((), device="cuda")
+    cfg = kernels._amax_kernel.best_config
+    kern, kw = kernels._amax_kernel.fn, dict(cfg.kwargs, num_warps=cfg.num_warps)
+    grid = (triton.cdiv(256, kw["BR"] * kw["STRIPS"]), triton.cdiv(256, kw["BK"]))
+    rows.append(dict(probe="host", what="amax kernel, bare Triton launch",
+                     us_per_call=round(_host_us(lambda: kern[grid](x, out, 256, 256, **kw)), 1)))
+    rows.append(dict(probe="host", what="amax kernel through the autotuner",
+                     us_per_call=round(_host_us(lambda: kernels._amax_kernel[grid](x, out, 256, 256)), 1)))
+    return rows
+
+
+def probe_gemm(m: int = 4096, n: int = 16384, k: int = 4096) -> list[dict]:
+    """dW = dy^T (n, m) @ x (m, k): operands (n, m) and (k, m) quantized along m; forward (m, k) x (n, k)."""
+    rows = []
+    dyt = torch.randn(n, m, device="cuda", dtype=torch.bfloat16)
+    xt = torch.randn(k, m, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * m * n * k
+    q = {}
+    for name, t, gran in (("dyT", dyt, "1x128"), ("xT", xt, "1x128"), ("x", x, "1x128"), ("w", w, "128x128"),
+                          ("dyT_tw", dyt, "tensorwise"), ("xT_tw", xt, "tensorwise")):
+        q[name] = quantize_pair(t, "fp8_e4m3", gran, backend="triton", power_of_2=False)[0]
+    cases = [("wgrad 1x128 x 1x128", "dyT", "xT"), ("wgrad tensorwise", "dyT_tw", "xT_tw"),
+             ("forward 1x128 x 128x128", "x", "w")]
+    for label, a, b in cases:
+        for out in (torch.float32, torch.bfloat16):
+            fn = lambda: mm_nt(q[a], q[b], out_dtype=out, backend="cublas")   # noqa: E731
+            ms = triton.testing.do_bench(fn, return_mode="median")
+            rows.append(dict(probe="gemm", what=f"{label}, {str(out).split('.')[1]} out",
+                             shape=f"{q[a].q.shape[0]}x{q[b].q.shape[0]}, K={q[a].q.shape[1]}", ms=round(ms, 4),
+                             TFLOPs=round(flops / ms / 1e9)))
+    # the BF16 GEMM of the same wgrad shape: the anchor every FP8 ratio above is read against
+    a16, b16 = dyt, xt
+    ms = triton.testing.do_bench(lambda: a16 @ b16.t(), return_mode="median")
+    rows.append(dict(probe="gemm", what="anchor: wgrad in BF16 (bf16 out)", shape=f"{n}x{k}, K={m}", ms=round(ms, 4),
+                     TFLOPs=round(flops / ms / 1e9)))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("probes", nargs="*", default=["host", "gemm"], choices=["host", "gemm"])
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    rows = []
+    for probe in args.probes:
+        for row in {"host": probe_host, "gemm": probe_gemm}[probe]():
+            print(row, flush=True)
+            rows.append(row)
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               command="python benchmarks/probe_fp8.py " + " ".join(args.probes))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(env=env, rows=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
