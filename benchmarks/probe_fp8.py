@@ -60,6 +60,23 @@ def probe_host() -> list[dict]:
     return rows
 
 
+def profile_host(granularity: str, calls: int = 500, top: int = 22) -> None:
+    """Where the host time of quantize_pair goes: cProfile's functions by their own time."""
+    import cProfile
+    import pstats
+    x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    fn = lambda: quantize_pair(x, "fp8_e4m3", granularity, backend="triton", power_of_2=False)   # noqa: E731
+    _host_us(fn, calls=20)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"--- host profile of {calls} quantize_pair calls, {granularity}", flush=True)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def probe_gemm(m: int = 4096, n: int = 16384, k: int = 4096) -> list[dict]:
     """dW = dy^T (n, m) @ x (m, k): operands (n, m) and (k, m) quantized along m; forward (m, k) x (n, k)."""
     rows = []
@@ -93,7 +110,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("probes", nargs="*", default=["host", "gemm"], choices=["host", "gemm"])
     ap.add_argument("--json")
+    ap.add_argument("--profile-host", default="", help="comma-separated granularities: cProfile their calls")
     args = ap.parse_args()
+    for gran in filter(None, args.profile_host.split(",")):
+        profile_host(gran)
     rows = []
     for probe in args.probes:
         for row in {"host": probe_host, "gemm": probe_gemm}[probe]():

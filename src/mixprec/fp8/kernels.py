@@ -21,7 +21,8 @@ Arithmetic is that of mixprec.fp8.quantize (one correctly rounded reciprocal per
 value the product rounded to odd, saturation and the RNE cast to FP8; on a GPU the rounding to odd,
 and the cast of FP32 inputs, are inline PTX), so codes and scales equal the PyTorch path bit for bit
 (tests/test_fp8_cuda.py on a GPU, tests/test_fp8_kernels.py in Triton's interpreter). The entry points
-are torch.library custom ops, so torch.compile keeps them as opaque calls.
+are torch.library ops (defined at the dispatcher's level, not by custom_op: a lighter call), so
+torch.compile keeps them as opaque calls.
 
 Scales come back in the layouts torch._scaled_mm reads: 1x128 scales outer-dim-major (a contiguous
 (K/128, R) buffer viewed as (R, K/128)), 128x128 scales contiguous (R/128, K/128), rowwise scales
@@ -374,12 +375,32 @@ def _free_grid(r: int, k: int):
     return lambda meta: (triton.cdiv(r, meta["BR"]), triton.cdiv(k, meta["BK"]))
 
 
+# The ops' own library, registered at the dispatcher's lowest level: a Python op from
+# torch.library.custom_op cost ~45 us of host time per call on the H200's host (its wrapper checks
+# aliasing and autograd per call: benchmarks/probe_fp8.py host), more than the kernels of an
+# activation take; these ops take a few. They have no autograd formula: they run inside
+# Float8Linear's autograd.Function.
+_LIB = torch.library.Library("mixprec", "FRAGMENT")
+
+
+def _op(schema: str):
+    """Define mixprec::<schema> with the decorated function as its kernel on every device (the
+    function checks for CUDA itself; Triton's interpreter runs it on CPU tensors in the tests) and
+    return the op, so that callers go through the dispatcher and torch.compile keeps it opaque."""
+    def define(fn):
+        name = schema.split("(", 1)[0]
+        _LIB.define(schema)
+        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+        return getattr(torch.ops.mixprec, name).default
+    return define
+
+
 def _check(x: torch.Tensor) -> None:
     if x.dim() != 2 or not x.is_cuda:
         raise ValueError(f"Triton FP8 quantization takes a 2-D CUDA tensor, got shape {tuple(x.shape)} on {x.device}")
 
 
-@torch.library.custom_op("mixprec::fp8_quantize_1x128_t", mutates_args=())
+@_op("fp8_quantize_1x128_t(Tensor x, str fmt, bool power_of_2) -> (Tensor, Tensor, Tensor, Tensor)")
 def _quantize_1x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                                               torch.Tensor, torch.Tensor]:
     _check(x)
@@ -397,7 +418,7 @@ def _quantize_1x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple[t
     return q, s, qt, st
 
 
-@_quantize_1x128_t_op.register_fake
+@torch.library.register_fake("mixprec::fp8_quantize_1x128_t")
 def _(x, fmt, power_of_2):
     r, k = x.shape
     dt = _torch_dtype(fmt)
@@ -405,7 +426,7 @@ def _(x, fmt, power_of_2):
             x.new_empty((k, r), dtype=dt), x.new_empty((-(-r // _BLOCK), k), dtype=torch.float32))
 
 
-@torch.library.custom_op("mixprec::fp8_quantize_128x128_t", mutates_args=())
+@_op("fp8_quantize_128x128_t(Tensor x, str fmt, bool power_of_2) -> (Tensor, Tensor, Tensor)")
 def _quantize_128x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                                                 torch.Tensor]:
     _check(x)
@@ -421,7 +442,7 @@ def _quantize_128x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple
     return q, s, qt
 
 
-@_quantize_128x128_t_op.register_fake
+@torch.library.register_fake("mixprec::fp8_quantize_128x128_t")
 def _(x, fmt, power_of_2):
     r, k = x.shape
     dt = _torch_dtype(fmt)
@@ -429,7 +450,7 @@ def _(x, fmt, power_of_2):
             x.new_empty((k, r), dtype=dt))
 
 
-@torch.library.custom_op("mixprec::fp8_amax", mutates_args=())
+@_op("fp8_amax(Tensor x) -> Tensor")
 def _amax_op(x: torch.Tensor) -> torch.Tensor:
     _check(x)
     x = x.contiguous()   # a unit inner stride the compiler knows: 16-byte loads
@@ -439,12 +460,12 @@ def _amax_op(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@_amax_op.register_fake
+@torch.library.register_fake("mixprec::fp8_amax")
 def _(x):
     return x.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("mixprec::fp8_cast_t", mutates_args=())
+@_op("fp8_cast_t(Tensor x, Tensor amax, str fmt, bool power_of_2) -> (Tensor, Tensor, Tensor)")
 def _cast_t_op(x: torch.Tensor, amax: torch.Tensor, fmt: str, power_of_2: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                                                        torch.Tensor]:
     _check(x)
@@ -460,14 +481,14 @@ def _cast_t_op(x: torch.Tensor, amax: torch.Tensor, fmt: str, power_of_2: bool) 
     return q, qt, s
 
 
-@_cast_t_op.register_fake
+@torch.library.register_fake("mixprec::fp8_cast_t")
 def _(x, amax, fmt, power_of_2):
     r, k = x.shape
     dt = _torch_dtype(fmt)
     return x.new_empty((r, k), dtype=dt), x.new_empty((k, r), dtype=dt), x.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("mixprec::fp8_row_col_amax", mutates_args=())
+@_op("fp8_row_col_amax(Tensor x) -> (Tensor, Tensor)")
 def _row_col_amax_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check(x)
     x = x.contiguous()   # a unit inner stride the compiler knows: 16-byte loads
@@ -479,12 +500,13 @@ def _row_col_amax_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return row_amax.view(torch.float32), col_amax.view(torch.float32)
 
 
-@_row_col_amax_op.register_fake
+@torch.library.register_fake("mixprec::fp8_row_col_amax")
 def _(x):
     return x.new_empty((x.shape[0],), dtype=torch.float32), x.new_empty((x.shape[1],), dtype=torch.float32)
 
 
-@torch.library.custom_op("mixprec::fp8_cast_rowwise_t", mutates_args=())
+@_op("fp8_cast_rowwise_t(Tensor x, Tensor row_amax, Tensor col_amax, str fmt, bool power_of_2)"
+     " -> (Tensor, Tensor, Tensor, Tensor)")
 def _cast_rowwise_t_op(x: torch.Tensor, row_amax: torch.Tensor, col_amax: torch.Tensor, fmt: str,
                        power_of_2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(x)
@@ -501,7 +523,7 @@ def _cast_rowwise_t_op(x: torch.Tensor, row_amax: torch.Tensor, col_amax: torch.
     return q, s, qt, st
 
 
-@_cast_rowwise_t_op.register_fake
+@torch.library.register_fake("mixprec::fp8_cast_rowwise_t")
 def _(x, row_amax, col_amax, fmt, power_of_2):
     r, k = x.shape
     dt = _torch_dtype(fmt)
