@@ -3,16 +3,17 @@
 # benchmarks/results/fp8.md. Needs .whl/ao (torchao 0.17.0) carried; writes logs and JSON to $OUT.
 #   phase A (in parallel, nothing timed): CUDA tests, compile-cache warm-up
 #   phase B (one process at a time, timed): quantize kernels (and quantize_variants.py's next cases),
-#   Float8Linear 8192^3, GPT end to end, then the accuracy run (`mixprec compare`).
+#   the host cost per quantize call and the weight-gradient GEMMs (probe_fp8.py), Float8Linear 8192^3,
+#   GPT end to end, then the accuracy run (`mixprec compare`).
 #   tests,quantize,variants,linear,gpt took 478 s on 2026-11-29 (session 6); all steps exceed one
 #   10-minute device call.
-# FP8_GPU_STEPS=quantize,variants,linear,gpt,tests,compare picks parts (default: all); FP8_GPT_VARIANTS
+# FP8_GPU_STEPS=quantize,variants,probe,linear,gpt,tests,compare picks parts (default: all); FP8_GPT_VARIANTS
 # (space-separated) the GPT variants. A CPU dry run of the script:
 # FP8_BENCH_ARGS="--device cpu --n 256 --d 256 --heads 4 --batch 2 --seq 64 --vocab 256 --steps 2
 # --compile-backend aot_eager" FP8_COMPARE_ARGS="--device cpu --steps 3" with python3 the venv's.
 set -u
 T0=$(date +%s)
-STEPS=${FP8_GPU_STEPS:-tests,compare,quantize,variants,linear,gpt}
+STEPS=${FP8_GPU_STEPS:-tests,compare,quantize,variants,probe,linear,gpt}
 LOG=$OUT/run.log
 say() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG"; }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
@@ -58,6 +59,7 @@ say "phase B: timed benchmarks"
 
 has quantize && timeout 60 python3 benchmarks/bench_fp8.py quantize $EXTRA --json "$OUT/quantize.json" 2>&1 | grep -v Warning >> "$LOG"
 has variants && timeout 120 python3 benchmarks/quantize_variants.py --json "$OUT/variants.json" 2>&1 | grep -v Warning >> "$LOG"
+has probe && timeout 60 python3 benchmarks/probe_fp8.py host gemm --json "$OUT/probe.json" 2>&1 | grep -v Warning >> "$LOG"
 say "quantize done"
 has linear && timeout 120 python3 benchmarks/bench_fp8.py linear --variants "bf16:eager,$LINEAR_EAGER_FP8,$LINEAR_COMPILED" $EXTRA --json "$OUT/linear.json" 2>&1 | grep -v Warning >> "$LOG"
 say "linear done"
