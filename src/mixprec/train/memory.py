@@ -1,6 +1,8 @@
 """Peak training memory, measured on CUDA and counted on the CPU.
 
-CUDA: torch.cuda.max_memory_allocated over the run (everything the caching allocator handed out).
+CUDA: torch.cuda.max_memory_allocated over the run after its first step (everything the caching
+allocator handed out; the first step's one-time work, such as Triton autotuning's scratch buffer, is not
+training memory).
 
 CPU: the process's RSS says little (torch's allocator, the corpus, Python itself) and tracemalloc does
 not see tensors, so the CPU figure is counted: the bytes of the parameters, their gradients, the

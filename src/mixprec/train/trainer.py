@@ -197,6 +197,7 @@ class Trainer:
         """Train from the current step to cfg.steps. Ctrl-C finishes the step, saves a checkpoint and
         raises KeyboardInterrupt; a second Ctrl-C stops at once."""
         cfg, start = self.cfg, time.perf_counter()
+        first_step = self.step
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.model.train()
@@ -209,6 +210,10 @@ class Trainer:
                 count_memory = self.device.type == "cpu" and not self._state_bytes
                 window.append(self.train_step(self.step, count_memory=count_memory))
                 self.step += 1
+                if self.step == first_step + 1 and self.step < cfg.steps and self.device.type == "cuda":
+                    # the peak of training, not of the first step's one-time work: Triton's autotuning
+                    # (the FP8 kernels) allocates a 256 MB scratch buffer to flush the L2 cache
+                    torch.cuda.reset_peak_memory_stats(self.device)
                 if self.on_step is not None:
                     self.on_step(self.step)
                 last = self.step == cfg.steps
@@ -284,7 +289,7 @@ class Trainer:
     def _summary(self, seconds: float) -> RunSummary:
         n = min(FINAL_LOSS_WINDOW, len(self.train_losses))
         if self.device.type == "cuda":
-            peak, how = torch.cuda.max_memory_allocated(self.device), "torch.cuda.max_memory_allocated"
+            peak, how = torch.cuda.max_memory_allocated(self.device), "torch.cuda.max_memory_allocated after the first step"
         else:
             peak, how = self._state_bytes + self._activation_bytes, "counted: params+grads+optimizer+saved activations"
         return RunSummary(
