@@ -79,6 +79,31 @@ def test_compare_writes_table_curves_and_plot(tmp_path, capsys):
     assert len(table_lines) == 5                                  # header, rule, 3 recipes
 
 
+def test_compare_over_seeds_summarises_each_recipes_difference(tmp_path, capsys):
+    """--seeds runs the whole comparison per seed and reports each recipe's difference to the reference
+    seed by seed, with its mean, standard deviation and standard error over the seeds."""
+    out = tmp_path / "seeds"
+    assert main(["compare", "--recipes", "fp32,fp16-noscale", "--steps", "2", "--seeds", "3,4", "--out", str(out),
+                 *TINY]) == 0
+    rels = {}
+    for seed in (3, 4):
+        with (out / f"seed-{seed}" / "table.csv").open() as f:
+            rels[seed] = {r["recipe"]: float(r["val vs fp32"]) for r in csv.DictReader(f)}["fp16-noscale"]
+        assert json.loads((out / f"seed-{seed}" / "curves.json").read_text())["config"]["seed"] == seed
+    assert rels[3] != rels[4]
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["reference"] == "fp32" and summary["seeds"] == [3, 4]
+    got = summary["recipes"]["fp16-noscale"]
+    assert got["by_seed"] == {"3": rels[3], "4": rels[4]}
+    assert got["mean"] == pytest.approx((rels[3] + rels[4]) / 2)
+    assert got["std"] == pytest.approx(abs(rels[3] - rels[4]) / 2 ** 0.5)    # sample std of two values
+    assert got["std_error"] == pytest.approx(got["std"] / 2 ** 0.5)
+    assert summary["recipes"]["fp32"]["mean"] == 0.0
+    table = (out / "seeds.md").read_text()
+    assert "seeds 3, 4" in table and f"| fp16-noscale | {rels[3]:+.2%} / {rels[4]:+.2%} |" in table
+    assert table in capsys.readouterr().out
+
+
 def test_compare_small_grad_shows_the_underflow_loss_scaling_prevents(tmp_path):
     """The 2018 paper's effect, at the command line: with the loss multiplied by 2**-14, FP16 without
     scaling loses nearly every activation gradient and barely trains; dynamic scaling restores FP32's
@@ -121,6 +146,9 @@ def test_train_fp8_on_a_model_too_small_for_fp8_says_so(tmp_path, capsys):
     (["train", "--device", "tpu"], "Unknown device 'tpu'; choose one of: cpu, cuda"),
     (["train", "--steps", "0"], "steps must be a positive integer; got 0"),
     (["compare", "--steps", "-3"], "steps must be a positive integer; got -3"),
+    (["compare", "--seeds", "0,x"], "--seeds takes comma-separated integers, e.g. 0,1,2,3; got '0,x'"),
+    (["compare", "--seeds", "1,1"], "--seeds names a seed twice: 1,1"),
+    (["compare", "--seed", "1", "--seeds", "0,1"], "give --seed or --seeds, not both"),
     (["train", "--task", "tiny"], "Unknown task 'tiny'; choose one of: default, small-grad"),
     (["train", "--resume", "/nonexistent/run"], "No checkpoint to resume from: /nonexistent/run/checkpoint.pt"),
     (["train", "--steps", "ten"], "argument --steps: invalid int value: 'ten'"),

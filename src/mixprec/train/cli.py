@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--recipes", default=",".join(_default_recipes()),
                          help="comma-separated recipes (default %(default)s)")
     _add_run_arguments(compare)
+    compare.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2,3: the comparison once per seed "
+                                         "(in OUT/seed-<s>/), then each recipe's difference to the reference "
+                                         "as mean and spread over the seeds (OUT/seeds.md): one run's "
+                                         "difference is partly run-to-run noise")
     compare.add_argument("--out", help="output directory (default runs/compare-<model>[-<task>])")
     return parser
 
@@ -174,11 +178,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup_compare(args: argparse.Namespace) -> tuple[TrainConfig, list[str], Path]:
+def _setup_compare(args: argparse.Namespace) -> tuple[TrainConfig, list[str], Path, list[int] | None]:
     from mixprec.train.data import batches_for
-    from mixprec.train.experiments import parse_recipes
+    from mixprec.train.experiments import parse_recipes, parse_seeds
 
     names = parse_recipes(args.recipes)
+    seeds = None
+    if args.seeds is not None:
+        if args.seed is not None:
+            raise ValueError(f"give --seed or --seeds, not both (got --seed {args.seed} and --seeds {args.seeds})")
+        seeds = parse_seeds(args.seeds)
     overrides = _config_overrides(args)
     overrides.setdefault("steps", COMPARE_STEPS)
     overrides.setdefault("eval_every", max(1, overrides["steps"] // COMPARE_EVALS))
@@ -187,16 +196,18 @@ def _setup_compare(args: argparse.Namespace) -> tuple[TrainConfig, list[str], Pa
     base = TrainConfig(**overrides, recipe=names[0], out=str(out), ckpt_every=0)
     _require_device(base.device)
     batches_for(base.model, batch_size=base.batch_size, seq_len=base.seq_len_or_default, seed=base.seed)  # data present?
-    return base, names, out
+    return base, names, out, seeds
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from mixprec.train.experiments import run_comparison
     from mixprec.train.report import describe, markdown_table, notes, write_outputs
 
-    base, names, out = _setup(_setup_compare, args)
-    print(f"mixprec compare: {base.model}, recipes {', '.join(names)}, {base.steps} steps each on {base.device}; "
-          f"output in {out}", flush=True)
+    base, names, out, seeds = _setup(_setup_compare, args)
+    print(f"mixprec compare: {base.model}, recipes {', '.join(names)}, {base.steps} steps each on {base.device}"
+          + (f", seeds {', '.join(map(str, seeds))}" if seeds else "") + f"; output in {out}", flush=True)
+    if seeds:
+        return _compare_over_seeds(base, names, out, seeds, progress=not args.quiet)
     comparison = run_comparison(base, names, out, progress=not args.quiet)
     paths = write_outputs(comparison, out)
     print()
@@ -208,6 +219,27 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print()
     print(f"table: {paths['table_md']} and {paths['table_csv']}; curves: {paths['curves']}")
     print(f"plot: {paths['plot']}" if paths["plot"] else "plot: not written (matplotlib is not installed)")
+    return 0
+
+
+def _compare_over_seeds(base: TrainConfig, names: list[str], out: Path, seeds: list[int], *, progress: bool) -> int:
+    """The comparison once per seed into out/seed-<s>/, then each recipe's difference to the reference
+    over the seeds (out/seeds.md, seeds.json)."""
+    from mixprec.train.experiments import run_comparison
+    from mixprec.train.report import markdown_table, write_outputs, write_seed_summary
+
+    comparisons = {}
+    for seed in seeds:
+        seed_out = out / f"seed-{seed}"
+        comparisons[seed] = run_comparison(base.replace(seed=seed, out=str(seed_out)), names, seed_out,
+                                           progress=progress)
+        write_outputs(comparisons[seed], seed_out)
+        print(f"\nseed {seed}:\n{markdown_table(comparisons[seed])}", flush=True)
+    paths = write_seed_summary(comparisons, out)
+    print()
+    print(paths["seeds_md"].read_text())
+    print(f"summary: {paths['seeds_md']} and {paths['seeds_json']}; each seed's table, curves and plot in "
+          f"{out / 'seed-<s>'}")
     return 0
 
 

@@ -65,6 +65,17 @@ def parse_recipes(text: str) -> list[str]:
     return names
 
 
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]; anything else raises ValueError naming the bad value."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.lstrip("-").isdigit() for p in parts):
+        raise ValueError(f"--seeds takes comma-separated integers, e.g. 0,1,2,3; got {text!r}")
+    seeds = [int(p) for p in parts]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds names a seed twice: {text}")
+    return seeds
+
+
 def run_comparison(base: TrainConfig, recipe_names: list[str], out: Path | str, *, progress: bool = True) -> Comparison:
     """Train `base` once per recipe into out/<recipe>/ (metrics only, no checkpoints) and probe underflow."""
     out = Path(out)

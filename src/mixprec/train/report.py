@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +51,14 @@ def markdown_table(comparison: Comparison) -> str:
     return "\n".join(lines)
 
 
-def describe(comparison: Comparison) -> str:
-    """A few lines saying what ran, for above the table."""
+def describe(comparison: Comparison, seeds: list[int] | None = None) -> str:
+    """A few lines saying what ran, for above the table (seeds: the seeds of a --seeds run)."""
     m = comparison.meta
     if not m:
         return ""
+    seed_text = f"seeds {', '.join(map(str, seeds))}" if seeds else f"seed {m['seed']}"
     text = (f"{m['model']} ({m['parameters']:,} parameters), {m['steps']} steps of batch {m['batch_size']}, "
-            f"seed {m['seed']}, task {m['task']}" + (f" (loss x {m['loss_factor']:g})" if m["task"] != "default" else "")
+            f"{seed_text}, task {m['task']}" + (f" (loss x {m['loss_factor']:g})" if m["task"] != "default" else "")
             + f"; {m['device']}, torch {m['torch']}")
     if "unigram_entropy" in m:
         text += (f"\ndata: {m['corpus']} ({m['train_bytes']:,} train / {m['val_bytes']:,} validation bytes); "
@@ -108,6 +110,52 @@ def write_outputs(comparison: Comparison, out: Path | str) -> dict[str, Path | N
             writer.writerow(["" if v is None else v for v in _row_values(r, comparison.reference)] + [r.error or ""])
     paths["curves"].write_text(json.dumps(_clean(_curves(comparison)), indent=1, allow_nan=False))
     paths["plot"] = plot_curves(comparison, paths["plot"])
+    return paths
+
+
+def seed_differences(comparisons: dict[int, Comparison]) -> dict[str, Any]:
+    """Each recipe's relative difference of final validation loss to the reference, per seed, with its
+    mean, standard deviation and the standard error of the mean over the seeds that ran."""
+    first = next(iter(comparisons.values()))
+    recipes = {}
+    for recipe in (r.recipe for r in first.results):
+        by_seed = {}
+        for seed, comparison in comparisons.items():
+            result = next(r for r in comparison.results if r.recipe == recipe)
+            if result.summary is not None and comparison.reference is not None:
+                by_seed[seed] = _row_values(result, comparison.reference)[3]
+        n = len(by_seed)
+        std = statistics.stdev(by_seed.values()) if n >= 2 else float("nan")
+        recipes[recipe] = {"by_seed": by_seed, "mean": statistics.fmean(by_seed.values()) if n else float("nan"),
+                           "std": std, "std_error": std / math.sqrt(n) if n >= 2 else float("nan")}
+    reference = first.reference.recipe if first.reference else None
+    return {"reference": reference, "seeds": list(comparisons), "recipes": recipes}
+
+
+def seed_table(differences: dict[str, Any]) -> str:
+    """The Markdown table of seed_differences, with a line saying how to read it."""
+    ref, seeds = differences["reference"], differences["seeds"]
+    header = ["recipe", f"val vs {ref}, seeds {', '.join(map(str, seeds))}", "mean", "std over seeds",
+              "std error of the mean"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for recipe, d in differences["recipes"].items():
+        per_seed = " / ".join(_percent(d["by_seed"][s], signed=True) if s in d["by_seed"] else "failed" for s in seeds)
+        lines.append(f"| {recipe} | {per_seed} | {_percent(d['mean'], signed=True)} | {_percent(d['std'])} | "
+                     f"{_percent(d['std_error'])} |")
+    return ("relative difference of the final validation loss to " + str(ref) + ", seed by seed; a single run's "
+            "difference varies from seed to seed by about the std, so a bar like DeepSeek-V3's 0.25% is read "
+            "against the mean, within about two standard errors\n\n" + "\n".join(lines))
+
+
+def write_seed_summary(comparisons: dict[int, Comparison], out: Path | str) -> dict[str, Path]:
+    """seeds.md and seeds.json in `out`: the per-seed differences and their statistics."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    differences = seed_differences(comparisons)
+    paths = {"seeds_md": out / "seeds.md", "seeds_json": out / "seeds.json"}
+    paths["seeds_md"].write_text(describe(next(iter(comparisons.values())), seeds=list(comparisons)) + "\n\n"
+                                 + seed_table(differences) + "\n")
+    paths["seeds_json"].write_text(json.dumps(_clean(differences), indent=1, allow_nan=False))
     return paths
 
 
