@@ -56,11 +56,11 @@ _AMAX_CONFIGS = [triton.Config({"BR": br, "BK": bk, "STRIPS": n}, num_warps=w)
                  for br, bk in ((64, 128), (32, 256)) for n in (4, 16) for w in (4, 8)]
 # The rowwise amax pass does one atomic per row per tile and one per column per STRIPS tiles. BF16
 # 8192^2 on the H200: 0.057 ms at 128x128 tiles, 4 warps, 0.063-0.081 for strips of smaller tiles
-# (fp8_session6.json); float atomics (two per value) had taken 0.071.
+# (fp8_session6.json); float atomics (two per value) had taken 0.071. Offered also 64x128 and 64x256 at 4
+# warps, 128x256 and 256x128 at 8, 128x128 at 16, the autotuner still picked 128x128 at 4 (session 7).
 _ROW_AMAX_CONFIGS = [triton.Config({"BR": br, "BK": bk, "STRIPS": n}, num_warps=w)
                      for br, bk, n, w in ((128, 128, 1, 4), (128, 128, 1, 8), (64, 128, 4, 4), (32, 128, 16, 4),
-                                          (32, 256, 8, 4), (64, 128, 1, 4), (128, 256, 1, 8), (256, 128, 1, 8),
-                                          (128, 128, 1, 16), (64, 256, 1, 4))]
+                                          (32, 256, 8, 4))]
 
 
 def _tl_dtype(fmt: str):
@@ -223,8 +223,9 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
     # its transposed codes are whole 128-byte rows of x^T). Held whole with both code tiles, the tile
     # took 255 registers and spilled (ptxas, sm_90a); walked in a loop of chunks by one program, the
     # chunks' loads waited on each other. Program ids go by groups of GROUP tiles down a column of
-    # tiles: first the group's row chunks, then its column chunks, so the second read of a tile can
-    # come from L2 (whether it does is not measured: benchmarks/results/fp8.md, session 6).
+    # tiles: first the group's row chunks, then its column chunks. Groups of 4 or 16 tiles gained 1-2%
+    # (benchmarks/results/fp8.md, session 7): the two reads of a tile cost about as two reads from
+    # memory, whatever the order, so the kernel stays near 0.58 of copy bandwidth.
     NC: tl.constexpr = B // CHUNK
     group = tl.program_id(0) // (2 * NC * GROUP)
     size = tl.minimum(GROUP, tl.cdiv(R, B) - group * GROUP)    # the last group may be short
