@@ -2,7 +2,7 @@
 # Issue 4 on the lent GPU, one call: CUDA tests, the GPU accuracy run, and the benchmarks of
 # benchmarks/results/fp8.md. Needs .whl/ao (torchao 0.17.0) carried; writes logs and JSON to $OUT.
 #   phase A (in parallel, nothing timed): CUDA tests, compile-cache warm-up
-#   phase B (one process at a time, timed): quantize kernels (and quantize_variants.py's next cases),
+#   phase B (one process at a time, timed): quantize kernels (and quantize_variants.py's latest cases),
 #   the host cost per quantize call and the weight-gradient GEMMs (probe_fp8.py), Float8Linear 8192^3,
 #   GPT end to end, then the accuracy run (`mixprec compare`).
 #   tests,quantize,variants,linear,gpt took 478 s on 2026-11-29 (session 6); all steps exceed one

@@ -51,7 +51,7 @@ byte, and times it against a device-to-device copy, as bench_fp8.py quantize doe
                     before any is used: each strip gives x^T's codes for its columns and its rows'
                     partial amaxes, then x's codes come from the strips still in registers
 
-    PYTHONPATH=src python3 benchmarks/quantize_variants.py [--cases next|run|all] [--n 8192] [--json FILE]
+    PYTHONPATH=src python3 benchmarks/quantize_variants.py [--cases latest|run|all] [--n 8192] [--json FILE]
     PYTHONPATH=src python3 benchmarks/quantize_variants.py --diagnose    # where the FP32 hardware cast fails
 """
 from __future__ import annotations
@@ -82,8 +82,8 @@ _IDS = {name: i for i, name in enumerate(VARIANTS)}
 F32, BF16 = torch.float32, torch.bfloat16
 # (kernel, input dtype, variant, hardware cast, warps, tile). The library's kernels take FP32 weights and
 # BF16 activations. RUN: the cases timed on 2026-11-29 (benchmarks/results/fp8_session4.json, call 2, and
-# fp8_session5.json, calls 1-3: select_clamp did not make the FP32 hardware cast exact); NEXT: the shorter
-# round-to-odd step (odd2) and power-of-2 scales against the library's 1x128 and 128x128 kernels.
+# fp8_session5.json, calls 1-3: select_clamp did not make the FP32 hardware cast exact; then sessions 5-6);
+# LATEST: those of session 7 (fp8_session7.json, calls 1-2).
 RUN = [
     ("tensorwise", F32, "trans_codes", True, 4, 64), ("tensorwise", F32, "trans_input", True, 4, 64),
     ("tensorwise", F32, "trans_bytes", True, 4, 64), ("tensorwise", BF16, "trans_input", True, 4, 64),
@@ -120,14 +120,14 @@ RUN += [("1x128", BF16, "chunked_cols", True, 4, 32), ("1x128", BF16, "chunked_c
 RUN += [("1x128", BF16, "library", True, 4, 32), ("1x128", BF16, "library", True, 2, 32),
         ("1x128", BF16, "trans_input", True, 8, 128), ("1x128", BF16, "trans_input", True, 16, 128),
         ("1x128", BF16, "trans_codes", True, 8, 128), ("1x128", BF16, "trans_codes", True, 16, 128)]
-# NEXT: the 1x128 kernel's program order (does its second read of a tile come from L2?), each side's cost
+# LATEST: the 1x128 kernel's program order (does its second read of a tile come from L2?), each side's cost
 # alone, x^T's chunks from the transposed input, and one read per tile (strips)
-NEXT = [("1x128", BF16, v, True, 2, 32) for v in ("library", "group4", "group16", "chunk_rows", "chunk_cols",
+LATEST = [("1x128", BF16, v, True, 2, 32) for v in ("library", "group4", "group16", "chunk_rows", "chunk_cols",
                                                    "chunk_tin")]
-NEXT += [("1x128", BF16, "chunk_tin", True, 4, 32), ("1x128", BF16, "strips", True, 4, 32),
+LATEST += [("1x128", BF16, "chunk_tin", True, 4, 32), ("1x128", BF16, "strips", True, 4, 32),
          ("1x128", BF16, "strips", True, 8, 32), ("1x128", BF16, "strips", True, 16, 32)]
 # ... and the rowwise amax pass without atomics (tile: the square tile's side)
-NEXT += [("row_amax", BF16, "library", True, 4, 128)] + [("row_amax", BF16, "partials", True, w, t)
+LATEST += [("row_amax", BF16, "library", True, 4, 128)] + [("row_amax", BF16, "partials", True, w, t)
                                                           for w, t in ((4, 128), (8, 128), (4, 64), (8, 256))]
 
 
@@ -500,8 +500,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--json")
-    parser.add_argument("--cases", default="next", choices=["next", "run", "all"],
-                        help="next: the cases not yet run (default); run: those of 2026-11-29; all: both")
+    parser.add_argument("--cases", default="latest", choices=["latest", "run", "all"],
+                        help="latest: session 7's cases (default); run: those of the sessions before; all: both")
     parser.add_argument("--diagnose", action="store_true", help="only: where the hardware cast of FP32 input differs")
     args = parser.parse_args()
     n = args.n
@@ -521,7 +521,7 @@ def main() -> None:
         diagnose(check)
         return
     rows = []
-    cases = {"next": NEXT, "run": RUN, "all": RUN + NEXT}[args.cases]
+    cases = {"latest": LATEST, "run": RUN, "all": RUN + LATEST}[args.cases]
     for kind, in_dtype, variant, hw_cast, warps, tile in cases:
         x = torch.randn(n, n, device="cuda", dtype=in_dtype)
         e, bpe = n * n, x.element_size()
