@@ -247,7 +247,8 @@ def _check_op_rules(op_rules: str, devices: list[str]) -> None:
     if devices != ["cuda"]:
         raise ValueError(f"op_rules='autocast' needs device_type='cuda' (torch.autocast's CPU lists differ "
                          f"from the table); got device_type for {devices}. Use op_rules='intercept'")
-    if rules.user_op_rules():
-        names = ", ".join(r.what for r in rules.user_op_rules())
+    user_rules = rules.user_op_rules()
+    if user_rules:
+        names = ", ".join(r.what for r in user_rules)
         raise ValueError(f"op_rules='autocast' cannot apply op rules registered by the user ({names}): "
                          f"torch.autocast does not know them. Use op_rules='intercept'")

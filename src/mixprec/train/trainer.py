@@ -289,7 +289,8 @@ class Trainer:
     def _summary(self, seconds: float) -> RunSummary:
         n = min(FINAL_LOSS_WINDOW, len(self.train_losses))
         if self.device.type == "cuda":
-            peak, how = torch.cuda.max_memory_allocated(self.device), "torch.cuda.max_memory_allocated after the first step"
+            peak = torch.cuda.max_memory_allocated(self.device)
+            how = "torch.cuda.max_memory_allocated after the first step"
         else:
             peak, how = self._state_bytes + self._activation_bytes, "counted: params+grads+optimizer+saved activations"
         return RunSummary(
