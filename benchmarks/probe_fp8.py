@@ -7,8 +7,12 @@
     gemm   torch._scaled_mm at a weight-gradient shape (out N x K, reduced over M tokens) and a forward
            shape, per scale layout and output dtype: whether the blockwise weight-gradient GEMM (1x128 x
            1x128 scales, FP32 out) is slow for its scales or for its FP32 output.
+    tgemm  a Triton blockwise GEMM (blockwise_gemm_triton.py, an experiment) against torch._scaled_mm on the
+           blockwise GEMMs of the d=4096 GPT (4096 tokens): weight gradients (1x128 x 1x128) and forward
+           products (1x128 x 128x128), each autotuned, then every config alone on one shape, and a
+           Triton FP8 GEMM without per-K scales (one scale for the whole product) as the ceiling.
 
-    PYTHONPATH=src python3 benchmarks/probe_fp8.py [host] [gemm] [--json FILE]
+    PYTHONPATH=src python3 benchmarks/probe_fp8.py [host] [gemm] [tgemm] [--json FILE]
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 import triton
 import triton.testing
 
+import blockwise_gemm_triton as tgemm
 from mixprec.fp8 import kernels
 from mixprec.fp8.gemm import Operand, mm_nt
 from mixprec.fp8.recipes import quantize_pair
@@ -106,9 +111,61 @@ def probe_gemm(m: int = 4096, n: int = 16384, k: int = 4096) -> list[dict]:
     return rows
 
 
+def probe_triton_gemm(tokens: int = 4096, d: int = 4096) -> list[dict]:
+    """The blockwise GEMMs of the GPT's linears (QKV, out, FC1, FC2), cuBLAS (the anchor) and Triton."""
+    rows = []
+    weights = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]          # (out, in) features
+    cases = []
+    for n_out, n_in in weights:
+        x = torch.randn(tokens, n_in, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n_out, n_in, device="cuda")
+        dy = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16)
+        xa, xt = quantize_pair(x, "fp8_e4m3", "1x128", backend="triton", power_of_2=False)
+        wa, _ = quantize_pair(w, "fp8_e4m3", "128x128", backend="triton", power_of_2=False)
+        _, dyt = quantize_pair(dy, "fp8_e4m3", "1x128", backend="triton", power_of_2=False)
+        cases.append((f"forward {tokens}x{n_out}, K={n_in}", xa, wa, torch.bfloat16))
+        cases.append((f"wgrad {n_out}x{n_in}, K={tokens}", dyt, xt, torch.float32))
+    for label, a, b, out in cases:
+        flops = 2 * a.q.shape[0] * b.q.shape[0] * a.q.shape[1]
+        ref = mm_nt(a, b, out_dtype=out, backend="cublas")
+        got = tgemm.mm_blockwise_nt(a.q, a.scale, b.q, b.scale, b_block=b.granularity == "128x128",
+                                    out_dtype=out)
+        rel = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+        t_cublas = triton.testing.do_bench(lambda: mm_nt(a, b, out_dtype=out, backend="cublas"), return_mode="median")
+        t_triton = triton.testing.do_bench(lambda: tgemm.mm_blockwise_nt(
+            a.q, a.scale, b.q, b.scale, b_block=b.granularity == "128x128", out_dtype=out), return_mode="median")
+        t_one = triton.testing.do_bench(lambda: tgemm.mm_one_scale_nt(a.q, b.q, 1.0, out), return_mode="median")
+        best = tgemm.mm_blockwise_kernel.best_config
+        rows.append(dict(probe="tgemm", what=label, out=str(out).split(".")[1], cublas_ms=round(t_cublas, 4),
+                         triton_ms=round(t_triton, 4), triton_vs_cublas=round(t_cublas / t_triton, 3),
+                         triton_TFLOPs=round(flops / t_triton / 1e9), cublas_TFLOPs=round(flops / t_cublas / 1e9),
+                         one_scale_ms=round(t_one, 4), rel_diff_vs_cublas=f"{rel:.2e}", best_config=str(best)))
+    # every config alone on the largest weight gradient
+    label, a, b, out = cases[5]
+    ref_big = mm_nt(a, b, out_dtype=out, backend="cublas")
+    configs = list(tgemm.mm_blockwise_kernel.configs)
+    try:
+        for cfg in configs + tgemm.WARP_SPECIALIZED:
+            tgemm.mm_blockwise_kernel.configs = [cfg]
+            tgemm.mm_blockwise_kernel.cache.clear()
+            fn = lambda: tgemm.mm_blockwise_nt(a.q, a.scale, b.q, b.scale, b_block=False, out_dtype=out)  # noqa: E731
+            try:
+                rel = ((fn() - ref_big).norm() / ref_big.norm()).item()
+            except Exception as err:       # warp specialization may not compile on this GPU
+                rows.append(dict(probe="tgemm config", what=label, config=str(cfg), error=repr(err)[:300]))
+                continue
+            ms = triton.testing.do_bench(fn, return_mode="median")
+            rows.append(dict(probe="tgemm config", what=label, config=str(cfg), ms=round(ms, 4),
+                             rel_diff_vs_cublas=f"{rel:.2e}"))
+    finally:
+        tgemm.mm_blockwise_kernel.configs = configs
+        tgemm.mm_blockwise_kernel.cache.clear()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("probes", nargs="*", default=["host", "gemm"], choices=["host", "gemm"])
+    ap.add_argument("probes", nargs="*", default=["host", "gemm"], choices=["host", "gemm", "tgemm"])
     ap.add_argument("--json")
     ap.add_argument("--profile-host", default="", help="comma-separated granularities: cProfile their calls")
     args = ap.parse_args()
@@ -116,7 +173,7 @@ def main() -> None:
         profile_host(gran)
     rows = []
     for probe in args.probes:
-        for row in {"host": probe_host, "gemm": probe_gemm}[probe]():
+        for row in {"host": probe_host, "gemm": probe_gemm, "tgemm": probe_triton_gemm}[probe]():
             print(row, flush=True)
             rows.append(row)
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
