@@ -6,7 +6,7 @@ import torch
 
 from mixprec.formats import get_format
 from mixprec.fp8 import GRANULARITIES, AmaxHistory, dequantize, quantize, scale_from_amax
-from mixprec.fp8.quantize import AMAX_EPS
+from mixprec.fp8.quantize import AMAX_EPS, codes_to_float
 
 FORMATS = ("fp8_e4m3", "fp8_e5m2")
 
@@ -123,6 +123,18 @@ def test_dequantize_reads_granularity_from_scale_shape(granularity, shape):
     assert torch.equal(x_hat, expected.float())    # the exact product, rounded once to FP32
     big = x.abs() > 1e-3 * x.abs().max()
     assert ((x_hat - x).abs()[big] <= x.abs()[big] * 2 ** -4 + 1e-30).all()   # E4M3: half an ulp is 2**-4 relative
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_codes_to_float_equals_pytorch_upcast_for_every_code(dtype):
+    # all 256 bit patterns: signed zeros, subnormals, the largest values, infinities and NaN
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).reshape(16, 16)
+    want, got = codes.float(), codes_to_float(codes)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    same = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+    assert bool(same.all()), codes.view(torch.uint8)[~same].tolist()
+    q = codes.t()      # a non-contiguous view reads the same values
+    assert torch.equal(codes_to_float(q).nan_to_num(0.5), q.float().nan_to_num(0.5))
 
 
 def test_leading_dims_for_row_and_tile_granularity():
