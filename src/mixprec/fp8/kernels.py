@@ -368,12 +368,17 @@ def _cast_rowwise_t_kernel(x_ptr, row_amax_ptr, col_amax_ptr, q_ptr, s_ptr, qt_p
         tl.store(st_ptr + cols, col_s, mask=cols < K)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv is a JIT function: called from the host it costs ~5 us, several times per quantize call
+    return -(-a // b)
+
+
 def _grid(r: int, k: int) -> tuple[int, int]:
-    return triton.cdiv(r, _BLOCK), triton.cdiv(k, _BLOCK)
+    return _cdiv(r, _BLOCK), _cdiv(k, _BLOCK)
 
 
 def _free_grid(r: int, k: int):
-    return lambda meta: (triton.cdiv(r, meta["BR"]), triton.cdiv(k, meta["BK"]))
+    return lambda meta: (_cdiv(r, meta["BR"]), _cdiv(k, meta["BK"]))
 
 
 # The ops' own library, registered at the dispatcher's level: torch.library.custom_op wraps each call in
@@ -409,8 +414,8 @@ def _quantize_1x128_t_op(x: torch.Tensor, fmt: str, power_of_2: bool) -> tuple[t
     f = get_fp8_format(fmt)
     q = torch.empty((r, k), dtype=f.torch_dtype, device=x.device)
     qt = torch.empty((k, r), dtype=f.torch_dtype, device=x.device)
-    s = torch.empty((triton.cdiv(k, _BLOCK), r), dtype=torch.float32, device=x.device)
-    st = torch.empty((triton.cdiv(r, _BLOCK), k), dtype=torch.float32, device=x.device)
+    s = torch.empty((_cdiv(k, _BLOCK), r), dtype=torch.float32, device=x.device)
+    st = torch.empty((_cdiv(r, _BLOCK), k), dtype=torch.float32, device=x.device)
     tiles_r, tiles_k = _grid(r, k)
     grid = lambda meta: (tiles_r * 2 * (_BLOCK // meta["CHUNK"]), tiles_k)   # noqa: E731  (a program per chunk)
     _quantize_1x128_t_kernel[grid](x, q, s, qt, st, r, k, FMAX=f.max, POW2=power_of_2, EPS=AMAX_EPS,
@@ -456,7 +461,7 @@ def _amax_op(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()   # a unit inner stride the compiler knows: 16-byte loads
     out = torch.zeros((), dtype=torch.float32, device=x.device)
     r, k = x.shape
-    _amax_kernel[lambda meta: (triton.cdiv(r, meta["BR"] * meta["STRIPS"]), triton.cdiv(k, meta["BK"]))](x, out, r, k)
+    _amax_kernel[lambda meta: (_cdiv(r, meta["BR"] * meta["STRIPS"]), _cdiv(k, meta["BK"]))](x, out, r, k)
     return out
 
 
@@ -495,7 +500,7 @@ def _row_col_amax_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r, k = x.shape
     row_amax = torch.zeros(r, dtype=torch.int32, device=x.device)    # the bits of +0.0: max's identity over |x|
     col_amax = torch.zeros(k, dtype=torch.int32, device=x.device)
-    grid = lambda meta: (triton.cdiv(r, meta["BR"] * meta["STRIPS"]), triton.cdiv(k, meta["BK"]))  # noqa: E731
+    grid = lambda meta: (_cdiv(r, meta["BR"] * meta["STRIPS"]), _cdiv(k, meta["BK"]))  # noqa: E731
     _row_col_amax_kernel[grid](x, row_amax, col_amax, r, k)
     return row_amax.view(torch.float32), col_amax.view(torch.float32)
 
