@@ -62,7 +62,7 @@ class _Float8LinearFunction(torch.autograd.Function):
                     dw = mm_nt(dyt, Operand(xt_q, xt_s, act_gran), out_dtype=w_dtype, backend=backend,
                                block_size=block)
             if ctx.needs_input_grad[2]:
-                db = dy2.float().sum(0).to(b_dtype)
+                db = dy2.sum(0, dtype=torch.float32).to(b_dtype)   # no FP32 copy of dy
         return dx, dw, db, None, None, None, None, None, None, None, None, None, None
 
 
