@@ -47,6 +47,17 @@ WARP_SPECIALIZED = [_config(128, 128, 8, 3, ws=True), _config(128, 128, 4, 3, ws
 
 
 @triton.jit
+def _tile_of(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of C for program pid: programs go in groups of GROUP_M row tiles, so
+    that neighbours share B's tiles in L2."""
+    tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    width = GROUP_M * tiles_n
+    first_m = (pid // width) * GROUP_M
+    group = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % width) % group, (pid % width) // group
+
+
+@triton.jit
 def _slice(a_desc, b_desc, sa_ptrs, sb_ptrs, rm, rn, M, N, K, k0, sa_kb, sb_kb, BM: tl.constexpr,
            BN: tl.constexpr, BK: tl.constexpr, pid_m, pid_n):
     """The product of one 128-wide slice of K and its scales' outer product (zero past K)."""
@@ -63,14 +74,7 @@ def _slice(a_desc, b_desc, sa_ptrs, sb_ptrs, rm, rn, M, N, K, k0, sa_kb, sb_kb, 
 def mm_blockwise_kernel(a_desc, b_desc, sa_ptr, sb_ptr, c_ptr, M, N, K, sa_kb, sa_m, sb_kb, sb_n,
                         B_GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         GROUP_M: tl.constexpr, UNROLL: tl.constexpr, WS: tl.constexpr):
-    # programs in groups of GROUP_M row tiles, so that neighbours share B's tiles in L2
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    width = GROUP_M * tiles_n
-    first_m = (pid // width) * GROUP_M
-    group = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group
-    pid_n = (pid % width) // group
+    pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     sa_ptrs = sa_ptr + rm * sa_m
@@ -115,13 +119,7 @@ def mm_blockwise_nt(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: to
 def _mm_one_scale_kernel(a_desc, b_desc, c_ptr, M, N, K, scale, BM: tl.constexpr, BN: tl.constexpr,
                          BK: tl.constexpr, GROUP_M: tl.constexpr, UNROLL: tl.constexpr, WS: tl.constexpr):
     # the kernel above with one scale for the whole product: the tensor cores accumulate across K
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    width = GROUP_M * tiles_n
-    first_m = (pid // width) * GROUP_M
-    group = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group
-    pid_n = (pid % width) // group
+    pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
