@@ -12,7 +12,12 @@
            products (1x128 x 128x128), each autotuned, then every config alone on one shape, and a
            Triton FP8 GEMM without per-K scales (one scale for the whole product) as the ceiling.
 
-    PYTHONPATH=src python3 benchmarks/probe_fp8.py [host] [gemm] [tgemm] [--json FILE]
+    amax   the tensorwise amax pass (a read-only reduction, 0.77 of copy bandwidth by bytes moved in
+           session 7) against variants: its strip loop unrolled (every load issued at once), and a
+           persistent grid (a few programs per SM striding over the tiles), on a BF16 activation and
+           an FP32 master weight; kernel time by CUDA graph, the anchor a device-to-device copy.
+
+    PYTHONPATH=src python3 benchmarks/probe_fp8.py [host] [gemm] [tgemm] [amax] [--json FILE]
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ import time
 import torch
 import triton
 import triton.testing
+
+import triton.language as tl
 
 import blockwise_gemm_triton as tgemm
 from mixprec.fp8 import kernels
@@ -163,9 +170,68 @@ def probe_triton_gemm(tokens: int = 4096, d: int = 4096) -> list[dict]:
     return rows
 
 
+@triton.jit
+def _amax_unrolled(x_ptr, amax_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr, STRIPS: tl.constexpr):
+    # kernels._amax_kernel with its strip loop unrolled: the STRIPS loads do not wait on each other
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    m = tl.zeros((BR, BK), dtype=tl.float32)
+    for i in tl.static_range(STRIPS):
+        rows = (tl.program_id(0) * STRIPS + i) * BR + tl.arange(0, BR)
+        mask = (rows[:, None] < R) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        m = tl.maximum(m, tl.abs(x))
+    tl.atomic_max(amax_ptr, tl.max(tl.max(m, axis=1), axis=0))
+
+
+@triton.jit
+def _amax_persistent(x_ptr, amax_ptr, N, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
+    # a few programs per SM, each striding over the flat tensor UNROLL blocks at a time
+    m = tl.zeros((BLOCK,), dtype=tl.float32)
+    step = tl.num_programs(0) * BLOCK * UNROLL
+    for start in range(tl.program_id(0) * BLOCK * UNROLL, N, step):
+        for u in tl.static_range(UNROLL):
+            offs = start + u * BLOCK + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+            m = tl.maximum(m, tl.abs(x))
+    tl.atomic_max(amax_ptr, tl.max(m, axis=0))
+
+
+def probe_amax() -> list[dict]:
+    from triton.testing import do_bench_cudagraph
+    rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for label, x in (("BF16 8192x8192", torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)),
+                     ("FP32 4096x16384", torch.randn(4096, 16384, device="cuda"))):
+        r, k = x.shape
+        want = x.abs().amax().float()
+        dst = torch.empty_like(x)
+        t_copy = do_bench_cudagraph(lambda: dst.copy_(x))
+        out = torch.zeros((), device="cuda")
+
+        def timed(name, launch):
+            out.zero_()
+            launch()
+            ok = bool(out == want)
+            ms = do_bench_cudagraph(launch)
+            # bytes moved: the amax reads the tensor once; the copy reads and writes it
+            rows.append(dict(probe="amax", what=f"{name}, {label}", ms=round(ms, 4), ok=ok,
+                             of_copy=round((t_copy / 2) / ms, 3)))
+
+        timed("library (autotuned)", lambda: kernels._amax_op(x))
+        for br, bk, n, w in ((64, 128, 4, 4), (32, 256, 8, 4), (32, 256, 8, 8), (32, 256, 16, 8), (64, 128, 8, 8)):
+            grid = (triton.cdiv(r, br * n), triton.cdiv(k, bk))
+            timed(f"unrolled {br}x{bk} x{n}, {w} warps",
+                  lambda: _amax_unrolled[grid](x, out, r, k, BR=br, BK=bk, STRIPS=n, num_warps=w))
+        for per_sm, block, unroll, w in ((4, 4096, 4, 8), (8, 2048, 4, 4), (2, 8192, 2, 8), (16, 2048, 2, 4)):
+            timed(f"persistent {per_sm}/SM, block {block} x{unroll}, {w} warps",
+                  lambda: _amax_persistent[(sms * per_sm,)](x, out, x.numel(), BLOCK=block, UNROLL=unroll,
+                                                            num_warps=w))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("probes", nargs="*", default=["host", "gemm"], choices=["host", "gemm", "tgemm"])
+    ap.add_argument("probes", nargs="*", default=["host", "gemm"], choices=["host", "gemm", "tgemm", "amax"])
     ap.add_argument("--json")
     ap.add_argument("--profile-host", default="", help="comma-separated granularities: cProfile their calls")
     args = ap.parse_args()
@@ -173,7 +239,7 @@ def main() -> None:
         profile_host(gran)
     rows = []
     for probe in args.probes:
-        for row in {"host": probe_host, "gemm": probe_gemm, "tgemm": probe_triton_gemm}[probe]():
+        for row in {"host": probe_host, "gemm": probe_gemm, "tgemm": probe_triton_gemm, "amax": probe_amax}[probe]():
             print(row, flush=True)
             rows.append(row)
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
