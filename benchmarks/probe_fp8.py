@@ -17,7 +17,11 @@
            persistent grid (a few programs per SM striding over the tiles), on a BF16 activation and
            an FP32 master weight; kernel time by CUDA graph, the anchor a device-to-device copy.
 
-    PYTHONPATH=src python3 benchmarks/probe_fp8.py [host] [gemm] [tgemm] [amax] [--json FILE]
+    rowamax  the rowwise recipe's row-and-column amax pass (0.63 of copy, session 8) against the same
+           kernel with its strips unrolled and against per-tile partial maxima reduced by torch.amax;
+           CUDA-graph timing after a read flush of L2, as bench_fp8.py quantize.
+
+    PYTHONPATH=src python3 benchmarks/probe_fp8.py [host] [gemm] [tgemm] [amax] [rowamax] [--json FILE]
 """
 from __future__ import annotations
 
@@ -229,9 +233,78 @@ def probe_amax() -> list[dict]:
     return rows
 
 
+@triton.jit
+def _row_col_amax_unrolled(x_ptr, row_amax_ptr, col_amax_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr,
+                           STRIPS: tl.constexpr):
+    # kernels._row_col_amax_kernel with its strip loop unrolled: the STRIPS loads issue together
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    m = tl.zeros((BR, BK), dtype=tl.float32)
+    for i in tl.static_range(STRIPS):
+        rows = (tl.program_id(0) * STRIPS + i) * BR + tl.arange(0, BR)
+        mask = (rows[:, None] < R) & (cols[None, :] < K)
+        a = tl.abs(tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32))
+        tl.atomic_max(row_amax_ptr + rows, tl.max(a, axis=1).to(tl.int32, bitcast=True), mask=rows < R)
+        m = tl.maximum(m, a)
+    tl.atomic_max(col_amax_ptr + cols, tl.max(m, axis=0).to(tl.int32, bitcast=True), mask=cols < K)
+
+
+@triton.jit
+def _row_col_partials(x_ptr, row_part_ptr, col_part_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr,
+                      STRIPS: tl.constexpr):
+    # no atomics: the rows' maxima over this program's BK columns into row_part (K/BK, R), the columns'
+    # over its STRIPS * BR rows into col_part (R/(BR*STRIPS), K)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    m = tl.zeros((BR, BK), dtype=tl.float32)
+    for i in tl.static_range(STRIPS):
+        rows = (tl.program_id(0) * STRIPS + i) * BR + tl.arange(0, BR)
+        mask = (rows[:, None] < R) & (cols[None, :] < K)
+        a = tl.abs(tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32))
+        tl.store(row_part_ptr + tl.program_id(1) * R + rows, tl.max(a, axis=1), mask=rows < R)
+        m = tl.maximum(m, a)
+    tl.store(col_part_ptr + tl.program_id(0) * K + cols, tl.max(m, axis=0), mask=cols < K)
+
+
+def probe_row_amax() -> list[dict]:
+    from bench_fp8 import graph_time_ms
+    rows = []
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    r, k = x.shape
+    want_r, want_c = x.abs().amax(1).float(), x.abs().amax(0).float()
+    dst = torch.empty_like(x)
+    copy_bw = 2 * x.numel() * 2 / graph_time_ms(lambda: dst.copy_(x))     # read + write, bytes per ms
+
+    def timed(name, fn):
+        got_r, got_c = fn()
+        ok = bool(torch.equal(got_r, want_r) and torch.equal(got_c, want_c))
+        ms = graph_time_ms(fn)
+        rows.append(dict(probe="rowamax", what=f"{name}, BF16 8192x8192", graph_ms=round(ms, 4), ok=ok,
+                         of_copy=round(x.numel() * 2 / ms / copy_bw, 3)))
+        print(rows[-1], flush=True)
+
+    timed("library (autotuned)", lambda: kernels.row_col_amax(x))
+    for br, bk, n, w in ((128, 128, 1, 4), (64, 128, 2, 4), (32, 128, 4, 4), (32, 256, 4, 8), (64, 256, 2, 8),
+                         (16, 256, 8, 4), (32, 128, 8, 4)):
+        def unrolled(br=br, bk=bk, n=n, w=w):
+            row_a = torch.zeros(r, dtype=torch.int32, device="cuda")
+            col_a = torch.zeros(k, dtype=torch.int32, device="cuda")
+            _row_col_amax_unrolled[(triton.cdiv(r, br * n), triton.cdiv(k, bk))](
+                x, row_a, col_a, r, k, BR=br, BK=bk, STRIPS=n, num_warps=w)
+            return row_a.view(torch.float32), col_a.view(torch.float32)
+        timed(f"unrolled {br}x{bk} x{n}, {w} warps", unrolled)
+
+        def partials(br=br, bk=bk, n=n, w=w):
+            row_p = torch.empty(triton.cdiv(k, bk), r, device="cuda")
+            col_p = torch.empty(triton.cdiv(r, br * n), k, device="cuda")
+            _row_col_partials[(triton.cdiv(r, br * n), triton.cdiv(k, bk))](
+                x, row_p, col_p, r, k, BR=br, BK=bk, STRIPS=n, num_warps=w)
+            return row_p.amax(0), col_p.amax(0)
+        timed(f"partials {br}x{bk} x{n}, {w} warps (+ torch.amax of both)", partials)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("probes", nargs="*", default=["host", "gemm"], choices=["host", "gemm", "tgemm", "amax"])
+    ap.add_argument("probes", nargs="*", default=["host", "gemm"], choices=["host", "gemm", "tgemm", "amax", "rowamax"])
     ap.add_argument("--json")
     ap.add_argument("--profile-host", default="", help="comma-separated granularities: cProfile their calls")
     args = ap.parse_args()
@@ -239,7 +312,7 @@ def main() -> None:
         profile_host(gran)
     rows = []
     for probe in args.probes:
-        for row in {"host": probe_host, "gemm": probe_gemm, "tgemm": probe_triton_gemm, "amax": probe_amax}[probe]():
+        for row in {"host": probe_host, "gemm": probe_gemm, "tgemm": probe_triton_gemm, "amax": probe_amax, "rowamax": probe_row_amax}[probe]():
             print(row, flush=True)
             rows.append(row)
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
