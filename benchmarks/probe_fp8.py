@@ -18,7 +18,7 @@
            an FP32 master weight; kernel time by CUDA graph, the anchor a device-to-device copy.
 
     rowamax  the rowwise recipe's row-and-column amax pass (0.63 of copy, session 8) against the same
-           kernel with its strips unrolled and against per-tile partial maxima reduced by torch.amax;
+           kernel reducing in BF16, with its strips unrolled, and per-tile partial maxima reduced by torch.amax;
            CUDA-graph timing after a read flush of L2, as bench_fp8.py quantize.
 
     PYTHONPATH=src python3 benchmarks/probe_fp8.py [host] [gemm] [tgemm] [amax] [rowamax] [--json FILE]
@@ -249,6 +249,18 @@ def _row_col_amax_unrolled(x_ptr, row_amax_ptr, col_amax_ptr, R, K, BR: tl.const
 
 
 @triton.jit
+def _row_col_amax_narrow(x_ptr, row_amax_ptr, col_amax_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
+    # kernels._row_col_amax_kernel (one tile per program) reducing in x's own dtype: a max is exact in
+    # any format, and BF16 halves the bytes the reductions move between threads
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    a = tl.abs(tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0))
+    tl.atomic_max(row_amax_ptr + rows, tl.max(a, axis=1).to(tl.float32).to(tl.int32, bitcast=True), mask=rows < R)
+    tl.atomic_max(col_amax_ptr + cols, tl.max(a, axis=0).to(tl.float32).to(tl.int32, bitcast=True), mask=cols < K)
+
+
+@triton.jit
 def _row_col_partials(x_ptr, row_part_ptr, col_part_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr,
                       STRIPS: tl.constexpr):
     # no atomics: the rows' maxima over this program's BK columns into row_part (K/BK, R), the columns'
@@ -282,6 +294,14 @@ def probe_row_amax() -> list[dict]:
         print(rows[-1], flush=True)
 
     timed("library (autotuned)", lambda: kernels.row_col_amax(x))
+    for br, bk, w in ((128, 128, 4), (128, 128, 8), (64, 128, 4), (128, 256, 8), (64, 256, 4)):
+        def narrow(br=br, bk=bk, w=w):
+            row_a = torch.zeros(r, dtype=torch.int32, device="cuda")
+            col_a = torch.zeros(k, dtype=torch.int32, device="cuda")
+            _row_col_amax_narrow[(triton.cdiv(r, br), triton.cdiv(k, bk))](x, row_a, col_a, r, k, BR=br, BK=bk,
+                                                                          num_warps=w)
+            return row_a.view(torch.float32), col_a.view(torch.float32)
+        timed(f"BF16 reductions {br}x{bk}, {w} warps", narrow)
     for br, bk, n, w in ((128, 128, 1, 4), (64, 128, 2, 4), (32, 128, 4, 4), (32, 256, 4, 8), (64, 256, 2, 8),
                          (16, 256, 8, 4), (32, 128, 8, 4)):
         def unrolled(br=br, bk=bk, n=n, w=w):
