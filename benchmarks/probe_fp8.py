@@ -1,25 +1,23 @@
-"""Two probes behind the end-to-end FP8 figures (GPU only), each against an anchor in the same process.
+"""Probes behind the end-to-end FP8 figures (GPU only), each against an anchor in the same process.
 
-    host   the CPU time of one quantize_pair call (triton backend) per granularity, on a tensor small
-           enough that the GPU is never the bottleneck: what each call costs the host, against a
-           torch op (abs().amax()) and a bare launch of the same Triton kernel. In a training step the
-           GPU idles where the host falls behind, so this bounds what a lighter launch path can save.
-    gemm   torch._scaled_mm at a weight-gradient shape (out N x K, reduced over M tokens) and a forward
-           shape, per scale layout and output dtype: whether the blockwise weight-gradient GEMM (1x128 x
-           1x128 scales, FP32 out) is slow for its scales or for its FP32 output.
-    tgemm  a Triton blockwise GEMM (blockwise_gemm_triton.py, an experiment) against torch._scaled_mm on the
-           blockwise GEMMs of the d=4096 GPT (4096 tokens): weight gradients (1x128 x 1x128) and forward
-           products (1x128 x 128x128), each autotuned, then every config alone on one shape, and a
-           Triton FP8 GEMM without per-K scales (one scale for the whole product) as the ceiling.
-
-    amax   the tensorwise amax pass (a read-only reduction, 0.77 of copy bandwidth by bytes moved in
-           session 7) against variants: its strip loop unrolled (every load issued at once), and a
-           persistent grid (a few programs per SM striding over the tiles), on a BF16 activation and
-           an FP32 master weight; kernel time by CUDA graph, the anchor a device-to-device copy.
-
-    rowamax  the rowwise recipe's row-and-column amax pass (0.63 of copy, session 8) against the same
-           kernel reducing in BF16, with its strips unrolled, and per-tile partial maxima reduced by torch.amax;
-           CUDA-graph timing after a read flush of L2, as bench_fp8.py quantize.
+    host     the CPU time of one quantize_pair call (triton backend) per granularity, on a tensor small
+             enough that the GPU is never the bottleneck: what each call costs the host, against a
+             torch op (abs().amax()) and a bare launch of the same Triton kernel. In a training step the
+             GPU idles where the host falls behind, so this bounds what a lighter launch path can save.
+    gemm     torch._scaled_mm at a weight-gradient shape (out N x K, reduced over M tokens) and a forward
+             shape, per scale layout and output dtype: whether the blockwise weight-gradient GEMM (1x128 x
+             1x128 scales, FP32 out) is slow for its scales or for its FP32 output.
+    tgemm    a Triton blockwise GEMM (blockwise_gemm_triton.py, an experiment) against torch._scaled_mm on
+             the blockwise GEMMs of the d=4096 GPT (4096 tokens): weight gradients (1x128 x 1x128) and
+             forward products (1x128 x 128x128), each autotuned, then every config alone on one shape,
+             and a Triton FP8 GEMM without per-K scales (one scale for the whole product) as the ceiling.
+    amax     the tensorwise amax pass (a read-only reduction) against variants: its strip loop unrolled
+             (every load issued at once) and a persistent grid (a few programs per SM striding over the
+             tiles), on a BF16 activation and an FP32 master weight; kernel time by CUDA graph without
+             an L2 flush, the anchor a device-to-device copy of the same tensor.
+    rowamax  the rowwise recipe's row-and-column amax pass against the same kernel reducing in BF16,
+             with its strips unrolled, and per-tile partial maxima reduced by torch.amax; CUDA-graph
+             timing after a read flush of L2, as bench_fp8.py quantize.
 
     PYTHONPATH=src python3 benchmarks/probe_fp8.py [host] [gemm] [tgemm] [amax] [rowamax] [--json FILE]
 """
