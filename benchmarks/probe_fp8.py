@@ -232,18 +232,26 @@ def probe_amax() -> list[dict]:
 
 
 @triton.jit
-def _row_col_amax_unrolled(x_ptr, row_amax_ptr, col_amax_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr,
-                           STRIPS: tl.constexpr):
-    # kernels._row_col_amax_kernel with its strip loop unrolled: the STRIPS loads issue together
+def _row_col_amax_strips(x_ptr, row_ptr, col_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr,
+                         STRIPS: tl.constexpr, PARTIALS: tl.constexpr):
+    # kernels._row_col_amax_kernel with its strip loop unrolled (the STRIPS loads issue together).
+    # PARTIALS: no atomics; the rows' maxima over this program's BK columns go to row_ptr (K/BK, R), the
+    # columns' over its STRIPS * BR rows to col_ptr (R/(BR*STRIPS), K), for torch.amax to reduce
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     m = tl.zeros((BR, BK), dtype=tl.float32)
     for i in tl.static_range(STRIPS):
         rows = (tl.program_id(0) * STRIPS + i) * BR + tl.arange(0, BR)
         mask = (rows[:, None] < R) & (cols[None, :] < K)
         a = tl.abs(tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32))
-        tl.atomic_max(row_amax_ptr + rows, tl.max(a, axis=1).to(tl.int32, bitcast=True), mask=rows < R)
+        if PARTIALS:
+            tl.store(row_ptr + tl.program_id(1) * R + rows, tl.max(a, axis=1), mask=rows < R)
+        else:
+            tl.atomic_max(row_ptr + rows, tl.max(a, axis=1).to(tl.int32, bitcast=True), mask=rows < R)
         m = tl.maximum(m, a)
-    tl.atomic_max(col_amax_ptr + cols, tl.max(m, axis=0).to(tl.int32, bitcast=True), mask=cols < K)
+    if PARTIALS:
+        tl.store(col_ptr + tl.program_id(0) * K + cols, tl.max(m, axis=0), mask=cols < K)
+    else:
+        tl.atomic_max(col_ptr + cols, tl.max(m, axis=0).to(tl.int32, bitcast=True), mask=cols < K)
 
 
 @triton.jit
@@ -256,22 +264,6 @@ def _row_col_amax_narrow(x_ptr, row_amax_ptr, col_amax_ptr, R, K, BR: tl.constex
     a = tl.abs(tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0))
     tl.atomic_max(row_amax_ptr + rows, tl.max(a, axis=1).to(tl.float32).to(tl.int32, bitcast=True), mask=rows < R)
     tl.atomic_max(col_amax_ptr + cols, tl.max(a, axis=0).to(tl.float32).to(tl.int32, bitcast=True), mask=cols < K)
-
-
-@triton.jit
-def _row_col_partials(x_ptr, row_part_ptr, col_part_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr,
-                      STRIPS: tl.constexpr):
-    # no atomics: the rows' maxima over this program's BK columns into row_part (K/BK, R), the columns'
-    # over its STRIPS * BR rows into col_part (R/(BR*STRIPS), K)
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    m = tl.zeros((BR, BK), dtype=tl.float32)
-    for i in tl.static_range(STRIPS):
-        rows = (tl.program_id(0) * STRIPS + i) * BR + tl.arange(0, BR)
-        mask = (rows[:, None] < R) & (cols[None, :] < K)
-        a = tl.abs(tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32))
-        tl.store(row_part_ptr + tl.program_id(1) * R + rows, tl.max(a, axis=1), mask=rows < R)
-        m = tl.maximum(m, a)
-    tl.store(col_part_ptr + tl.program_id(0) * K + cols, tl.max(m, axis=0), mask=cols < K)
 
 
 def probe_row_amax() -> list[dict]:
@@ -305,16 +297,16 @@ def probe_row_amax() -> list[dict]:
         def unrolled(br=br, bk=bk, n=n, w=w):
             row_a = torch.zeros(r, dtype=torch.int32, device="cuda")
             col_a = torch.zeros(k, dtype=torch.int32, device="cuda")
-            _row_col_amax_unrolled[(triton.cdiv(r, br * n), triton.cdiv(k, bk))](
-                x, row_a, col_a, r, k, BR=br, BK=bk, STRIPS=n, num_warps=w)
+            _row_col_amax_strips[(triton.cdiv(r, br * n), triton.cdiv(k, bk))](
+                x, row_a, col_a, r, k, BR=br, BK=bk, STRIPS=n, PARTIALS=False, num_warps=w)
             return row_a.view(torch.float32), col_a.view(torch.float32)
         timed(f"unrolled {br}x{bk} x{n}, {w} warps", unrolled)
 
         def partials(br=br, bk=bk, n=n, w=w):
             row_p = torch.empty(triton.cdiv(k, bk), r, device="cuda")
             col_p = torch.empty(triton.cdiv(r, br * n), k, device="cuda")
-            _row_col_partials[(triton.cdiv(r, br * n), triton.cdiv(k, bk))](
-                x, row_p, col_p, r, k, BR=br, BK=bk, STRIPS=n, num_warps=w)
+            _row_col_amax_strips[(triton.cdiv(r, br * n), triton.cdiv(k, bk))](
+                x, row_p, col_p, r, k, BR=br, BK=bk, STRIPS=n, PARTIALS=True, num_warps=w)
             return row_p.amax(0), col_p.amax(0)
         timed(f"partials {br}x{bk} x{n}, {w} warps (+ torch.amax of both)", partials)
     return rows
