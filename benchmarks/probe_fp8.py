@@ -11,6 +11,10 @@
              the blockwise GEMMs of the d=4096 GPT (4096 tokens): weight gradients (1x128 x 1x128) and
              forward products (1x128 x 128x128), each autotuned, then every config alone on one shape,
              and a Triton FP8 GEMM without per-K scales (one scale for the whole product) as the ceiling.
+    ggemm    the same GEMMs in Gluon (blockwise_gemm_gluon.py, an experiment: warp specialized, one
+             warpgroup's promotions beside the other's products): each config on the largest weight
+             gradient, then the best on all eight, against cuBLAS and an FP32 product of the dequantized
+             operands.
     amax     the tensorwise amax pass (a read-only reduction) against variants: its strip loop unrolled
              (every load issued at once) and a persistent grid (a few programs per SM striding over the
              tiles), on a BF16 activation and an FP32 master weight; kernel time by CUDA graph without
@@ -19,7 +23,7 @@
              with its strips unrolled, and per-tile partial maxima reduced by torch.amax; CUDA-graph
              timing after a read flush of L2, as bench_fp8.py quantize.
 
-    PYTHONPATH=src python3 benchmarks/probe_fp8.py [host] [gemm] [tgemm] [amax] [rowamax] [--json FILE]
+    PYTHONPATH=src python3 benchmarks/probe_fp8.py [host] [gemm] [tgemm] [ggemm] [amax] [rowamax] [--json FILE]
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import triton.language as tl
 import blockwise_gemm_triton as tgemm
 from mixprec.fp8 import kernels
 from mixprec.fp8.gemm import Operand, mm_nt
+from mixprec.fp8.quantize import dequantize
 from mixprec.fp8.recipes import quantize_pair
 
 
@@ -169,6 +174,95 @@ def probe_triton_gemm(tokens: int = 4096, d: int = 4096) -> list[dict]:
     finally:
         tgemm.mm_blockwise_kernel.configs = configs
         tgemm.mm_blockwise_kernel.cache.clear()
+    return rows
+
+
+def probe_gluon_gemm(tokens: int = 4096, d: int = 4096) -> list[dict]:
+    """The GPT's blockwise GEMMs in Gluon (blockwise_gemm_gluon.py) against cuBLAS (the anchor): ragged
+    shapes against FP32, each config on the largest weight gradient, the best on all eight GEMMs."""
+    import blockwise_gemm_gluon as ggemm
+    rows = []
+    weights = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]          # (out, in) features
+    cases = []
+    for n_out, n_in in weights:
+        x = torch.randn(tokens, n_in, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n_out, n_in, device="cuda")
+        dy = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16)
+        xa, xt = quantize_pair(x, "fp8_e4m3", "1x128", backend="triton", power_of_2=False)
+        wa, _ = quantize_pair(w, "fp8_e4m3", "128x128", backend="triton", power_of_2=False)
+        _, dyt = quantize_pair(dy, "fp8_e4m3", "1x128", backend="triton", power_of_2=False)
+        cases.append((f"wgrad {n_out}x{n_in}, K={tokens}", dyt, xt, torch.float32))
+        if n_out == 4 * d:
+            dy_big, x_big = dy, x                     # the 16384x4096 weight gradient's inputs, BF16
+        cases.append((f"forward {tokens}x{n_out}, K={n_in}", xa, wa, torch.bfloat16))
+
+    def gluon(a, b, out, **cfg):
+        return ggemm.mm_blockwise_nt(a.q, a.scale, b.q, b.scale, b_block=b.granularity == "128x128", out_dtype=out,
+                                     **cfg)
+
+    # ragged shapes (tiles and K slices cut by the edges) against the FP32 product of dequantized operands
+    for m, n, k in ((1040, 784, 1040), (4096, 4096 + 48, 4096 + 64)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        y = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda")
+        xa = quantize_pair(x, "fp8_e4m3", "1x128", backend="triton", power_of_2=False)[0]
+        for b, b_gran in ((quantize_pair(y, "fp8_e4m3", "1x128", backend="triton", power_of_2=False)[0], "1x128"),
+                          (quantize_pair(w, "fp8_e4m3", "128x128", backend="triton", power_of_2=False)[0], "128x128")):
+            exact = dequantize(xa.q, xa.scale) @ dequantize(b.q, b.scale).t()
+            ref = mm_nt(xa, b, out_dtype=torch.float32, backend="cublas")
+            got = gluon(xa, b, torch.float32)
+            rel = ((got - ref).norm() / ref.norm()).item()
+            rows.append(dict(probe="ggemm edges", what=f"{m}x{n}, K={k}, 1x128 x {b_gran}", rel_diff_vs_cublas=f"{rel:.2e}",
+                             rel_diff_vs_fp32=f"{((got - exact).norm() / exact.norm()).item():.2e}",
+                             cublas_rel_diff_vs_fp32=f"{((ref - exact).norm() / exact.norm()).item():.2e}",
+                             ok=rel < 1e-6))
+            print(rows[-1], flush=True)
+
+    configs = [dict(group_m=g) for g in (8, 4, 16)] + [dict(persistent=False)]
+    label, a, b, out = cases[4]                      # the 16384x4096 weight gradient
+    ref = mm_nt(a, b, out_dtype=out, backend="cublas")
+    t_cublas = triton.testing.do_bench(lambda: mm_nt(a, b, out_dtype=out, backend="cublas"), return_mode="median")
+    timed = []
+    for cfg in configs:
+        try:
+            got = gluon(a, b, out, **cfg)
+            rel = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+            ms = triton.testing.do_bench(lambda: gluon(a, b, out, **cfg), return_mode="median")
+        except Exception as err:
+            rows.append(dict(probe="ggemm config", what=label, config=cfg, error=repr(err)[:400]))
+            print(rows[-1], flush=True)
+            continue
+        timed.append((ms, cfg) if rel < 1e-5 else (float("inf"), cfg))
+        rows.append(dict(probe="ggemm config", what=label, config=cfg, ms=round(ms, 4), cublas_ms=round(t_cublas, 4),
+                         gluon_vs_cublas=round(t_cublas / ms, 3), rel_diff_vs_cublas=f"{rel:.2e}"))
+        print(rows[-1], flush=True)
+    if not timed or min(timed)[0] == float("inf"):
+        return rows
+    best = min(timed, key=lambda t: t[0])[1]
+    # the kernel's ceiling (no promotion: one scale) against cuBLAS's tensorwise GEMM of the same shape
+    a_tw = quantize_pair(dy_big, "fp8_e4m3", "tensorwise", backend="triton", power_of_2=False)[1]
+    b_tw = quantize_pair(x_big, "fp8_e4m3", "tensorwise", backend="triton", power_of_2=False)[1]
+    t_tw = triton.testing.do_bench(lambda: mm_nt(a_tw, b_tw, out_dtype=out, backend="cublas"), return_mode="median")
+    t_one = triton.testing.do_bench(lambda: gluon(a, b, out, promote=False, **best), return_mode="median")
+    rows.append(dict(probe="ggemm ceiling", what=label, cublas_tensorwise_ms=round(t_tw, 4),
+                     gluon_one_scale_ms=round(t_one, 4), cublas_blockwise_ms=round(t_cublas, 4)))
+    print(rows[-1], flush=True)
+    for label, a, b, out in cases:
+        flops = 2 * a.q.shape[0] * b.q.shape[0] * a.q.shape[1]
+        ref = mm_nt(a, b, out_dtype=out, backend="cublas")
+        exact = (dequantize(a.q, a.scale) @ dequantize(b.q, b.scale).t())
+        got = gluon(a, b, out, **best)
+        rel = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+        rel_exact = ((got.float() - exact).norm() / exact.norm()).item()
+        rel_cublas_exact = ((ref.float() - exact).norm() / exact.norm()).item()
+        t_cublas = triton.testing.do_bench(lambda: mm_nt(a, b, out_dtype=out, backend="cublas"), return_mode="median")
+        t_gluon = triton.testing.do_bench(lambda: gluon(a, b, out, **best), return_mode="median")
+        rows.append(dict(probe="ggemm", what=label, out=str(out).split(".")[1], config=best,
+                         cublas_ms=round(t_cublas, 4), gluon_ms=round(t_gluon, 4),
+                         gluon_vs_cublas=round(t_cublas / t_gluon, 3), gluon_TFLOPs=round(flops / t_gluon / 1e9),
+                         cublas_TFLOPs=round(flops / t_cublas / 1e9), rel_diff_vs_cublas=f"{rel:.2e}",
+                         rel_diff_vs_fp32=f"{rel_exact:.2e}", cublas_rel_diff_vs_fp32=f"{rel_cublas_exact:.2e}"))
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -314,7 +408,7 @@ def probe_row_amax() -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("probes", nargs="*", default=["host", "gemm"], choices=["host", "gemm", "tgemm", "amax", "rowamax"])
+    ap.add_argument("probes", nargs="*", default=["host", "gemm"], choices=["host", "gemm", "tgemm", "ggemm", "amax", "rowamax"])
     ap.add_argument("--json")
     ap.add_argument("--profile-host", default="", help="comma-separated granularities: cProfile their calls")
     args = ap.parse_args()
@@ -322,7 +416,8 @@ def main() -> None:
         profile_host(gran)
     rows = []
     for probe in args.probes:
-        for row in {"host": probe_host, "gemm": probe_gemm, "tgemm": probe_triton_gemm, "amax": probe_amax, "rowamax": probe_row_amax}[probe]():
+        for row in {"host": probe_host, "gemm": probe_gemm, "tgemm": probe_triton_gemm, "ggemm": probe_gluon_gemm,
+                      "amax": probe_amax, "rowamax": probe_row_amax}[probe]():
             print(row, flush=True)
             rows.append(row)
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
