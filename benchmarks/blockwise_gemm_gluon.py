@@ -244,7 +244,8 @@ def mm_blockwise_nt(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: to
     sms = torch.cuda.get_device_properties(qa.device).multi_processor_count
     grid = (min(tiles, sms) if persistent else tiles,)
     mm_blockwise_kernel[grid](_descriptor(qa, [BM, BLOCK_K]), _descriptor(qb, [BN, BLOCK_K]),
-                              _descriptor(c, [BM // 2, BN // 2]), _descriptor(sa_t, [1, BM]), _descriptor(sb_t, [1, BN]),
+                              _descriptor(c, [BM // 2, BN // 2]), _descriptor(sa_t, [1, BM]),
+                              _descriptor(sb_t, [1, BN]),
                               sb, m, n, k, sb.stride(1), sb.stride(0), B_GROUP=BLOCK_K if b_block else 1,
                               STAGES=stages, GROUP_M=group_m, CONSUMER_REGS=consumer_regs, PROMOTE=promote,
                               num_warps=4)

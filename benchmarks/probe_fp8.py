@@ -212,7 +212,8 @@ def probe_gluon_gemm(tokens: int = 4096, d: int = 4096) -> list[dict]:
             ref = mm_nt(xa, b, out_dtype=torch.float32, backend="cublas")
             got = gluon(xa, b, torch.float32)
             rel = ((got - ref).norm() / ref.norm()).item()
-            rows.append(dict(probe="ggemm edges", what=f"{m}x{n}, K={k}, 1x128 x {b_gran}", rel_diff_vs_cublas=f"{rel:.2e}",
+            rows.append(dict(probe="ggemm edges", what=f"{m}x{n}, K={k}, 1x128 x {b_gran}",
+                             rel_diff_vs_cublas=f"{rel:.2e}",
                              rel_diff_vs_fp32=f"{((got - exact).norm() / exact.norm()).item():.2e}",
                              cublas_rel_diff_vs_fp32=f"{((ref - exact).norm() / exact.norm()).item():.2e}",
                              ok=rel < 1e-6))
@@ -361,7 +362,7 @@ def _row_col_amax_narrow(x_ptr, row_amax_ptr, col_amax_ptr, R, K, BR: tl.constex
 
 
 def probe_row_amax() -> list[dict]:
-    from bench_fp8 import graph_time_ms
+    from bench_fp8 import _config_text, graph_time_ms
     rows = []
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     r, k = x.shape
@@ -378,6 +379,33 @@ def probe_row_amax() -> list[dict]:
         print(rows[-1], flush=True)
 
     timed("library (autotuned)", lambda: kernels.row_col_amax(x))
+    # what the op's two zero-filled outputs cost: the kernel alone on buffers zeroed once (it then
+    # finds the same maxima again), the two fills alone, and one fill of a single buffer for both
+    row_once = torch.zeros(r, dtype=torch.int32, device="cuda")
+    col_once = torch.zeros(k, dtype=torch.int32, device="cuda")
+    kernel = kernels._row_col_amax_kernel
+    kernel[lambda meta: (triton.cdiv(r, meta["BR"] * meta["STRIPS"]), triton.cdiv(k, meta["BK"]))](
+        x, row_once, col_once, r, k)
+    best = kernel.best_config
+    grid = (triton.cdiv(r, best.kwargs["BR"] * best.kwargs["STRIPS"]), triton.cdiv(k, best.kwargs["BK"]))
+
+    def kernel_alone():
+        kernel.fn[grid](x, row_once, col_once, r, k, **best.kwargs, num_warps=best.num_warps)
+        return row_once.view(torch.float32), col_once.view(torch.float32)
+    timed(f"the kernel alone ({_config_text(best)}), outputs zeroed beforehand", kernel_alone)
+    ms_fills = graph_time_ms(lambda: (torch.zeros(r, dtype=torch.int32, device="cuda"),
+                                      torch.zeros(k, dtype=torch.int32, device="cuda")))
+    ms_fill = graph_time_ms(lambda: torch.zeros(r + k, dtype=torch.int32, device="cuda"))
+    rows.append(dict(probe="rowamax", what="the op's two zero fills alone / one fill of both",
+                     graph_ms=round(ms_fills, 4),
+                     one_fill_ms=round(ms_fill, 4)))
+    print(rows[-1], flush=True)
+
+    def one_fill():
+        both = torch.zeros(r + k, dtype=torch.int32, device="cuda")
+        kernel.fn[grid](x, both[:r], both[r:], r, k, **best.kwargs, num_warps=best.num_warps)
+        return both[:r].view(torch.float32), both[r:].view(torch.float32)
+    timed("the kernel after one fill of a buffer for both outputs", one_fill)
     for br, bk, w in ((128, 128, 4), (128, 128, 8), (64, 128, 4), (128, 256, 8), (64, 256, 4)):
         def narrow(br=br, bk=bk, w=w):
             row_a = torch.zeros(r, dtype=torch.int32, device="cuda")
@@ -408,7 +436,8 @@ def probe_row_amax() -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("probes", nargs="*", default=["host", "gemm"], choices=["host", "gemm", "tgemm", "ggemm", "amax", "rowamax"])
+    ap.add_argument("probes", nargs="*", default=["host", "gemm"],
+                    choices=["host", "gemm", "tgemm", "ggemm", "amax", "rowamax"])
     ap.add_argument("--json")
     ap.add_argument("--profile-host", default="", help="comma-separated granularities: cProfile their calls")
     args = ap.parse_args()

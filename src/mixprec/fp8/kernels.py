@@ -301,7 +301,7 @@ def _amax_kernel(x_ptr, amax_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr, STRI
         mask = (rows[:, None] < R) & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         m = tl.maximum(m, tl.abs(x))
-    tl.atomic_max(amax_ptr, tl.max(tl.max(m, axis=1), axis=0))   # |x| >= 0: float max is exact
+    tl.atomic_max(amax_ptr, tl.max(tl.max(m, axis=1), axis=0), sem="relaxed")   # |x| >= 0: float max is exact
 
 
 @triton.autotune(configs=_FREE_CONFIGS, key=["R", "K"])
@@ -334,16 +334,20 @@ def _row_col_amax_kernel(x_ptr, row_amax_ptr, col_amax_ptr, R, K, BR: tl.constex
     # a warp); the columns' maxima accumulate elementwise and reduce across the tile's rows (across
     # warps, the dearer reduction) once, before one atomic each. The amaxes are int32 bit patterns:
     # |x| >= 0 orders as its bits, so one integer atomic max is exact (a float one is two, one per
-    # sign), whatever order the tiles arrive in.
+    # sign), whatever order the tiles arrive in. Relaxed: the maxima need no ordering against other
+    # memory operations, and relaxed atomics whose result is unused compile to fire-and-forget
+    # reductions (REDG) instead of acquire-release ATOMGs, each a fence: 0.632 -> 0.733 of copy
+    # bandwidth on the H200 (benchmarks/results/fp8.md, session 9).
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     m = tl.zeros((BR, BK), dtype=tl.float32)
     for i in range(STRIPS):
         rows = (tl.program_id(0) * STRIPS + i) * BR + tl.arange(0, BR)
         mask = (rows[:, None] < R) & (cols[None, :] < K)
         a = tl.abs(tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32))
-        tl.atomic_max(row_amax_ptr + rows, tl.max(a, axis=1).to(tl.int32, bitcast=True), mask=rows < R)
+        tl.atomic_max(row_amax_ptr + rows, tl.max(a, axis=1).to(tl.int32, bitcast=True), mask=rows < R,
+                      sem="relaxed")
         m = tl.maximum(m, a)
-    tl.atomic_max(col_amax_ptr + cols, tl.max(m, axis=0).to(tl.int32, bitcast=True), mask=cols < K)
+    tl.atomic_max(col_amax_ptr + cols, tl.max(m, axis=0).to(tl.int32, bitcast=True), mask=cols < K, sem="relaxed")
 
 
 @triton.autotune(configs=_FREE_CONFIGS, key=["R", "K"])
