@@ -125,12 +125,13 @@ def probe_gemm(m: int = 4096, n: int = 16384, k: int = 4096) -> list[dict]:
     return rows
 
 
-def probe_triton_gemm(tokens: int = 4096, d: int = 4096) -> list[dict]:
-    """The blockwise GEMMs of the GPT's linears (QKV, out, FC1, FC2), cuBLAS (the anchor) and Triton."""
-    rows = []
-    weights = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]          # (out, in) features
+def _blockwise_cases(tokens: int, d: int):
+    """The blockwise GEMMs of the d-wide GPT's linears (QKV, out, FC1, FC2) at `tokens` tokens, per
+    linear its forward (1x128 x 128x128 scales) and its weight gradient (1x128 x 1x128):
+    ([(label, A operand, B operand, out dtype)], (dy, x) of FC1 in BF16, whose weight gradient is
+    cases[5], the largest)."""
     cases = []
-    for n_out, n_in in weights:
+    for n_out, n_in in [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]:        # (out, in) features
         x = torch.randn(tokens, n_in, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n_out, n_in, device="cuda")
         dy = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16)
@@ -139,6 +140,15 @@ def probe_triton_gemm(tokens: int = 4096, d: int = 4096) -> list[dict]:
         _, dyt = quantize_pair(dy, "fp8_e4m3", "1x128", backend="triton", power_of_2=False)
         cases.append((f"forward {tokens}x{n_out}, K={n_in}", xa, wa, torch.bfloat16))
         cases.append((f"wgrad {n_out}x{n_in}, K={tokens}", dyt, xt, torch.float32))
+        if n_out == 4 * d:
+            fc1 = (dy, x)
+    return cases, fc1
+
+
+def probe_triton_gemm(tokens: int = 4096, d: int = 4096) -> list[dict]:
+    """The blockwise GEMMs of the GPT's linears (QKV, out, FC1, FC2), cuBLAS (the anchor) and Triton."""
+    rows = []
+    cases, _ = _blockwise_cases(tokens, d)
     for label, a, b, out in cases:
         flops = 2 * a.q.shape[0] * b.q.shape[0] * a.q.shape[1]
         ref = mm_nt(a, b, out_dtype=out, backend="cublas")
@@ -182,19 +192,7 @@ def probe_gluon_gemm(tokens: int = 4096, d: int = 4096) -> list[dict]:
     shapes against FP32, each config on the largest weight gradient, the best on all eight GEMMs."""
     import blockwise_gemm_gluon as ggemm
     rows = []
-    weights = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]          # (out, in) features
-    cases = []
-    for n_out, n_in in weights:
-        x = torch.randn(tokens, n_in, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n_out, n_in, device="cuda")
-        dy = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16)
-        xa, xt = quantize_pair(x, "fp8_e4m3", "1x128", backend="triton", power_of_2=False)
-        wa, _ = quantize_pair(w, "fp8_e4m3", "128x128", backend="triton", power_of_2=False)
-        _, dyt = quantize_pair(dy, "fp8_e4m3", "1x128", backend="triton", power_of_2=False)
-        cases.append((f"wgrad {n_out}x{n_in}, K={tokens}", dyt, xt, torch.float32))
-        if n_out == 4 * d:
-            dy_big, x_big = dy, x                     # the 16384x4096 weight gradient's inputs, BF16
-        cases.append((f"forward {tokens}x{n_out}, K={n_in}", xa, wa, torch.bfloat16))
+    cases, (dy_big, x_big) = _blockwise_cases(tokens, d)
 
     def gluon(a, b, out, **cfg):
         return ggemm.mm_blockwise_nt(a.q, a.scale, b.q, b.scale, b_block=b.granularity == "128x128", out_dtype=out,
@@ -220,7 +218,7 @@ def probe_gluon_gemm(tokens: int = 4096, d: int = 4096) -> list[dict]:
             print(rows[-1], flush=True)
 
     configs = [dict(group_m=g) for g in (8, 4, 16)] + [dict(persistent=False)]
-    label, a, b, out = cases[4]                      # the 16384x4096 weight gradient
+    label, a, b, out = cases[5]                      # the 16384x4096 weight gradient
     ref = mm_nt(a, b, out_dtype=out, backend="cublas")
     t_cublas = triton.testing.do_bench(lambda: mm_nt(a, b, out_dtype=out, backend="cublas"), return_mode="median")
     timed = []
