@@ -17,7 +17,7 @@ The grid is persistent (one CTA per SM walks the tiles), so the producer loads t
 slices while the consumers write the last tile out.
 
 Not in the library: on the H200 it equals cuBLAS bit for bit and runs at its speed, not faster
-(0.98-1.04x on the GPT's weight gradients; benchmarks/results/fp8.md, session 9). The same kernel with
+(0.96-1.04x on the GPT's weight gradients; benchmarks/results/fp8.md, session 9). The same kernel with
 one scale for the whole product (promote=False) takes 0.43 ms where cuBLAS's tensorwise GEMM takes
 0.47 and the blockwise kernels 0.62-0.65: the promotions, about a third of the time, are not hidden
 behind the other warpgroup's products. Overlapping them inside a warpgroup (a second product register
