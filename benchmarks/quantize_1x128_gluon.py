@@ -12,9 +12,9 @@ odd in PTX, saturation, the hardware RNE cast), so the codes and scales are comp
 library's byte for byte.
 
 Not in the library: bit-exact in every check, but slower than the two-read kernel on the H200 (BF16
-8192^2, CUDA graph after a read flush; benchmarks/results/fp8.md, session 9): one CTA per tile 0.47
-of copy bandwidth at best, these persistent CTAs with 2-4 tiles in flight 0.24-0.44, against the
-library's 0.56-0.57. Reading the tile once is not where the time goes; the quantization of a tile held
+8192^2, CUDA graph after a read flush; benchmarks/results/fp8.md, session 9): 0.24-0.45 of copy
+bandwidth for these persistent CTAs with 2-4 tiles in flight, 0.40 with a CTA per tile (0.47 for a
+simpler kernel without the ring), against the library's 0.56-0.57. Reading the tile once is not where the time goes; the quantization of a tile held
 in shared memory (its strips, reductions and the transposing layout conversion) is slower than
 streaming it twice through registers.
 
@@ -139,7 +139,8 @@ def quantize_1x128_t(x: torch.Tensor, fmt: str, *, power_of_2: bool = False, str
     s = torch.empty((triton.cdiv(k, TILE), r), dtype=torch.float32, device=x.device)
     st = torch.empty((triton.cdiv(r, TILE), k), dtype=torch.float32, device=x.device)
     gl_dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-    desc = TensorDescriptor(x, [r, k], [k, 1], [TILE, TILE], gl.NVMMASharedLayout.get_default_for([TILE, TILE], gl_dtype))
+    layout = gl.NVMMASharedLayout.get_default_for([TILE, TILE], gl_dtype)
+    desc = TensorDescriptor(x, [r, k], [k, 1], [TILE, TILE], layout)
     out = gl.float8e4nv if f.name == "fp8_e4m3" else gl.float8e5
     tiles = triton.cdiv(r, TILE) * triton.cdiv(k, TILE)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -173,14 +174,16 @@ def main() -> None:
     for fmt, pow2 in (("fp8_e4m3", False), ("fp8_e5m2", False), ("fp8_e4m3", True)):
         for t in (x, ragged):
             want = kernels.quantize_1x128_t(t, fmt, power_of_2=pow2)
-            for strip, warps in ((32, 4), (64, 8), (16, 4)):
-                got = quantize_1x128_t(t, fmt, power_of_2=pow2, strip=strip, warps=warps)
+            for strip, warps, ctas in ((32, 4, 3), (64, 8, 2), (16, 4, 1000)):
+                got = quantize_1x128_t(t, fmt, power_of_2=pow2, strip=strip, warps=warps, ctas_per_sm=ctas)
                 same = all(torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
                                        b.view(torch.uint8) if b.dtype.itemsize == 1 else b)
                            for pa, pb in zip(got, want) for a, b in zip(pa, pb))
-                rows.append(dict(check=f"{fmt} pow2={pow2} {tuple(t.shape)} strip={strip} w{warps}", equal=same))
+                rows.append(dict(check=f"{fmt} pow2={pow2} {tuple(t.shape)} strip={strip} w{warps} {ctas} CTAs/SM",
+                                 equal=same))
                 print(rows[-1], flush=True)
-    for strip, warps, stages, ctas in ((32, 4, 2, 3), (32, 4, 3, 2), (32, 4, 2, 2), (16, 4, 2, 4), (64, 8, 2, 2),
+    # ctas_per_sm=1000: a CTA per tile (every CTA's loop runs once)
+    for strip, warps, stages, ctas in ((32, 4, 2, 1000), (32, 4, 2, 3), (32, 4, 3, 2), (16, 4, 2, 4), (64, 8, 2, 2),
                                        (32, 8, 3, 1), (32, 4, 4, 1)):
         run(f"gluon, one read per tile, strips of {strip}, {warps} warps, {stages} tiles in flight, {ctas} CTAs/SM",
             lambda strip=strip, warps=warps, stages=stages, ctas=ctas: quantize_1x128_t(
