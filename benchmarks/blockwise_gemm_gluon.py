@@ -38,6 +38,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from blockwise_gemm_triton import _tile_of
+
 BLOCK_K = 128            # the scale tile: one promotion per 128 of K
 SLICE = gl.constexpr(BLOCK_K)     # the same, for the kernels
 BM, BN = 128, 256        # the CTA's tile: two warpgroups of 64 rows, each row range in two halves of 128
@@ -47,14 +49,10 @@ _GL_DTYPE = {torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5,
 
 @gluon.jit
 def _tile_offsets(tile, M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr):
-    """(first row, first column) of tile number `tile`: tiles go in groups of GROUP_M tile rows, so
-    that CTAs working at the same time share B's tiles in L2."""
-    tiles_m = (M + BM - 1) // BM
-    tiles_n = (N + BN - 1) // BN
-    width = GROUP_M * tiles_n
-    first_m = (tile // width) * GROUP_M
-    group = gl.minimum(tiles_m - first_m, GROUP_M)
-    return (first_m + (tile % width) % group) * BM, ((tile % width) // group) * BN
+    """(first row, first column) of tile number `tile`, in blockwise_gemm_triton's order (groups of
+    GROUP_M tile rows, so that CTAs working at the same time share B's tiles in L2)."""
+    tile_m, tile_n = _tile_of(tile, M, N, BM, BN, GROUP_M)
+    return tile_m * BM, tile_n * BN
 
 
 @gluon.jit

@@ -7,16 +7,15 @@ the tile) and once for x^T's (a scale per column): a program holding the whole t
 it from there twice: strips of rows for x's codes and strips of columns for x^T's, so registers hold a
 strip at a time and memory sees one read and the two code writes.
 
-The arithmetic is the library's (one correctly rounded reciprocal per group, the product rounded to
-odd in PTX, saturation, the hardware RNE cast), so the codes and scales are compared with the
-library's byte for byte.
+The arithmetic is the library's own (kernels._scale and kernels._codes, called from Gluon), so the
+codes and scales are compared with the library's byte for byte.
 
 Not in the library: bit-exact in every check, but slower than the two-read kernel on the H200 (BF16
 8192^2, CUDA graph after a read flush; benchmarks/results/fp8.md, session 9): 0.24-0.45 of copy
 bandwidth for these persistent CTAs with 2-4 tiles in flight, 0.40 with a CTA per tile (0.47 for a
-simpler kernel without the ring), against the library's 0.56-0.57. Reading the tile once is not where the time goes; the quantization of a tile held
-in shared memory (its strips, reductions and the transposing layout conversion) is slower than
-streaming it twice through registers.
+simpler kernel without the ring), against the library's 0.56-0.57. Reading the tile once is not where
+the time goes; the quantization of a tile held in shared memory (its strips, reductions and the
+transposing layout conversion) is slower than streaming it twice through registers.
 
     PYTHONPATH=src python3 benchmarks/quantize_1x128_gluon.py [--n 8192] [--json FILE]
 """
@@ -37,42 +36,25 @@ from mixprec.fp8.quantize import AMAX_EPS, get_fp8_format
 
 TILE = 128                # the tile: 1x128 groups along each dimension
 B = gl.constexpr(TILE)    # the same, for the kernel
-_ODD_PRODUCT_PTX = gl.constexpr(kernels._ODD_PRODUCT_PTX.value)
-
-
-@gluon.jit
-def _scale(amax, FMAX: gl.constexpr, POW2: gl.constexpr, EPS: gl.constexpr):
-    """(dequantization scale, its correctly rounded reciprocal), as kernels._scale."""
-    s = gl.div_rn(gl.maximum(amax, EPS), FMAX)
-    if POW2:
-        bits = s.to(gl.int32, bitcast=True)
-        s = ((bits + 0x7FFFFF) & -0x800000).to(gl.float32, bitcast=True)
-    return s, gl.div_rn(gl.full(s.shape, 1.0, gl.float32, s.type.layout), s)
-
-
-@gluon.jit
-def _codes(x, inv, FMAX: gl.constexpr, POW2: gl.constexpr, OUT: gl.constexpr):
-    """x * inv rounded to odd (PTX; exact with power-of-2 scales), saturated, cast to FP8 (RNE)."""
-    if POW2:
-        p = x * inv
-    else:
-        p = gl.inline_asm_elementwise(_ODD_PRODUCT_PTX, "=r,r,r", [x, inv], dtype=gl.float32, is_pure=True, pack=1)
-    return gl.minimum(gl.maximum(p, -FMAX), FMAX).to(OUT)
 
 
 @gluon.jit
 def _quantize_tile(tile, pid_r, pid_k, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, FMAX: gl.constexpr, POW2: gl.constexpr,
-                   EPS: gl.constexpr, OUT: gl.constexpr, STRIP: gl.constexpr, num_warps: gl.constexpr):
-    """Both code layouts and their scales from one 128x128 tile in shared memory."""
+                   EPS: gl.constexpr, OUT: gl.constexpr, M: gl.constexpr, MIN_NORMAL: gl.constexpr,
+                   MAGIC: gl.constexpr, HW_CAST: gl.constexpr, PTX: gl.constexpr, STRIP: gl.constexpr,
+                   num_warps: gl.constexpr):
+    """Both code layouts and their scales from one 128x128 tile in shared memory, with the library's
+    arithmetic (kernels._scale, kernels._codes)."""
     # x's codes: strips of STRIP rows, each thread 8 neighbouring values of a row (16-byte reads)
     rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
     for i in gl.static_range(B // STRIP):
         x = tile.slice(i * STRIP, STRIP).load(rows_layout).to(gl.float32)
-        s, inv = _scale(gl.max(gl.abs(x), axis=1), FMAX, POW2, EPS)
+        s, inv = kernels._scale(gl.max(gl.abs(x), axis=1), FMAX, POW2, EPS)
         rows = pid_r * B + i * STRIP + gl.arange(0, STRIP, layout=gl.SliceLayout(1, rows_layout))
         cols = pid_k * B + gl.arange(0, B, layout=gl.SliceLayout(0, rows_layout))
         mask = (rows < R)[:, None] & (cols < K)[None, :]
-        gl.store(q_ptr + rows[:, None] * K + cols[None, :], _codes(x, inv[:, None], FMAX, POW2, OUT), mask=mask)
+        codes = kernels._codes(x, inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
+        gl.store(q_ptr + rows[:, None] * K + cols[None, :], codes, mask=mask)
         gl.store(s_ptr + pid_k * R + rows, s, mask=rows < R)          # (K/B, R): outer-dim-major
 
     # x^T's codes: strips of STRIP columns, read as rows of 16 bytes and transposed by the compiler
@@ -82,8 +64,9 @@ def _quantize_tile(tile, pid_r, pid_k, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, FMAX:
     cols_layout: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, num_warps], [0, 1])
     for j in gl.static_range(B // STRIP):
         x = tile.slice(j * STRIP, STRIP, dim=1).load(strip_layout).to(gl.float32)
-        s, inv = _scale(gl.max(gl.abs(x), axis=0), FMAX, POW2, EPS)
-        codes = gl.convert_layout(_codes(x, inv[None, :], FMAX, POW2, OUT), cols_layout)
+        s, inv = kernels._scale(gl.max(gl.abs(x), axis=0), FMAX, POW2, EPS)
+        codes = kernels._codes(x, inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
+        codes = gl.convert_layout(codes, cols_layout)
         rows = pid_r * B + gl.arange(0, B, layout=gl.SliceLayout(1, cols_layout))
         cols = pid_k * B + j * STRIP + gl.arange(0, STRIP, layout=gl.SliceLayout(0, cols_layout))
         mask = (rows < R)[:, None] & (cols < K)[None, :]
@@ -94,8 +77,9 @@ def _quantize_tile(tile, pid_r, pid_k, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, FMAX:
 
 @gluon.jit
 def quantize_1x128_t_kernel(x_desc, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, FMAX: gl.constexpr, POW2: gl.constexpr,
-                            EPS: gl.constexpr, OUT: gl.constexpr, STRIP: gl.constexpr, STAGES: gl.constexpr,
-                            num_warps: gl.constexpr):
+                            EPS: gl.constexpr, OUT: gl.constexpr, M: gl.constexpr, MIN_NORMAL: gl.constexpr,
+                            MAGIC: gl.constexpr, HW_CAST: gl.constexpr, PTX: gl.constexpr, STRIP: gl.constexpr,
+                            STAGES: gl.constexpr, num_warps: gl.constexpr):
     # A persistent CTA walks tiles pid, pid + programs, ...: TMA copies the next STAGES-1 tiles into a
     # ring of shared-memory tiles while the current one is quantized
     tiles_k = (K + B - 1) // B
@@ -122,7 +106,7 @@ def quantize_1x128_t_kernel(x_desc, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, FMAX: gl
                                         ring.index(slot), pred=ahead < tiles)
         mbarrier.wait(ready.index(n % STAGES), (n // STAGES) & 1)
         _quantize_tile(ring.index(n % STAGES), t // tiles_k, t % tiles_k, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, FMAX,
-                       POW2, EPS, OUT, STRIP, num_warps)
+                       POW2, EPS, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX, STRIP, num_warps)
         n += 1
 
 
@@ -141,12 +125,12 @@ def quantize_1x128_t(x: torch.Tensor, fmt: str, *, power_of_2: bool = False, str
     gl_dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
     layout = gl.NVMMASharedLayout.get_default_for([TILE, TILE], gl_dtype)
     desc = TensorDescriptor(x, [r, k], [k, 1], [TILE, TILE], layout)
-    out = gl.float8e4nv if f.name == "fp8_e4m3" else gl.float8e5
+    out = kernels._tl_dtype(fmt)
     tiles = triton.cdiv(r, TILE) * triton.cdiv(k, TILE)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     quantize_1x128_t_kernel[(min(tiles, sms * ctas_per_sm),)](
         desc, q, s, qt, st, r, k, FMAX=f.max, POW2=power_of_2, EPS=AMAX_EPS, OUT=out, STRIP=strip, STAGES=stages,
-        num_warps=warps)
+        num_warps=warps, **kernels._grid_constants(f))
     return (q, s.t()), (qt, st.t())
 
 
