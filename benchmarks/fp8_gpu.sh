@@ -31,7 +31,7 @@ LINEAR_EAGER_FP8=mixprec-tensorwise:eager,mixprec-rowwise:eager,mixprec-blockwis
 GPT_VARIANTS=${FP8_GPT_VARIANTS:-"bf16 mixprec-tensorwise mixprec-blockwise mixprec-rowwise torchao-tensorwise torchao-rowwise"}
 pids=()
 if has tests; then
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -n 4 -rf --timeout 150 tests/test_fp8_cuda.py > "$OUT/cuda_tests.log" 2>&1 &
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -n 4 -rf --timeout 150 tests/test_fp8_cuda.py tests/test_fp8_kernel_scales_cuda.py > "$OUT/cuda_tests.log" 2>&1 &
   pids+=($!)
 fi
 if has gpt; then

@@ -49,7 +49,7 @@ def _quantize_tile(tile, pid_r, pid_k, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, FMAX:
     rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
     for i in gl.static_range(B // STRIP):
         x = tile.slice(i * STRIP, STRIP).load(rows_layout).to(gl.float32)
-        s, inv = kernels._scale(gl.max(gl.abs(x), axis=1), FMAX, POW2, EPS)
+        s, inv = kernels._scale(gl.max(gl.abs(x), axis=1), FMAX, POW2, EPS, PTX)
         rows = pid_r * B + i * STRIP + gl.arange(0, STRIP, layout=gl.SliceLayout(1, rows_layout))
         cols = pid_k * B + gl.arange(0, B, layout=gl.SliceLayout(0, rows_layout))
         mask = (rows < R)[:, None] & (cols < K)[None, :]
@@ -64,7 +64,7 @@ def _quantize_tile(tile, pid_r, pid_k, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, FMAX:
     cols_layout: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, num_warps], [0, 1])
     for j in gl.static_range(B // STRIP):
         x = tile.slice(j * STRIP, STRIP, dim=1).load(strip_layout).to(gl.float32)
-        s, inv = kernels._scale(gl.max(gl.abs(x), axis=0), FMAX, POW2, EPS)
+        s, inv = kernels._scale(gl.max(gl.abs(x), axis=0), FMAX, POW2, EPS, PTX)
         codes = kernels._codes(x, inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
         codes = gl.convert_layout(codes, cols_layout)
         rows = pid_r * B + gl.arange(0, B, layout=gl.SliceLayout(1, cols_layout))

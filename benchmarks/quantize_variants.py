@@ -190,7 +190,7 @@ def _cast_t_variant(x_ptr, amax_ptr, q_ptr, qt_ptr, R, K, VARIANT: tl.constexpr,
                     BR: tl.constexpr, BK: tl.constexpr):
     rows, cols, mask, x_raw = _load_tile_raw(x_ptr, R, K, BR, BK)
     x = x_raw.to(tl.float32)
-    s, inv = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
+    s, inv = _scale(tl.load(amax_ptr), FMAX, POW2, EPS, PTX)
     q = _codes_v(x, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     if VARIANT != 3:
@@ -205,7 +205,7 @@ def _block_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, NK, VARIANT: tl.constexp
                      B: tl.constexpr):
     rows, cols, mask, x_raw = _load_tile_raw(x_ptr, R, K, B, B)
     x = x_raw.to(tl.float32)
-    s, inv = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS)
+    s, inv = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS, PTX)
     q = _codes_v(x, inv, VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     if VARIANT != 3:
@@ -226,12 +226,12 @@ def _tile_t_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl.const
     a = tl.abs(x)
     q = x              # cols_only computes no x codes (x^T's codes here never derive from them)
     if VARIANT != 6:
-        row_s, row_inv = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)
+        row_s, row_inv = _scale(tl.max(a, axis=1), FMAX, POW2, EPS, PTX)
         q = _codes_v(x, row_inv[:, None], VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
         tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
         tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)
     if (VARIANT != 3) & (VARIANT != 5):
-        col_s, col_inv = _scale(tl.max(a, axis=0), FMAX, POW2, EPS)
+        col_s, col_inv = _scale(tl.max(a, axis=0), FMAX, POW2, EPS, PTX)
         qt = _transposed_codes(x_raw, x, q, col_inv[:, None], VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC,
                                HW_CAST, PTX, False)
         _store_transposed(qt_ptr, qt, rows, cols, mask, R)
@@ -252,12 +252,12 @@ def _tile_chunked_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIANT: tl
         mask = (rows[:, None] < R) & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         a = tl.abs(x)
-        row_s, row_inv = _scale(tl.max(a, axis=1), FMAX, POW2, EPS)
+        row_s, row_inv = _scale(tl.max(a, axis=1), FMAX, POW2, EPS, PTX)
         tl.store(q_ptr + rows[:, None] * K + cols[None, :],
                  _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX), mask=mask)
         tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)
         col_amax = tl.maximum(col_amax, tl.max(a, axis=0))
-    col_s, col_inv = _scale(col_amax, FMAX, POW2, EPS)
+    col_s, col_inv = _scale(col_amax, FMAX, POW2, EPS, PTX)
     tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)
     for c in range(B // CHUNK):          # x^T's codes from a second read of the same tile
         rows = pid_r * B + c * CHUNK + tl.arange(0, CHUNK)
@@ -282,7 +282,7 @@ def _tile_chunked_cols_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIAN
         rows = pid_r * B + c * CHUNK + tl.arange(0, CHUNK)
         mask = (rows[:, None] < R) & (tile_cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * K + tile_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        row_s, row_inv = _scale(tl.max(tl.abs(x), axis=1), FMAX, POW2, EPS)
+        row_s, row_inv = _scale(tl.max(tl.abs(x), axis=1), FMAX, POW2, EPS, PTX)
         tl.store(q_ptr + rows[:, None] * K + tile_cols[None, :],
                  _codes_v(x, row_inv[:, None], VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX), mask=mask)
         tl.store(s_ptr + pid_k * R + rows, row_s, mask=rows < R)
@@ -290,7 +290,7 @@ def _tile_chunked_cols_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, VARIAN
         cols = pid_k * B + c * CHUNK + tl.arange(0, CHUNK)
         mask = (tile_rows[:, None] < R) & (cols[None, :] < K)
         x = tl.load(x_ptr + tile_rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        col_s, col_inv = _scale(tl.max(tl.abs(x), axis=0), FMAX, POW2, EPS)
+        col_s, col_inv = _scale(tl.max(tl.abs(x), axis=0), FMAX, POW2, EPS, PTX)
         tl.store(st_ptr + pid_r * K + cols, col_s, mask=cols < K)
         qt = tl.trans(_codes_v(x, col_inv[None, :], VARIANT, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX))
         _store_transposed(qt_ptr, qt, tile_rows, cols, mask, R)
@@ -322,7 +322,7 @@ def _chunk_sides_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, SIDES: tl.co
         cols = pid_k * B + (j - NC) * CHUNK + tl.arange(0, CHUNK)
         mask = (rows[:, None] < R) & (cols[None, :] < K)
         xt = tl.trans(tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)).to(tl.float32)
-        s, inv = _scale(tl.max(tl.abs(xt), axis=1), FMAX, POW2, EPS)
+        s, inv = _scale(tl.max(tl.abs(xt), axis=1), FMAX, POW2, EPS, PTX)
         tl.store(st_ptr + pid_r * K + cols, s, mask=cols < K)
         qt = _codes(xt, inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
         _store_transposed(qt_ptr, qt, rows, cols, mask, R)
@@ -342,7 +342,7 @@ def _strip_transposed_codes(x, rows, cols, mask, qt_ptr, st_ptr, pid_r, R, K, FM
                             PTX: tl.constexpr):
     """x^T's codes and scales for a strip's columns; returns the strip's row amaxes."""
     a = tl.abs(x)
-    s, inv = _scale(tl.max(a, axis=0), FMAX, POW2, EPS)
+    s, inv = _scale(tl.max(a, axis=0), FMAX, POW2, EPS, PTX)
     tl.store(st_ptr + pid_r * K + cols, s, mask=cols < K)
     _store_transposed(qt_ptr, tl.trans(_codes(x, inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)),
                       rows, cols, mask, R)
@@ -370,7 +370,7 @@ def _tile_strips_variant(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, FMAX: tl.con
                                  MAGIC, HW_CAST, PTX)
     a3 = _strip_transposed_codes(x3, rows, c3, m3, qt_ptr, st_ptr, pid_r, R, K, FMAX, POW2, EPS, OUT, M, MIN_NORMAL,
                                  MAGIC, HW_CAST, PTX)
-    s, inv = _scale(tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3)), FMAX, POW2, EPS)
+    s, inv = _scale(tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3)), FMAX, POW2, EPS, PTX)
     tl.store(s_ptr + pid_k * R + rows, s, mask=rows < R)
     inv = inv[:, None]
     tl.store(q_ptr + rows[:, None] * K + c0[None, :], _codes(x0, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST,

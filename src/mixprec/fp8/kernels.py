@@ -96,13 +96,41 @@ def _torch_dtype(fmt: str) -> torch.dtype:
 
 
 @triton.jit
-def _scale(amax, FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr):
-    """(dequantization scale, its correctly rounded reciprocal) from a group's amax, as quantize.py."""
-    s = tl.div_rn(tl.maximum(amax, EPS), FMAX)
+def _scale(amax, FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr, PTX: tl.constexpr):
+    """(dequantization scale, its correctly rounded reciprocal) from a group's amax, as quantize.py.
+
+    PTX (an NVIDIA GPU): both divisions as the fast paths of the GPU's correctly rounded div.rn and
+    rcp.rn, without their range checks and slow paths: every scale here (amax >= EPS) lies far inside
+    the range those paths are exact for, but an infinite one, which a select handles. About a third
+    of the instructions, and the 1x128 and rowwise kernels compute a scale for every group each
+    thread holds (tests/test_fp8_cuda.py compares both ways on every FP32 amax). Else tl.div_rn, which
+    Triton's interpreter also runs (its FMA is not fused).
+    """
+    a = tl.maximum(amax, EPS)
+    if PTX:
+        # a / FMAX as ptxas compiles div.rn by a constant: q = a * RN(1 / FMAX), then one FMA
+        # correction with the exact remainder a - q * FMAX (the FCHK it guards this with passes for
+        # every finite a here). RN(1 / FMAX) is right through double: FMAX is 7 * 2^k, whose
+        # reciprocal's bits repeat forever and are never near an FP32 tie.
+        R: tl.constexpr = 1.0 / FMAX
+        q = a * R
+        s = tl.fma(tl.fma(q, -FMAX, a), R, q)
+        infinite = a == float("inf")
+        s = tl.where(infinite, a, s)
+    else:
+        s = tl.div_rn(a, FMAX)
     if POW2:  # round up to a power of two on the bits, as scale_from_amax does
         bits = s.to(tl.int32, bitcast=True)
         s = ((bits + 0x7FFFFF) & -0x800000).to(tl.float32, bitcast=True)
-    return s, tl.div_rn(1.0, s)
+    if PTX:
+        # 1 / s: the hardware's approximate reciprocal and one Newton step in FMAs, rcp.rn's fast path
+        y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [s], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        inv = tl.fma(y, tl.fma(-s, y, 1.0), y)
+        inv = tl.where(infinite, 0.0, inv)      # s is infinite exactly where a is
+    else:
+        inv = tl.div_rn(1.0, s)
+    return s, inv
 
 
 # x * inv rounded to odd in PTX: truncate (mul.rz), then set the last bit if the FMA's exact error of
@@ -146,7 +174,9 @@ def _odd_product(x, inv, POW2: tl.constexpr, PTX: tl.constexpr):
 @triton.jit
 def _codes(x, inv, FMAX: tl.constexpr, POW2: tl.constexpr, OUT: tl.constexpr, M: tl.constexpr,
            MIN_NORMAL: tl.constexpr, MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr):
-    v = tl.minimum(tl.maximum(_odd_product(x, inv, POW2, PTX), -FMAX), FMAX)
+    v = _odd_product(x, inv, POW2, PTX)
+    if not PTX:     # with PTX both casts below are cvt.rn.satfinite, which saturates as this does
+        v = tl.minimum(tl.maximum(v, -FMAX), FMAX)
     if HW_CAST:     # the GPU's FP32 -> FP8 conversion rounds to nearest even
         return v.to(OUT)
     if PTX:         # the same conversion, written out in PTX (see _grid_constants)
@@ -251,7 +281,7 @@ def _1x128_row_chunk(x_ptr, q_ptr, s_ptr, R, K, row0, pid_k, FMAX: tl.constexpr,
     cols = pid_k * B + tl.arange(0, B)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    s, inv = _scale(tl.max(tl.abs(x), axis=1), FMAX, POW2, EPS)   # x along K: a scale per row
+    s, inv = _scale(tl.max(tl.abs(x), axis=1), FMAX, POW2, EPS, PTX)   # x along K: a scale per row
     tl.store(q_ptr + rows[:, None] * K + cols[None, :],
              _codes(x, inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX), mask=mask)
     tl.store(s_ptr + pid_k * R + rows, s, mask=rows < R)      # (K/B, R) buffer: outer-dim-major
@@ -267,7 +297,7 @@ def _1x128_column_chunk(x_ptr, qt_ptr, st_ptr, R, K, pid_r, col0, FMAX: tl.const
     cols = col0 + tl.arange(0, CHUNK)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    s, inv = _scale(tl.max(tl.abs(x), axis=0), FMAX, POW2, EPS)   # x^T along R: a scale per column
+    s, inv = _scale(tl.max(tl.abs(x), axis=0), FMAX, POW2, EPS, PTX)   # x^T along R: a scale per column
     tl.store(st_ptr + pid_r * K + cols, s, mask=cols < K)        # (R/B, K) buffer
     qt = tl.trans(_codes(x, inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX))
     _store_transposed(qt_ptr, qt, rows, cols, mask, R)
@@ -282,7 +312,7 @@ def _quantize_128x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, NK,
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows, cols, mask, x = _load_tile(x_ptr, R, K, B, B)
-    s, inv = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS)
+    s, inv = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS, PTX)
     q = _codes(x, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     _store_transposed(qt_ptr, tl.trans(q), rows, cols, mask, R)
@@ -314,7 +344,7 @@ def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K,
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows, cols, mask, x = _load_tile_raw(x_ptr, R, K, BR, BK)
-    s, inv = _scale(tl.load(amax_ptr), FMAX, POW2, EPS)
+    s, inv = _scale(tl.load(amax_ptr), FMAX, POW2, EPS, PTX)
     q = _codes(x.to(tl.float32), inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     # x^T's codes from the transposed input tile: a BF16 tile moved through shared memory faster than
@@ -360,8 +390,8 @@ def _cast_rowwise_t_kernel(x_ptr, row_amax_ptr, col_amax_ptr, q_ptr, s_ptr, qt_p
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows, cols, mask, x = _load_tile(x_ptr, R, K, BR, BK)
-    row_s, row_inv = _scale(tl.load(row_amax_ptr + rows, mask=rows < R, other=0.0), FMAX, POW2, EPS)  # along K
-    col_s, col_inv = _scale(tl.load(col_amax_ptr + cols, mask=cols < K, other=0.0), FMAX, POW2, EPS)  # along R
+    row_s, row_inv = _scale(tl.load(row_amax_ptr + rows, mask=rows < R, other=0.0), FMAX, POW2, EPS, PTX)  # along K
+    col_s, col_inv = _scale(tl.load(col_amax_ptr + cols, mask=cols < K, other=0.0), FMAX, POW2, EPS, PTX)  # along R
     q = _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     qt = tl.trans(_codes(x, col_inv[None, :], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX))
