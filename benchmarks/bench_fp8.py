@@ -423,103 +423,159 @@ def _first_nonfinite(losses: list[torch.Tensor]) -> int | None:
     return None if all(finite) else finite.index(False) + 1
 
 
+class _GPTRun:
+    """One GPT variant built, compiled and warmed: its model, optimizer, step function and measurements."""
+
+    def __init__(self, name: str, kind: str, args, x: torch.Tensor, y: torch.Tensor):
+        self.name, self.kind, self.x = name, kind, x
+        dev = args.device
+        base = torch.cuda.memory_allocated() if dev == "cuda" else 0
+        torch.manual_seed(0)
+        self.model = model = make_gpt(kind, args)
+        self.n_fp8 = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
+        self.opt = opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
+
+        def forward_loss(x, y):
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                logits = model(x)
+            return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+        if args.compile_scope == "step":   # the whole forward and the loss in one graph
+            forward_loss = torch.compile(forward_loss, backend=args.compile_backend)
+
+        def train_step():
+            loss = forward_loss(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        self.train_step = train_step
+        t0 = time.perf_counter()
+        self.losses = [train_step().detach() for _ in range(2 if args.warm_only else 3)]
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        self.warm_s = time.perf_counter() - t0
+        # what stays between steps (weights, optimizer state): the base of this variant's peak when other
+        # variants stay resident beside it (--rounds)
+        self.steady = torch.cuda.memory_allocated() - base if dev == "cuda" else 0
+        self.ms, self.peak = [], 0.0
+
+    def time_steps(self, steps: int, device: str) -> None:
+        """Time `steps` steps (no sync inside the window); record ms per step and this variant's peak."""
+        if device == "cuda":
+            torch.cuda.synchronize()
+            others = torch.cuda.memory_allocated() - self.steady
+            torch.cuda.reset_peak_memory_stats()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                self.losses.append(self.train_step().detach())    # read after the window
+            end.record()
+            torch.cuda.synchronize()
+            self.ms.append(start.elapsed_time(end) / steps)
+            self.peak = max(self.peak, (torch.cuda.max_memory_allocated() - others) / 2**30)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                self.losses.append(self.train_step().detach())
+            self.ms.append((time.perf_counter() - t0) * 1e3 / steps)
+            self.peak = float("nan")
+
+    def diagnose(self, args) -> dict:
+        """Memory breakdown, and where asked the kernel profile and the allocator trace; a diagnosis that
+        fails is reported in its field and costs nothing of the timing."""
+        out = {}
+        if args.device != "cuda":
+            return out
+        try:
+            out = memory_breakdown(self.model, self.x, self.opt)
+        except Exception as err:
+            out = dict(note=failure(err))
+        if args.profile:
+            try:
+                out["kernels"] = kernel_breakdown(self.train_step)
+                print(self.name, "GPU ms per step by category:", out["kernels"]["ms_per_step_by_category"],
+                      *out["kernels"]["top_kernels"], sep="\n  ", flush=True)
+            except Exception as err:
+                out["kernels"] = failure(err)
+        if args.memory_trace:
+            try:
+                out["live_at_peak"] = live_at_peak(self.train_step)
+                print(self.name, "live at peak:", *out["live_at_peak"], sep="\n  ", flush=True)
+            except Exception as err:
+                out["live_at_peak"] = failure(err)
+        return out
+
+
 def run_gpt(args) -> list[dict]:
+    """Each variant's train step timed; with --rounds N > 1 all variants stay resident and are timed in N
+    interleaved rounds of --steps steps (drifting clocks and temperature then reach every variant alike),
+    each ratio the median over rounds of the round's ratio to the round's BF16 time."""
     dev = args.device
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev, generator=gen)
     y = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev, generator=gen)
     tokens = args.batch * args.seq
-    rows, anchor = [], None
-    for name, kind in gpt_variants(args):
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        model = opt = None
-        try:
-            model = make_gpt(kind, args)
-            n_fp8 = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
+    interleaved = args.rounds > 1 and not args.warm_only
+    failed, runs = [], []
 
-            def forward_loss(x, y):
-                with torch.autocast(dev, dtype=torch.bfloat16):
-                    logits = model(x)
-                return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-
-            if args.compile_scope == "step":   # the whole forward and the loss in one graph
-                forward_loss = torch.compile(forward_loss, backend=args.compile_backend)
-
-            def train_step():
-                loss = forward_loss(x, y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss
-
-            t0 = time.perf_counter()
-            losses = [train_step().detach() for _ in range(2 if args.warm_only else 3)]
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            warm_s = time.perf_counter() - t0
-            if args.warm_only:
-                print(f"warmed {name} in {warm_s:.0f} s", flush=True)
-                continue
-            if dev == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(args.steps):
-                    losses.append(train_step().detach())    # read after the window: no sync inside
-                end.record()
-                torch.cuda.synchronize()
-                ms = start.elapsed_time(end) / args.steps
-                peak = torch.cuda.max_memory_allocated() / 2**30
-                try:     # a diagnosis: its failure must not cost the timing above
-                    memory = memory_breakdown(model, x, opt)
-                except Exception as err:
-                    memory = dict(note=failure(err))
-                if args.profile:
-                    try:
-                        memory["kernels"] = kernel_breakdown(train_step)
-                        print(name, "GPU ms per step by category:", memory["kernels"]["ms_per_step_by_category"],
-                              *memory["kernels"]["top_kernels"], sep="\n  ", flush=True)
-                    except Exception as err:
-                        memory["kernels"] = failure(err)
-                if args.memory_trace:
-                    try:
-                        memory["live_at_peak"] = live_at_peak(train_step)
-                        print(name, "live at peak:", *memory["live_at_peak"], sep="\n  ", flush=True)
-                    except Exception as err:
-                        memory["live_at_peak"] = failure(err)
-            else:
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    losses.append(train_step().detach())
-                ms = (time.perf_counter() - t0) * 1e3 / args.steps
-                peak, memory = float("nan"), {}
-        except Exception as err:
-            rows.append(dict(variant=name, note=failure(err)))
-            print(rows[-1], flush=True)
-            del model, opt
-            if dev == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        tok_s = tokens / ms * 1e3
-        anchor = anchor or dict(tok_s=tok_s, peak=peak)
-        row = dict(variant=name, fp8_linears=n_fp8, ms_per_step=round(ms, 2), tokens_per_s=round(tok_s),
-                   vs_bf16=round(tok_s / anchor["tok_s"], 3), peak_GiB=round(peak, 2),
-                   peak_vs_bf16=round(peak / anchor["peak"], 3), first_loss=round(losses[0].item(), 4),
-                   loss=round(losses[-1].item(), 4), nonfinite_from_step=_first_nonfinite(losses),
-                   warmup_s=round(warm_s, 1), **memory)
-        rows.append(row)
-        print(row, flush=True)
-        del model, opt
+    def release(run):
+        run.model = run.opt = run.train_step = None
         if dev == "cuda":
             torch.cuda.empty_cache()
-    if not args.warm_only:
-        print(table(rows, ["variant", "fp8_linears", "ms_per_step", "tokens_per_s", "vs_bf16", "peak_GiB",
-                           "peak_vs_bf16", "first_loss", "loss", "nonfinite_from_step", "warmup_s",
-                           "note"]), flush=True)
-        print(table(rows, ["variant", "steady_GiB", "saved_for_backward_GiB", "forward_peak_GiB",
-                           "backward_peak_GiB", "grads_GiB", "optimizer_peak_GiB"]), flush=True)
+
+    torch._dynamo.reset()
+    for name, kind in gpt_variants(args):
+        if not interleaved:       # resident variants keep their compiled code: no reset between them
+            torch._dynamo.reset()
+        try:
+            run = _GPTRun(name, kind, args, x, y)
+            if args.warm_only:
+                print(f"warmed {name} in {run.warm_s:.0f} s", flush=True)
+                release(run)
+                continue
+            if not interleaved:
+                run.time_steps(args.steps, dev)
+                run.memory = run.diagnose(args)
+                release(run)
+            runs.append(run)
+        except Exception as err:
+            failed.append(dict(variant=name, note=failure(err)))
+            print(failed[-1], flush=True)
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+    if args.warm_only:
+        return failed
+    if interleaved:
+        for r in range(args.rounds):
+            for run in runs:
+                run.time_steps(args.steps, dev)
+            print(f"round {r + 1}: " + ", ".join(f"{run.name} {run.ms[-1]:.2f} ms" for run in runs), flush=True)
+        for run in runs:
+            run.memory = run.diagnose(args)
+            release(run)
+    anchor = next((run for run in runs if run.kind == "bf16"), runs[0] if runs else None)
+    rows = []
+    for run in runs:
+        ms = statistics.median(run.ms)
+        per_round = [a / b for a, b in zip(anchor.ms, run.ms)]
+        row = dict(variant=run.name, fp8_linears=run.n_fp8, ms_per_step=round(ms, 2),
+                   tokens_per_s=round(tokens / ms * 1e3), vs_bf16=round(statistics.median(per_round), 3),
+                   peak_GiB=round(run.peak, 2), peak_vs_bf16=round(run.peak / anchor.peak, 3),
+                   first_loss=round(run.losses[0].item(), 4), loss=round(run.losses[-1].item(), 4),
+                   nonfinite_from_step=_first_nonfinite(run.losses), warmup_s=round(run.warm_s, 1), **run.memory)
+        if interleaved:
+            row.update(ms_rounds=[round(v, 2) for v in run.ms], vs_bf16_rounds=[round(v, 3) for v in per_round])
+        rows.append(row)
+        print(row, flush=True)
+    rows += failed
+    print(table(rows, ["variant", "fp8_linears", "ms_per_step", "tokens_per_s", "vs_bf16", "peak_GiB",
+                       "peak_vs_bf16", "first_loss", "loss", "nonfinite_from_step", "warmup_s", "note"]), flush=True)
+    if interleaved:
+        print(table(rows, ["variant", "ms_rounds", "vs_bf16_rounds"]), flush=True)
+    print(table(rows, ["variant", "steady_GiB", "saved_for_backward_GiB", "forward_peak_GiB",
+                       "backward_peak_GiB", "grads_GiB", "optimizer_peak_GiB"]), flush=True)
     return rows
 
 
@@ -534,7 +590,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=50304)
-    ap.add_argument("--steps", type=int, default=10, help="gpt: timed steps after 3 warm-up steps")
+    ap.add_argument("--steps", type=int, default=10, help="gpt: timed steps after 3 warm-up steps (per round)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="gpt: with N > 1 keep all variants resident (memory: about 14 GiB each at the default "
+                         "sizes) and time them in N interleaved rounds; ratios are medians over rounds")
     ap.add_argument("--variants", default="", help="comma-separated subset (gpt: bf16,mixprec-blockwise,...; "
                                                    "linear: kind:mode, e.g. mixprec-blockwise:eager)")
     ap.add_argument("--compile-backend", default="inductor")

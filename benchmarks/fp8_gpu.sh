@@ -6,7 +6,7 @@
 #   the host cost per quantize call and the weight-gradient GEMMs (probe_fp8.py), Float8Linear 8192^3,
 #   GPT end to end, then the accuracy run (`mixprec compare`).
 #   tests,quantize,variants,linear,gpt took 478 s on 2026-11-29 (session 6); all steps exceed one
-#   10-minute device call.
+#   10-minute device call. The GPT variants are timed in FP8_GPT_ROUNDS interleaved rounds (default 5).
 # FP8_GPU_STEPS=quantize,variants,probe,linear,gpt,tests,compare picks parts (default: all); FP8_GPT_VARIANTS
 # (space-separated) the GPT variants. A CPU dry run of the script:
 # FP8_BENCH_ARGS="--device cpu --n 256 --d 256 --heads 4 --batch 2 --seq 64 --vocab 256 --steps 2
@@ -31,7 +31,7 @@ LINEAR_EAGER_FP8=mixprec-tensorwise:eager,mixprec-rowwise:eager,mixprec-blockwis
 GPT_VARIANTS=${FP8_GPT_VARIANTS:-"bf16 mixprec-tensorwise mixprec-blockwise mixprec-rowwise torchao-tensorwise torchao-rowwise"}
 pids=()
 if has tests; then
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -n 4 -rf --timeout 150 tests/test_fp8_cuda.py tests/test_fp8_kernel_scales_cuda.py > "$OUT/cuda_tests.log" 2>&1 &
+  timeout 200 python3 -m pytest -o addopts="" -q -p no:cacheprovider -n 4 -rf --timeout 150 tests/test_fp8_cuda.py tests/test_fp8_kernel_scales_cuda.py > "$OUT/cuda_tests.log" 2>&1 &
   pids+=($!)
 fi
 if has gpt; then
@@ -63,7 +63,17 @@ has probe && timeout 60 python3 benchmarks/probe_fp8.py host gemm --json "$OUT/p
 say "quantize done"
 has linear && timeout 120 python3 benchmarks/bench_fp8.py linear --variants "bf16:eager,$LINEAR_EAGER_FP8,$LINEAR_COMPILED" $EXTRA --json "$OUT/linear.json" 2>&1 | grep -v Warning >> "$LOG"
 say "linear done"
-has gpt && timeout 250 python3 benchmarks/bench_fp8.py gpt --variants "${GPT_VARIANTS// /,}" $EXTRA --json "$OUT/gpt.json" 2>&1 | grep -v Warning >> "$LOG"
+if has gpt; then
+  # all variants resident, timed in interleaved rounds where they fit (about 14 GiB each), else one by one;
+  # the GPU's clocks, power and temperature logged beside them
+  rounds=${FP8_GPT_ROUNDS:-5}; [[ ${gpu_mib:-0} -lt 130000 ]] && rounds=1
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+      --format=csv -lms 250 > "$OUT/gpu_clocks.csv" 2>&1 &
+  smi=$!
+  timeout 250 python3 benchmarks/bench_fp8.py gpt --variants "${GPT_VARIANTS// /,}" --rounds "$rounds" $EXTRA \
+      --json "$OUT/gpt.json" 2>&1 | grep -v Warning >> "$LOG"
+  kill $smi 2>/dev/null
+fi
 say "gpt done"
 # the accuracy run last and alone (in phase A it shared the GPU and did not finish in 130 s)
 if has compare; then
