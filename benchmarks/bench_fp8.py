@@ -273,20 +273,25 @@ def kernel_breakdown(fn, steps: int = 2, top: int = 25) -> dict:
 
 
 def run_linear(args) -> list[dict]:
+    """Each variant's forward + backward timed; with --rounds N > 1 all variants are built first and timed
+    in N interleaved rounds, each ratio the median over rounds of the round's ratio to the BF16 times."""
     dev, n = args.device, args.n
     m = k = n
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
     flop = 3 * 2 * m * n * k
-    rows, anchor = [], {}
+    interleaved = args.rounds > 1 and not args.warm_only
+    failed, built = [], []     # built: (name, kind, mode, step)
+    torch._dynamo.reset()
     for name, kind, mode in linear_variants(args):
-        torch._dynamo.reset()
+        if not interleaved:   # built variants keep their compiled code: no reset between them
+            torch._dynamo.reset()
         torch.manual_seed(0)
         try:
             layer = make_linear(kind, k, n, dev)
             run = torch.compile(layer, backend=args.compile_backend) if mode == "compiled" else layer
 
-            def step():
+            def step(layer=layer, run=run):
                 x.grad = None
                 layer[0].weight.grad = None
                 with torch.autocast(dev, dtype=torch.bfloat16):
@@ -298,24 +303,41 @@ def run_linear(args) -> list[dict]:
                 step()
                 print(f"warmed {name} ({mode})", flush=True)
                 continue
-            ms = time_ms(step, dev, warmup=5, rep=40)
+            built.append(dict(name=name, kind=kind, mode=mode, step=step, ms=[]))
+            if not interleaved:
+                built[-1]["ms"].append(time_ms(step, dev, warmup=5, rep=40))
         except Exception as err:
-            rows.append(dict(variant=name, mode=mode, note=failure(err)))
-            print(rows[-1], flush=True)
-            continue
-        if kind == "bf16":
-            anchor[mode] = ms
-        note = backend_info(mixprec_config(kind).backend, dev).split(":")[0] \
-            if kind.startswith("mixprec") else ""
-        row = dict(variant=name, mode=mode, ms=round(ms, 3), TFLOPs=round(flop / ms / 1e9),
-                   vs_bf16_eager=round(anchor["eager"] / ms, 3) if "eager" in anchor else None,
-                   vs_bf16_same_mode=round(anchor[mode] / ms, 3) if mode in anchor else None, note=note)
+            failed.append(dict(variant=name, mode=mode, note=failure(err)))
+            print(failed[-1], flush=True)
+    for r in range(args.rounds if interleaved else 0):
+        for v in built:
+            v["ms"].append(time_ms(v["step"], dev, warmup=5, rep=40))
+        print(f"round {r + 1}: " + ", ".join(f"{v['name']} ({v['mode']}) {v['ms'][-1]:.3f} ms" for v in built),
+              flush=True)
+    anchor = {v["mode"]: v["ms"] for v in built if v["kind"] == "bf16"}
+
+    def ratio(anchor_ms, ms):    # median over rounds of the round's ratio
+        return round(statistics.median(a / b for a, b in zip(anchor_ms, ms)), 3) if anchor_ms else None
+
+    rows = []
+    for v in built:
+        ms = statistics.median(v["ms"])
+        note = backend_info(mixprec_config(v["kind"]).backend, dev).split(":")[0] \
+            if v["kind"].startswith("mixprec") else ""
+        row = dict(variant=v["name"], mode=v["mode"], ms=round(ms, 3), TFLOPs=round(flop / ms / 1e9),
+                   vs_bf16_eager=ratio(anchor.get("eager"), v["ms"]),
+                   vs_bf16_same_mode=ratio(anchor.get(v["mode"]), v["ms"]), note=note)
+        if interleaved:
+            row["ms_rounds"] = [round(t, 3) for t in v["ms"]]
         rows.append(row)
         print(row, flush=True)
         if args.profile and dev == "cuda":
-            print_kernel_profile(f"{name} ({mode})", step)
+            print_kernel_profile(f"{v['name']} ({v['mode']})", v["step"])
+    rows += failed
     if not args.warm_only:
         print(table(rows, ["variant", "mode", "ms", "TFLOPs", "vs_bf16_eager", "vs_bf16_same_mode", "note"]), flush=True)
+        if interleaved:
+            print(table(rows, ["variant", "mode", "ms_rounds"]), flush=True)
     return rows
 
 
@@ -490,6 +512,7 @@ class _GPTRun:
             return out
         try:
             out = memory_breakdown(self.model, self.x, self.opt)
+            out["steady_GiB"] = round(self.steady / 2**30, 2)     # this variant's own, others resident or not
         except Exception as err:
             out = dict(note=failure(err))
         if args.profile:
@@ -592,8 +615,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--steps", type=int, default=10, help="gpt: timed steps after 3 warm-up steps (per round)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="gpt: with N > 1 keep all variants resident (memory: about 14 GiB each at the default "
-                         "sizes) and time them in N interleaved rounds; ratios are medians over rounds")
+                    help="linear, gpt: with N > 1 build all variants first and time them in N interleaved "
+                         "rounds (ratios: medians over rounds); gpt keeps every variant resident, about 14 "
+                         "GiB each at the default sizes")
     ap.add_argument("--variants", default="", help="comma-separated subset (gpt: bf16,mixprec-blockwise,...; "
                                                    "linear: kind:mode, e.g. mixprec-blockwise:eager)")
     ap.add_argument("--compile-backend", default="inductor")

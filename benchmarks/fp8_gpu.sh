@@ -6,7 +6,7 @@
 #   the host cost per quantize call and the weight-gradient GEMMs (probe_fp8.py), Float8Linear 8192^3,
 #   GPT end to end, then the accuracy run (`mixprec compare`).
 #   tests,quantize,variants,linear,gpt took 478 s on 2026-11-29 (session 6); all steps exceed one
-#   10-minute device call. The GPT variants are timed in FP8_GPT_ROUNDS interleaved rounds (default 5).
+#   10-minute device call. The linear and GPT variants are timed in FP8_ROUNDS interleaved rounds (default 5).
 # FP8_GPU_STEPS=quantize,variants,probe,linear,gpt,tests,compare picks parts (default: all); FP8_GPT_VARIANTS
 # (space-separated) the GPT variants. A CPU dry run of the script:
 # FP8_BENCH_ARGS="--device cpu --n 256 --d 256 --heads 4 --batch 2 --seq 64 --vocab 256 --steps 2
@@ -25,6 +25,9 @@ export PYTHONPATH=$PWD/src:$PWD/tests:/tmp/site PYTHONUNBUFFERED=1 TORCHINDUCTOR
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv >> "$LOG"
 python3 -c 'import torch, triton, torchao; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "torchao", torchao.__version__)' >> "$LOG" 2>&1
 say "phase A: tests and warm-up in parallel"
+gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+# the linear and GPT variants are timed in interleaved rounds (GPT: all resident, about 14 GiB each)
+rounds=${FP8_ROUNDS:-5}; [[ ${gpu_mib:-0} -lt 130000 ]] && rounds=1
 
 LINEAR_COMPILED=bf16:compiled,mixprec-tensorwise:compiled,mixprec-rowwise:compiled,mixprec-blockwise:compiled,mixprec-tensorwise@cublas:compiled,torchao-tensorwise:compiled,torchao-rowwise:compiled
 LINEAR_EAGER_FP8=mixprec-tensorwise:eager,mixprec-rowwise:eager,mixprec-blockwise:eager
@@ -38,7 +41,6 @@ if has gpt; then
   # the compiled graph is the whole model's (--compile-scope step, the default): warm the 4 layers (six
   # variants at ~19 GiB each fit a 141 GiB H200); with --compile-scope blocks, or on a smaller GPU, one
   # layer: the same block graph (blocks) or at least the same Triton kernels (step), a quarter of the memory
-  gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
   layers=4; [[ "$EXTRA" == *"--compile-scope blocks"* || ${gpu_mib:-0} -lt 130000 ]] && layers=1
   for v in $GPT_VARIANTS; do
     timeout 130 python3 benchmarks/bench_fp8.py gpt --warm-only --variants "$v" $EXTRA --layers $layers > "/tmp/warm_gpt_$v.log" 2>&1 &
@@ -56,24 +58,22 @@ for p in "${pids[@]}"; do wait "$p"; done
 has tests && { grep -E "passed|failed|error" "$OUT/cuda_tests.log" | tail -3 | tee -a "$LOG"; }
 tail -n 2 /tmp/warm_*.log >> "$LOG" 2>/dev/null
 say "phase B: timed benchmarks"
+# the GPU's clocks, power and temperature beside the timings (under a power cap the clocks drop)
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+    --format=csv -lms 250 > "$OUT/gpu_clocks.csv" 2>&1 &
+smi=$!
 
 has quantize && timeout 60 python3 benchmarks/bench_fp8.py quantize $EXTRA --json "$OUT/quantize.json" 2>&1 | grep -v Warning >> "$LOG"
 has variants && timeout 120 python3 benchmarks/quantize_variants.py --json "$OUT/variants.json" 2>&1 | grep -v Warning >> "$LOG"
 has probe && timeout 60 python3 benchmarks/probe_fp8.py host gemm --json "$OUT/probe.json" 2>&1 | grep -v Warning >> "$LOG"
 say "quantize done"
-has linear && timeout 120 python3 benchmarks/bench_fp8.py linear --variants "bf16:eager,$LINEAR_EAGER_FP8,$LINEAR_COMPILED" $EXTRA --json "$OUT/linear.json" 2>&1 | grep -v Warning >> "$LOG"
+has linear && timeout 150 python3 benchmarks/bench_fp8.py linear --variants "bf16:eager,$LINEAR_EAGER_FP8,$LINEAR_COMPILED" --rounds "$rounds" $EXTRA --json "$OUT/linear.json" 2>&1 | grep -v Warning >> "$LOG"
 say "linear done"
 if has gpt; then
-  # all variants resident, timed in interleaved rounds where they fit (about 14 GiB each), else one by one;
-  # the GPU's clocks, power and temperature logged beside them
-  rounds=${FP8_GPT_ROUNDS:-5}; [[ ${gpu_mib:-0} -lt 130000 ]] && rounds=1
-  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
-      --format=csv -lms 250 > "$OUT/gpu_clocks.csv" 2>&1 &
-  smi=$!
   timeout 250 python3 benchmarks/bench_fp8.py gpt --variants "${GPT_VARIANTS// /,}" --rounds "$rounds" $EXTRA \
       --json "$OUT/gpt.json" 2>&1 | grep -v Warning >> "$LOG"
-  kill $smi 2>/dev/null
 fi
+kill $smi 2>/dev/null
 say "gpt done"
 # the accuracy run last and alone (in phase A it shared the GPU and did not finish in 130 s)
 if has compare; then
