@@ -46,7 +46,8 @@ _TILE_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
 # The 1x128 kernel splits its tile into chunks of rows and of columns, a program each. BF16 8192^2 on
 # the H200 (quantize_variants.py, benchmarks/results/fp8_session6.json): 0.54-0.55 of copy bandwidth
 # with chunks of 32 at 2 or 4 warps (kernel time 0.117 ms); one program walking all chunks 0.49; the
-# whole tile in one program 0.32; chunks of 64 at 8 warps and of 128 slower (0.137, 0.155 ms).
+# whole tile in one program 0.32; chunks of 64 at 8 warps and of 128 slower (0.137, 0.155 ms). With the
+# cheaper scales of session 10, 0.70-0.71 (chunks of 32 at 2 warps, 0.095 ms).
 _CHUNK_CONFIGS = [triton.Config({"CHUNK": c, "GROUP": 1}, num_warps=w) for w, c in ((2, 32), (4, 32), (2, 16), (8, 64))]
 # Tensorwise kernels have no tile the scale depends on: rectangles trade registers for parallelism.
 _FREE_CONFIGS = [triton.Config({"BR": br, "BK": bk}, num_warps=w)
@@ -254,8 +255,9 @@ def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
     # took 255 registers and spilled (ptxas, sm_90a); walked in a loop of chunks by one program, the
     # chunks' loads waited on each other. Program ids go by groups of GROUP tiles down a column of
     # tiles: first the group's row chunks, then its column chunks. Groups of 4 or 16 tiles gained 1-2%
-    # (benchmarks/results/fp8.md, session 7): the two reads of a tile cost about as two reads from
-    # memory, whatever the order, so the kernel stays near 0.58 of copy bandwidth.
+    # (benchmarks/results/fp8.md, session 7). What held the kernel at 0.57 of copy bandwidth was its
+    # instruction count (about 20 per value, the column chunks' 8 scales per thread the dearest), not
+    # the second read: with the fast-path scales of _scale it reaches 0.70 (session 10).
     NC: tl.constexpr = B // CHUNK
     group = tl.program_id(0) // (2 * NC * GROUP)
     size = tl.minimum(GROUP, tl.cdiv(R, B) - group * GROUP)    # the last group may be short
