@@ -310,8 +310,12 @@ def run_linear(args) -> list[dict]:
             failed.append(dict(variant=name, mode=mode, note=failure(err)))
             print(failed[-1], flush=True)
     for r in range(args.rounds if interleaved else 0):
-        for v in built:
-            v["ms"].append(time_ms(v["step"], dev, warmup=5, rep=40))
+        for v in list(built):
+            try:
+                v["ms"].append(time_ms(v["step"], dev, warmup=5, rep=40))
+            except Exception as err:     # reported, and the other variants go on
+                failed.append(dict(variant=v["name"], mode=v["mode"], note=failure(err)))
+                built.remove(v)
         print(f"round {r + 1}: " + ", ".join(f"{v['name']} ({v['mode']}) {v['ms'][-1]:.3f} ms" for v in built),
               flush=True)
     anchor = {v["mode"]: v["ms"] for v in built if v["kind"] == "bf16"}
@@ -572,8 +576,13 @@ def run_gpt(args) -> list[dict]:
         return failed
     if interleaved:
         for r in range(args.rounds):
-            for run in runs:
-                run.time_steps(args.steps, dev)
+            for run in list(runs):
+                try:
+                    run.time_steps(args.steps, dev)
+                except Exception as err:     # reported, and the other variants go on
+                    failed.append(dict(variant=run.name, note=failure(err)))
+                    runs.remove(run)
+                    release(run)
             print(f"round {r + 1}: " + ", ".join(f"{run.name} {run.ms[-1]:.2f} ms" for run in runs), flush=True)
         for run in runs:
             run.memory = run.diagnose(args)

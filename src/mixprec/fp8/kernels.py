@@ -104,8 +104,8 @@ def _scale(amax, FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr, PTX:
     rcp.rn, without their range checks and slow paths: every scale here (amax >= EPS) lies far inside
     the range those paths are exact for, but an infinite one, which a select handles. About a third
     of the instructions, and the 1x128 and rowwise kernels compute a scale for every group each
-    thread holds (tests/test_fp8_cuda.py compares both ways on every FP32 amax). Else tl.div_rn, which
-    Triton's interpreter also runs (its FMA is not fused).
+    thread holds (tests/test_fp8_kernel_scales_cuda.py compares both ways on every FP32 amax). Else
+    tl.div_rn, which Triton's interpreter also runs (its FMA is not fused).
     """
     a = tl.maximum(amax, EPS)
     if PTX:
