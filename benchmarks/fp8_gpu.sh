@@ -7,7 +7,8 @@
 #   GPT end to end, then the accuracy run (`mixprec compare`).
 #   tests,quantize,variants,linear,gpt took 478 s on 2026-11-29 (session 6); all steps exceed one
 #   10-minute device call. The linear and GPT variants are timed in FP8_ROUNDS interleaved rounds (default 5).
-# FP8_GPU_STEPS=quantize,variants,probe,linear,gpt,tests,compare picks parts (default: all); FP8_GPT_VARIANTS
+# FP8_GPU_STEPS=quantize,variants,lanes,probe,linear,gpt,tests,compare picks parts (default: all but lanes,
+# the experiment of quantize_1x128_lanes.py); FP8_GPT_VARIANTS
 # (space-separated) the GPT variants. A CPU dry run of the script:
 # FP8_BENCH_ARGS="--device cpu --n 256 --d 256 --heads 4 --batch 2 --seq 64 --vocab 256 --steps 2
 # --compile-backend aot_eager" FP8_COMPARE_ARGS="--device cpu --steps 3" with python3 the venv's.
@@ -65,6 +66,7 @@ smi=$!
 
 has quantize && timeout 60 python3 benchmarks/bench_fp8.py quantize $EXTRA --json "$OUT/quantize.json" 2>&1 | grep -v Warning >> "$LOG"
 has variants && timeout 120 python3 benchmarks/quantize_variants.py --json "$OUT/variants.json" 2>&1 | grep -v Warning >> "$LOG"
+has lanes && timeout 120 python3 benchmarks/quantize_1x128_lanes.py --json "$OUT/lanes.json" 2>&1 | grep -v Warning >> "$LOG"
 has probe && timeout 60 python3 benchmarks/probe_fp8.py host gemm --json "$OUT/probe.json" 2>&1 | grep -v Warning >> "$LOG"
 say "quantize done"
 has linear && timeout 150 python3 benchmarks/bench_fp8.py linear --variants "bf16:eager,$LINEAR_EAGER_FP8,$LINEAR_COMPILED" --rounds "$rounds" $EXTRA --json "$OUT/linear.json" 2>&1 | grep -v Warning >> "$LOG"
