@@ -110,6 +110,16 @@ def quantize_1x128_t_kernel(x_desc, q_ptr, s_ptr, qt_ptr, st_ptr, R, K, FMAX: gl
         n += 1
 
 
+def empty_outputs(x: torch.Tensor, fmt: str):
+    """(q, s, qT, sT) for x (R, K), in the library's layouts: scales outer-dim-major, (K/128, R) and (R/128, K)."""
+    r, k = x.shape
+    dtype = get_fp8_format(fmt).torch_dtype
+    return (torch.empty((r, k), dtype=dtype, device=x.device),
+            torch.empty((triton.cdiv(k, TILE), r), dtype=torch.float32, device=x.device),
+            torch.empty((k, r), dtype=dtype, device=x.device),
+            torch.empty((triton.cdiv(r, TILE), k), dtype=torch.float32, device=x.device))
+
+
 def quantize_1x128_t(x: torch.Tensor, fmt: str, *, power_of_2: bool = False, strip: int = 32, warps: int = 4,
                      stages: int = 2, ctas_per_sm: int = 3):
     """((q, s), (qT, sT)) as mixprec.fp8.kernels.quantize_1x128_t, for a BF16/FP16 CUDA x (R, K), K % 8 == 0."""
@@ -118,10 +128,7 @@ def quantize_1x128_t(x: torch.Tensor, fmt: str, *, power_of_2: bool = False, str
     x = x.contiguous()
     r, k = x.shape
     f = get_fp8_format(fmt)
-    q = torch.empty((r, k), dtype=f.torch_dtype, device=x.device)
-    qt = torch.empty((k, r), dtype=f.torch_dtype, device=x.device)
-    s = torch.empty((triton.cdiv(k, TILE), r), dtype=torch.float32, device=x.device)
-    st = torch.empty((triton.cdiv(r, TILE), k), dtype=torch.float32, device=x.device)
+    q, s, qt, st = empty_outputs(x, fmt)
     gl_dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
     layout = gl.NVMMASharedLayout.get_default_for([TILE, TILE], gl_dtype)
     desc = TensorDescriptor(x, [r, k], [k, 1], [TILE, TILE], layout)
@@ -134,49 +141,74 @@ def quantize_1x128_t(x: torch.Tensor, fmt: str, *, power_of_2: bool = False, str
     return (q, s.t()), (qt, st.t())
 
 
-def main() -> None:
+def same_quantization(got, want) -> bool:
+    """Whether two ((q, s), (qT, sT)) results are equal, the codes byte for byte."""
+    return all(torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
+                           b.view(torch.uint8) if b.dtype.itemsize == 1 else b)
+               for pa, pb in zip(got, want) for a, b in zip(pa, pb))
+
+
+def check_against_library(x: torch.Tensor, rows: list, variants) -> None:
+    """Each variant's result against the library's, byte for byte, on x and a ragged tensor, for E4M3,
+    E5M2 and power-of-2 scales; variants: (label, fn(t, fmt, power_of_2)). Appends a row per check."""
+    ragged = torch.randn(1000, 2056, device="cuda", dtype=torch.bfloat16) * 100
+    for fmt, pow2 in (("fp8_e4m3", False), ("fp8_e5m2", False), ("fp8_e4m3", True)):
+        for t in (x, ragged):
+            want = kernels.quantize_1x128_t(t, fmt, power_of_2=pow2)
+            for label, fn in variants:
+                rows.append(dict(check=f"{fmt} pow2={pow2} {tuple(t.shape)} {label}",
+                                 equal=same_quantization(fn(t, fmt, pow2), want)))
+                print(rows[-1], flush=True)
+
+
+def save(path: str | None, rows: list, command: str) -> None:
+    """rows as JSON with the device, versions and command, where asked."""
+    if path:
+        env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                   command=command)
+        with open(path, "w") as fh:
+            json.dump(dict(env=env, rows=rows), fh, indent=1)
+
+
+def timing_harness(n: int, rows: list):
+    """(x, run): the input (BF16 n x n, rows of magnitudes 1e-3 to 1e3) and run(name, fn), which times fn
+    in a CUDA graph after an L2 flush and appends its share of a copy's bandwidth (x read, both code
+    layouts written, against a copy of x) to rows."""
     from bench_fp8 import graph_time_ms
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=8192)
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    rows = []
-    n = args.n
-    # rows of magnitudes 1e-3 to 1e3, in BF16
     x = (torch.randn(n, n, device="cuda") * torch.logspace(-3, 3, n, device="cuda")[:, None]).to(torch.bfloat16)
     dst = torch.empty_like(x)
     copy_bw = 2 * x.numel() * 2 / graph_time_ms(lambda: dst.copy_(x))          # read + write, bytes per ms
-    moved = x.numel() * (2 + 1 + 1)                                             # x read, both codes written
+    moved = x.numel() * (2 + 1 + 1)
 
     def run(name, fn):
         ms = graph_time_ms(fn)
         rows.append(dict(kernel=name, graph_ms=round(ms, 4), of_copy=round(moved / ms / copy_bw, 3)))
         print(rows[-1], flush=True)
 
+    return x, run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    rows = []
+    n = args.n
+    x, run = timing_harness(n, rows)
     run("library (two reads per tile)", lambda: kernels.quantize_1x128_t(x, "fp8_e4m3"))
-    ragged = torch.randn(1000, 2056, device="cuda", dtype=torch.bfloat16) * 100
-    for fmt, pow2 in (("fp8_e4m3", False), ("fp8_e5m2", False), ("fp8_e4m3", True)):
-        for t in (x, ragged):
-            want = kernels.quantize_1x128_t(t, fmt, power_of_2=pow2)
-            for strip, warps, ctas in ((32, 4, 3), (64, 8, 2), (16, 4, 1000)):
-                got = quantize_1x128_t(t, fmt, power_of_2=pow2, strip=strip, warps=warps, ctas_per_sm=ctas)
-                same = all(torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
-                                       b.view(torch.uint8) if b.dtype.itemsize == 1 else b)
-                           for pa, pb in zip(got, want) for a, b in zip(pa, pb))
-                rows.append(dict(check=f"{fmt} pow2={pow2} {tuple(t.shape)} strip={strip} w{warps} {ctas} CTAs/SM",
-                                 equal=same))
-                print(rows[-1], flush=True)
+    check_against_library(x, rows, [
+        (f"strip={strip} w{warps} {ctas} CTAs/SM",
+         lambda t, fmt, pow2, strip=strip, warps=warps, ctas=ctas: quantize_1x128_t(
+             t, fmt, power_of_2=pow2, strip=strip, warps=warps, ctas_per_sm=ctas))
+        for strip, warps, ctas in ((32, 4, 3), (64, 8, 2), (16, 4, 1000))])
     # ctas_per_sm=1000: a CTA per tile (every CTA's loop runs once)
     for strip, warps, stages, ctas in ((32, 4, 2, 1000), (32, 4, 2, 3), (32, 4, 3, 2), (16, 4, 2, 4), (64, 8, 2, 2),
                                        (32, 8, 3, 1), (32, 4, 4, 1)):
         run(f"gluon, one read per tile, strips of {strip}, {warps} warps, {stages} tiles in flight, {ctas} CTAs/SM",
             lambda strip=strip, warps=warps, stages=stages, ctas=ctas: quantize_1x128_t(
                 x, "fp8_e4m3", strip=strip, warps=warps, stages=stages, ctas_per_sm=ctas))
-    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               command=f"python benchmarks/quantize_1x128_gluon.py --n {n}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(env=env, rows=rows), fh, indent=1)
+    save(args.json, rows, f"python benchmarks/quantize_1x128_gluon.py --n {n}")
 
 
 if __name__ == "__main__":

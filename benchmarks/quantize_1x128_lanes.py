@@ -33,7 +33,6 @@ scales are compared with the library's byte for byte.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import triton
@@ -151,16 +150,13 @@ def _constants(fmt: str, power_of_2: bool, chunk: int, cpt: int) -> dict:
                 **kernels._grid_constants(f))
 
 
-def quantize_1x128_t(x: torch.Tensor, fmt: str, *, power_of_2: bool = False, chunk: int = 32, cpt: int = 2,
+def quantize_1x128_t(x: torch.Tensor, fmt: str, *, power_of_2: bool = False, chunk: int = 32, cpt: int = 1,
                      warps: int = 4):
     """((q, s), (qT, sT)) as mixprec.fp8.kernels.quantize_1x128_t, for a 2-D BF16/FP16 CUDA x."""
+    from quantize_1x128_gluon import empty_outputs
     x = x.contiguous()
     r, k = x.shape
-    f = get_fp8_format(fmt)
-    q = torch.empty((r, k), dtype=f.torch_dtype, device=x.device)
-    qt = torch.empty((k, r), dtype=f.torch_dtype, device=x.device)
-    s = torch.empty((triton.cdiv(k, TILE), r), dtype=torch.float32, device=x.device)
-    st = torch.empty((triton.cdiv(r, TILE), k), dtype=torch.float32, device=x.device)
+    q, s, qt, st = empty_outputs(x, fmt)
     grid = (triton.cdiv(r, TILE) * 2 * (TILE // chunk), triton.cdiv(k, TILE))
     quantize_1x128_t_kernel[grid](x, q, s, qt, st, r, k, num_warps=warps,
                                   **_constants(fmt, power_of_2, chunk, cpt))
@@ -216,43 +212,21 @@ def main() -> None:
     if args.sass:
         sass_counts()
         return
-    from bench_fp8 import graph_time_ms
+    from quantize_1x128_gluon import check_against_library, save, timing_harness
     rows = []
-    n = args.n
-    # rows of magnitudes 1e-3 to 1e3, in BF16
-    x = (torch.randn(n, n, device="cuda") * torch.logspace(-3, 3, n, device="cuda")[:, None]).to(torch.bfloat16)
-    dst = torch.empty_like(x)
-    copy_bw = 2 * x.numel() * 2 / graph_time_ms(lambda: dst.copy_(x))          # read + write, bytes per ms
-    moved = x.numel() * (2 + 1 + 1)                                             # x read, both codes written
-
-    def run(name, fn):
-        ms = graph_time_ms(fn)
-        rows.append(dict(kernel=name, graph_ms=round(ms, 4), of_copy=round(moved / ms / copy_bw, 3)))
-        print(rows[-1], flush=True)
-
-    ragged = torch.randn(1000, 2056, device="cuda", dtype=torch.bfloat16) * 100
-    for fmt, pow2 in (("fp8_e4m3", False), ("fp8_e5m2", False), ("fp8_e4m3", True)):
-        for t in (x, ragged):
-            want = kernels.quantize_1x128_t(t, fmt, power_of_2=pow2)
-            for chunk, cpt, warps in CONFIGS:
-                got = quantize_1x128_t(t, fmt, power_of_2=pow2, chunk=chunk, cpt=cpt, warps=warps)
-                same = all(torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
-                                       b.view(torch.uint8) if b.dtype.itemsize == 1 else b)
-                           for pa, pb in zip(got, want) for a, b in zip(pa, pb))
-                rows.append(dict(check=f"{fmt} pow2={pow2} {tuple(t.shape)} chunk={chunk} cpt={cpt} w{warps}",
-                                 equal=same))
-                print(rows[-1], flush=True)
+    x, run = timing_harness(args.n, rows)
+    check_against_library(x, rows, [
+        (f"chunk={chunk} cpt={cpt} w{warps}",
+         lambda t, fmt, pow2, chunk=chunk, cpt=cpt, warps=warps: quantize_1x128_t(
+             t, fmt, power_of_2=pow2, chunk=chunk, cpt=cpt, warps=warps))
+        for chunk, cpt, warps in CONFIGS])
     for _ in range(2):      # twice, interleaved: the figures' spread
         run("library (Triton's layouts)", lambda: kernels.quantize_1x128_t(x, "fp8_e4m3"))
         for chunk, cpt, warps in CONFIGS:
             run(f"hand-chosen layouts, strips of {chunk}, {cpt} columns per thread, {warps} warps",
                 lambda chunk=chunk, cpt=cpt, warps=warps: quantize_1x128_t(x, "fp8_e4m3", chunk=chunk, cpt=cpt,
                                                                             warps=warps))
-    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               command=f"python benchmarks/quantize_1x128_lanes.py --n {n}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(env=env, rows=rows), fh, indent=1)
+    save(args.json, rows, f"python benchmarks/quantize_1x128_lanes.py --n {args.n}")
 
 
 if __name__ == "__main__":
