@@ -84,6 +84,11 @@ def graph_time_ms(fn, calls: int = 20, flush: str = "read") -> float:
     return replay_ms(lambda: (flush_l2(), fn())) - replay_ms(flush_l2)
 
 
+def round_ratio(anchor_ms: list[float], ms: list[float]) -> float:
+    """The median over rounds of each round's anchor time over this variant's (one round: the plain ratio)."""
+    return round(statistics.median(a / b for a, b in zip(anchor_ms, ms)), 3)
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |",
@@ -281,7 +286,7 @@ def run_linear(args) -> list[dict]:
     dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
     flop = 3 * 2 * m * n * k
     interleaved = args.rounds > 1 and not args.warm_only
-    failed, built = [], []     # built: (name, kind, mode, step)
+    failed, built = [], []     # built: dict(name, kind, mode, step, ms: one time per round)
     torch._dynamo.reset()
     for name, kind, mode in linear_variants(args):
         if not interleaved:   # built variants keep their compiled code: no reset between them
@@ -319,18 +324,15 @@ def run_linear(args) -> list[dict]:
         print(f"round {r + 1}: " + ", ".join(f"{v['name']} ({v['mode']}) {v['ms'][-1]:.3f} ms" for v in built),
               flush=True)
     anchor = {v["mode"]: v["ms"] for v in built if v["kind"] == "bf16"}
-
-    def ratio(anchor_ms, ms):    # median over rounds of the round's ratio
-        return round(statistics.median(a / b for a, b in zip(anchor_ms, ms)), 3) if anchor_ms else None
-
     rows = []
     for v in built:
         ms = statistics.median(v["ms"])
         note = backend_info(mixprec_config(v["kind"]).backend, dev).split(":")[0] \
             if v["kind"].startswith("mixprec") else ""
         row = dict(variant=v["name"], mode=v["mode"], ms=round(ms, 3), TFLOPs=round(flop / ms / 1e9),
-                   vs_bf16_eager=ratio(anchor.get("eager"), v["ms"]),
-                   vs_bf16_same_mode=ratio(anchor.get(v["mode"]), v["ms"]), note=note)
+                   vs_bf16_eager=round_ratio(anchor["eager"], v["ms"]) if "eager" in anchor else None,
+                   vs_bf16_same_mode=round_ratio(anchor[v["mode"]], v["ms"]) if v["mode"] in anchor else None,
+                   note=note)
         if interleaved:
             row["ms_rounds"] = [round(t, 3) for t in v["ms"]]
         rows.append(row)
@@ -591,14 +593,14 @@ def run_gpt(args) -> list[dict]:
     rows = []
     for run in runs:
         ms = statistics.median(run.ms)
-        per_round = [a / b for a, b in zip(anchor.ms, run.ms)]
         row = dict(variant=run.name, fp8_linears=run.n_fp8, ms_per_step=round(ms, 2),
-                   tokens_per_s=round(tokens / ms * 1e3), vs_bf16=round(statistics.median(per_round), 3),
+                   tokens_per_s=round(tokens / ms * 1e3), vs_bf16=round_ratio(anchor.ms, run.ms),
                    peak_GiB=round(run.peak, 2), peak_vs_bf16=round(run.peak / anchor.peak, 3),
                    first_loss=round(run.losses[0].item(), 4), loss=round(run.losses[-1].item(), 4),
                    nonfinite_from_step=_first_nonfinite(run.losses), warmup_s=round(run.warm_s, 1), **run.memory)
         if interleaved:
-            row.update(ms_rounds=[round(v, 2) for v in run.ms], vs_bf16_rounds=[round(v, 3) for v in per_round])
+            row.update(ms_rounds=[round(v, 2) for v in run.ms],
+                       vs_bf16_rounds=[round(a / b, 3) for a, b in zip(anchor.ms, run.ms)])
         rows.append(row)
         print(row, flush=True)
     rows += failed

@@ -16,7 +16,7 @@ Here (Gluon, Triton's explicit-layout dialect) the layouts follow the groups ins
                    the strip's columns: a column's maximum is in-thread but for the lanes and warps
                    stacked down the tile, and with CPT = 1 its codes are RPT neighbouring bytes of a row
                    of x^T, stored as 16-byte vectors with no transposition (the loads are 2 bytes each,
-                   a warp's load 64 neighbouring bytes of a row). With CPT = 2 or 4 the loads widen, but
+                   a warp's load 64 neighbouring bytes of a row). With CPT = 2 the loads widen, but
                    the compiler no longer sees the stores' neighbouring bytes once the columns are split
                    apart: byte stores
     both           programs whose strip lies inside the tensor load and store without masks
@@ -101,19 +101,11 @@ def _column_strip(x_ptr, qt_ptr, st_ptr, R, K, pid_r, col0, FMAX: gl.constexpr, 
             gl.store(qt_ptr + offsets, codes)
         else:
             gl.store(qt_ptr + offsets, codes, mask=mask)
-    elif CPT == 2:
+    else:
+        gl.static_assert(CPT == 2)
         c0, c1, o0, o1, m0, m1 = _split_columns(codes, offsets, mask)
         gl.store(qt_ptr + o0, c0, mask=m0)
         gl.store(qt_ptr + o1, c1, mask=m1)
-    else:
-        gl.static_assert(CPT == 4)
-        c0, c1, o0, o1, m0, m1 = _split_columns(codes, offsets, mask)
-        c00, c01, o00, o01, m00, m01 = _split_columns(c0, o0, m0)
-        c10, c11, o10, o11, m10, m11 = _split_columns(c1, o1, m1)
-        gl.store(qt_ptr + o00, c00, mask=m00)
-        gl.store(qt_ptr + o01, c01, mask=m01)
-        gl.store(qt_ptr + o10, c10, mask=m10)
-        gl.store(qt_ptr + o11, c11, mask=m11)
 
 
 @gluon.jit

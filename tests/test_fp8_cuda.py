@@ -152,4 +152,3 @@ def test_inductor_compiled_quantization_equals_eager(granularity, fmt, backend, 
                       zip(x[differ][:4] if name == "q" else x.t()[differ][:4], got[differ][:4].float(),
                           ref[differ][:4].float())]
             assert not differ.any(), (name, differ.float().mean().item(), sample)
-
