@@ -277,16 +277,38 @@ def kernel_breakdown(fn, steps: int = 2, top: int = 25) -> dict:
                 top_kernels=[dict(name=n[:120], ms_per_step=round(ms, 3), calls_per_step=c) for n, (ms, c) in ranked])
 
 
+def steady_ms(fn, device: str, window_ms: float = 40.0) -> float:
+    """Milliseconds per call of fn() called back to back (no flush, no sync) for about window_ms: training's
+    steady state. On a GPU at its power cap this is the fair figure: do_bench's L2 flush between calls
+    lets the GPU cool a little before each one, which favours the shorter (FP8) calls (results/fp8.md)."""
+    if device != "cuda":
+        return time_ms(fn, device)
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    calls = max(5, int(window_ms / max((time.perf_counter() - t0) * 1e3, 1e-3)))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
+
+
 def run_linear(args) -> list[dict]:
-    """Each variant's forward + backward timed; with --rounds N > 1 all variants are built first and timed
-    in N interleaved rounds, each ratio the median over rounds of the round's ratio to the BF16 times."""
+    """Each variant's forward + backward timed two ways: do_bench (an L2 flush before each call) and back to
+    back (steady_ms); with --rounds N > 1 all variants are built first and timed in N interleaved rounds,
+    each ratio the median over rounds of the round's ratio to the BF16 times."""
     dev, n = args.device, args.n
     m = k = n
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
     flop = 3 * 2 * m * n * k
     interleaved = args.rounds > 1 and not args.warm_only
-    failed, built = [], []     # built: dict(name, kind, mode, step, ms: one time per round)
+    failed, built = [], []     # built: dict(name, kind, mode, step, ms and steady: one time per round each)
     torch._dynamo.reset()
     for name, kind, mode in linear_variants(args):
         if not interleaved:   # built variants keep their compiled code: no reset between them
@@ -308,9 +330,10 @@ def run_linear(args) -> list[dict]:
                 step()
                 print(f"warmed {name} ({mode})", flush=True)
                 continue
-            built.append(dict(name=name, kind=kind, mode=mode, step=step, ms=[]))
+            built.append(dict(name=name, kind=kind, mode=mode, step=step, ms=[], steady=[]))
             if not interleaved:
                 built[-1]["ms"].append(time_ms(step, dev, warmup=5, rep=40))
+                built[-1]["steady"].append(steady_ms(step, dev))
         except Exception as err:
             failed.append(dict(variant=name, mode=mode, note=failure(err)))
             print(failed[-1], flush=True)
@@ -318,12 +341,14 @@ def run_linear(args) -> list[dict]:
         for v in list(built):
             try:
                 v["ms"].append(time_ms(v["step"], dev, warmup=5, rep=40))
+                v["steady"].append(steady_ms(v["step"], dev))
             except Exception as err:     # reported, and the other variants go on
                 failed.append(dict(variant=v["name"], mode=v["mode"], note=failure(err)))
                 built.remove(v)
-        print(f"round {r + 1}: " + ", ".join(f"{v['name']} ({v['mode']}) {v['ms'][-1]:.3f} ms" for v in built),
-              flush=True)
+        print(f"round {r + 1}: " + ", ".join(f"{v['name']} ({v['mode']}) {v['ms'][-1]:.3f} / {v['steady'][-1]:.3f} ms"
+                                             for v in built), flush=True)
     anchor = {v["mode"]: v["ms"] for v in built if v["kind"] == "bf16"}
+    steady_anchor = {v["mode"]: v["steady"] for v in built if v["kind"] == "bf16"}
     rows = []
     for v in built:
         ms = statistics.median(v["ms"])
@@ -332,18 +357,23 @@ def run_linear(args) -> list[dict]:
         row = dict(variant=v["name"], mode=v["mode"], ms=round(ms, 3), TFLOPs=round(flop / ms / 1e9),
                    vs_bf16_eager=round_ratio(anchor["eager"], v["ms"]) if "eager" in anchor else None,
                    vs_bf16_same_mode=round_ratio(anchor[v["mode"]], v["ms"]) if v["mode"] in anchor else None,
+                   steady_ms=round(statistics.median(v["steady"]), 3),
+                   steady_vs_bf16_eager=round_ratio(steady_anchor["eager"], v["steady"])
+                   if "eager" in steady_anchor else None,
                    note=note)
         if interleaved:
             row["ms_rounds"] = [round(t, 3) for t in v["ms"]]
+            row["steady_ms_rounds"] = [round(t, 3) for t in v["steady"]]
         rows.append(row)
         print(row, flush=True)
         if args.profile and dev == "cuda":
             print_kernel_profile(f"{v['name']} ({v['mode']})", v["step"])
     rows += failed
     if not args.warm_only:
-        print(table(rows, ["variant", "mode", "ms", "TFLOPs", "vs_bf16_eager", "vs_bf16_same_mode", "note"]), flush=True)
+        print(table(rows, ["variant", "mode", "ms", "TFLOPs", "vs_bf16_eager", "vs_bf16_same_mode", "steady_ms",
+                           "steady_vs_bf16_eager", "note"]), flush=True)
         if interleaved:
-            print(table(rows, ["variant", "mode", "ms_rounds"]), flush=True)
+            print(table(rows, ["variant", "mode", "ms_rounds", "steady_ms_rounds"]), flush=True)
     return rows
 
 
