@@ -279,8 +279,8 @@ def kernel_breakdown(fn, steps: int = 2, top: int = 25) -> dict:
 
 def steady_ms(fn, device: str, window_ms: float = 40.0) -> float:
     """Milliseconds per call of fn() called back to back (no flush, no sync) for about window_ms: training's
-    steady state. On a GPU at its power cap this is the fair figure: do_bench's L2 flush between calls
-    lets the GPU cool a little before each one, which favours the shorter (FP8) calls (results/fp8.md)."""
+    steady state. On a GPU at its power cap this is the fair figure: during do_bench's L2 flush between
+    calls the GPU draws less power, which favours the shorter (FP8) calls (results/fp8.md, session 11)."""
     if device != "cuda":
         return time_ms(fn, device)
     fn()
