@@ -231,6 +231,18 @@ def make_linear(kind: str, k: int, n: int, device: str) -> nn.Module:
     return layer
 
 
+def linear_step(layer: nn.Module, run, x: torch.Tensor, dy: torch.Tensor):
+    """One forward + backward of `layer` (called through `run`: itself or its compiled form) under BF16
+    autocast, gradients cleared first: what the layer benchmarks time."""
+    def step():
+        x.grad = None
+        layer[0].weight.grad = None
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            y = run(x)
+        y.backward(dy)
+    return step
+
+
 def print_kernel_profile(title: str, fn, steps: int = 3) -> None:
     """GPU kernels of `steps` calls of fn, by total time: shows where a variant's milliseconds go."""
     from torch.profiler import ProfilerActivity, profile
@@ -318,13 +330,7 @@ def run_linear(args) -> list[dict]:
             layer = make_linear(kind, k, n, dev)
             run = torch.compile(layer, backend=args.compile_backend) if mode == "compiled" else layer
 
-            def step(layer=layer, run=run):
-                x.grad = None
-                layer[0].weight.grad = None
-                with torch.autocast(dev, dtype=torch.bfloat16):
-                    y = run(x)
-                y.backward(dy)
-
+            step = linear_step(layer, run, x, dy)
             step()
             if args.warm_only:
                 step()

@@ -22,7 +22,7 @@ import torch
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fp8 import make_linear, steady_ms  # noqa: E402
+from bench_fp8 import linear_step, make_linear, steady_ms  # noqa: E402
 
 VARIANTS = ("bf16", "mixprec-tensorwise", "mixprec-blockwise")
 
@@ -31,14 +31,7 @@ def make_step(kind: str, n: int):
     x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     layer = make_linear(kind, n, n, "cuda")
-
-    def step():
-        x.grad = None
-        layer[0].weight.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = layer(x)
-        y.backward(dy)
-    return step
+    return linear_step(layer, layer, x, dy)
 
 
 def graph_ms(step, steps: int) -> float:
@@ -73,7 +66,7 @@ def kernel_ms(step, steps: int) -> tuple[float, float]:
         torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        events = [e for e in json.load(open(f.name))["traceEvents"] if e.get("cat") == "kernel"]
+        events = [e for e in json.loads(Path(f.name).read_text())["traceEvents"] if e.get("cat") == "kernel"]
     busy = sum(e["dur"] for e in events) / 1e3
     span = (max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)) / 1e3
     return busy / steps, span / steps
