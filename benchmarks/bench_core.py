@@ -1,18 +1,20 @@
 """What the precision table costs: mixprec's recipes against plain torch.autocast, same model, same process.
 
-    python benchmarks/bench_core.py --device cuda [--compile] [--out results.json]
+    python benchmarks/bench_core.py --device cuda [--compile] [--json FILE]
     python benchmarks/bench_core.py --device cpu
 
-CUDA: the 12-layer d=1024 GPT of REFERENCE.md section 7 (B=8, T=1024, vocab 50304, SDPA attention):
+CUDA: a 12-layer d=1024 GPT (16 heads, B=8, T=1024, vocab 50304, SDPA attention, separate head):
   anchor bf16 = torch.autocast(bf16) eager/compiled, anchor fp16 = torch.autocast(fp16) + GradScaler;
   ours = mp.prepare + mp.autocast + mp.LossScaler (the whole table enforced). Fused AdamW for both.
-CPU: a 4-layer d=256 GPT (REFERENCE.md section 7's CPU figure): FP32, mixprec fp16-mixed (emulated
-  FP16), mixprec bf16-mixed and torch.autocast bf16.
+CPU: a 4-layer d=256 GPT (T=128, B=8, byte vocabulary): FP32, mixprec fp16-mixed (emulated FP16),
+  mixprec bf16-mixed and torch.autocast bf16.
 Each pair runs interleaved (anchor, ours, anchor, ours, ...) and reports the median tokens/s ratio.
+Results: benchmarks/results/core.md.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -36,7 +38,6 @@ class Runner:
     def __init__(self, name, model, device, step_context, scaler=None, compile_model=False):
         self.name, self.device = name, device
         self.model = torch.compile(model) if compile_model else model
-        self.params = model.parameters()
         fused = device == "cuda"
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
         self.context = step_context
@@ -85,9 +86,13 @@ def _pair(anchor: Runner, ours: Runner, idx, targets, warmup: int, steps: int, r
             "anchor_peak_gib": anchor.peak, "ours_peak_gib": ours.peak}
 
 
-def _graph_breaks() -> int:
+def _dynamo_counters():
     from torch._dynamo.utils import counters
-    return sum(counters["graph_break"].values())
+    return counters
+
+
+def _graph_breaks() -> int:
+    return sum(_dynamo_counters()["graph_break"].values())
 
 
 def bench_cuda(args) -> list[dict]:
@@ -102,8 +107,7 @@ def bench_cuda(args) -> list[dict]:
     for compiled in modes:
         for recipe, dtype in (("bf16-mixed", torch.bfloat16), ("fp16-mixed", torch.float16)):
             torch._dynamo.reset()
-            from torch._dynamo.utils import counters
-            counters.clear()
+            _dynamo_counters().clear()
             policy = mp.Policy.from_recipe(recipe)
             anchor_scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
             anchor = Runner(f"torch.autocast({dtype})" + (" + GradScaler" if anchor_scaler else ""),
@@ -128,7 +132,7 @@ def bench_cpu(args) -> list[dict]:
     idx = torch.randint(0, 256, (8, cfg.seq_len))
     targets = torch.roll(idx, -1, 1)
     results = []
-    fp32 = lambda: Runner("fp32", copy.deepcopy(base), "cpu", _nullcontext)  # noqa: E731
+    fp32 = lambda: Runner("fp32", copy.deepcopy(base), "cpu", contextlib.nullcontext)  # noqa: E731
     for recipe in ("fp16-mixed", "bf16-mixed"):
         policy = mp.Policy.from_recipe(recipe)
         ours = Runner(f"mixprec {recipe}", mp.prepare(copy.deepcopy(base), policy), "cpu",
@@ -148,14 +152,6 @@ def bench_cpu(args) -> list[dict]:
     return results
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -163,7 +159,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--json", default=None, help="write the results (and device, torch, date) here")
     args = parser.parse_args()
     results = bench_cuda(args) if args.device == "cuda" else bench_cpu(args)
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
@@ -174,8 +170,8 @@ def main() -> None:
         print(f"| {r['anchor']} | {r['ours']} | {r['compiled']} | {r['anchor_tokens_per_s']:,.0f} | "
               f"{r['ours_tokens_per_s']:,.0f} | {r['ratio_median']:.3f}x | "
               f"{r['anchor_peak_gib']:.2f} / {r['ours_peak_gib']:.2f} |")
-    if args.out:
-        with open(args.out, "w") as f:
+    if args.json:
+        with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
 
 

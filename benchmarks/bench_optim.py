@@ -1,8 +1,7 @@
 """AdamW step time and state memory: mixprec's low-bit AdamW against torch, bitsandbytes and torchao.
 
-    python benchmarks/bench_optim.py --device cuda [--json out.json]     # the lent GPU (issue 5's figures)
+    python benchmarks/bench_optim.py --device cuda [--json out.json]
     python benchmarks/bench_optim.py --smoke                            # CPU, tiny sizes: checks the script
-    python benchmarks/bench_optim.py --codes-study                      # CPU: how the codes were chosen
 
 All in one process:
   1. one AdamW step over N FP32 parameters (default 268M: 16 x 4096x4096, fixed random gradients),
@@ -12,14 +11,14 @@ All in one process:
      peers, state bytes per parameter, achieved bandwidth (bytes a perfect kernel moves / time);
   2. peak memory of a training step of the 12-layer d=1024 GPT (B=8, T=1024, BF16 autocast, FP32
      weights) with torch fused AdamW, mixprec fp32 state and mixprec int8 state.
-Codes study (CPU): parameter deviation from torch.optim.AdamW after 100 steps of an MLP's minibatch
-  gradients (tests/test_optim_accuracy.py's task) for candidate codes of each moment, the other exact.
+Results: benchmarks/results/optim.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -36,7 +35,7 @@ NAPKIN_BYTES = {
     "fp8": 4 + 4 + 2 * (1 + 4 / 256) + 4 + 2 * (1 + 4 / 256),
     "int4": 4 + 4 + 2 * (0.5 + 4 / 128) + 4 + 2 * (0.5 + 4 / 128),
 }
-# Issue 5's targets: step time over torch fused AdamW's, and state bytes per parameter.
+# Targets: step time over torch fused AdamW's, and state bytes per parameter.
 TIME_TARGETS = {"int8": 1.3, "int4": 1.4, "bf16": 1.0}
 BYTES_TARGETS = {"int8": 2.05, "int4": 1.1, "bf16": 4.0, "fp8": 2.1}
 ANCHOR = "torch fused AdamW (anchor)"
@@ -196,64 +195,6 @@ def bench_gpt_memory(device: str, n_layer: int, d_model: int, n_head: int, batch
     return out
 
 
-def codes_study() -> list[tuple[str, str, float]]:
-    """Deviation from torch AdamW for candidate codes of one moment (the other kept FP32)."""
-    import sys
-    from dataclasses import dataclass
-    from pathlib import Path
-
-    from mixprec.optim import codes as C
-    from mixprec.optim import adamw as A
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import test_optim_accuracy as acc  # the task the accuracy test uses
-
-    @dataclass(frozen=True)
-    class Exact:  # no quantization: stores the scaled FP32 value
-        name: str = "exact"
-        max_value: float = 1.0
-        bits: int = 32
-        signed: bool = True
-
-        def encode(self, u):
-            return u.float().clone()
-
-        def decode(self, c):
-            return c.float()
-
-    def mf(signed, e, m, sub):
-        return C.Minifloat(f"E{e}M{m}", signed=signed, exp_bits=e, man_bits=m, subnormals=sub)
-
-    candidates = [
-        ("8-bit m", "E2M5 (chosen)", mf(True, 2, 5, True), Exact()), ("8-bit m", "E3M4", mf(True, 3, 4, True), Exact()),
-        ("8-bit m", "E4M3 (FP8)", C.FP8_M, Exact()),
-        ("8-bit v", "E4M4, no zero (chosen)", Exact(), mf(False, 4, 4, False)),
-        ("8-bit v", "E5M3, no zero", Exact(), mf(False, 5, 3, False)),
-        ("8-bit v", "FP8 E4M3, floored (chosen for fp8)", Exact(), C.FP8_V),
-        ("8-bit v", "FP8 E5M2", Exact(), C.NativeFloat8("e5m2", torch.float8_e5m2, 57344.0, signed=False)),
-        ("4-bit m", "E2M1 (chosen)", mf(True, 2, 1, True), Exact()), ("4-bit m", "E3M0", mf(True, 3, 0, True), Exact()),
-        ("4-bit m", "E1M2", mf(True, 1, 2, True), Exact()),
-        ("4-bit v", "E2M2, no zero (chosen)", Exact(), mf(False, 2, 2, False)),
-        ("4-bit v", "E3M1, no zero", Exact(), mf(False, 3, 1, False)),
-        ("4-bit v", "E4M0, no zero", Exact(), mf(False, 4, 0, False)),
-    ]
-    results = []
-    torch.set_num_threads(1)
-    for i, (what, label, m_code, v_code) in enumerate(candidates):
-        name = f"study{i}"
-        block = 128 if what.startswith("4") else 256
-        C.STATE_FORMATS[name] = C.StateFormat(name, m_code, v_code, block=block, bits=8)
-        A.STATE_DTYPES = A.STATE_DTYPES + (name,)
-        dev = acc._deviation_vs_torch(name)
-        results.append((what, label, dev))
-        print(f"{what:8s} {label:36s} {dev:.4f}", flush=True)
-    for sd in ("int8", "fp8", "int4", "bf16"):
-        dev = acc._deviation_vs_torch(sd)
-        results.append(("both", sd, dev))
-        print(f"both     {sd:36s} {dev:.4f}", flush=True)
-    return results
-
-
 def print_tables(out: dict) -> None:
     step = out["step"]
     peers = [k for k in ("bitsandbytes AdamW8bit", "torchao AdamW8bit") if any(r["name"] == k for r in step["rows"])]
@@ -284,7 +225,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check that every piece runs")
-    ap.add_argument("--codes-study", action="store_true", help="run the CPU codes study instead")
     ap.add_argument("--tensors", type=int, default=16)
     ap.add_argument("--size", type=int, default=4096, help="each tensor is size x size")
     ap.add_argument("--rep-ms", type=float, default=300.0, help="do_bench's repeat time per measurement")
@@ -293,21 +233,19 @@ def main() -> None:
     ap.add_argument("--no-gpt", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    if args.codes_study:
-        out = {"codes_study": codes_study()}
-    else:
-        device = "cpu" if args.smoke else args.device
-        tensors, size = (2, 128) if args.smoke else (args.tensors, args.size)
-        gpt = dict(n_layer=2, d_model=64, n_head=4, batch=2, seq=32, vocab=256) if args.smoke else \
-            dict(n_layer=12, d_model=1024, n_head=16, batch=8, seq=1024, vocab=50304)
-        name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-        print(f"torch {torch.__version__}, {name}", flush=True)
-        out = {"torch": torch.__version__, "device": name, "command": " ".join(__import__("sys").argv),
-               "step": bench_step(device, tensors, size, size, args.step_budget_s, args.rep_ms, args.torchao_all)}
-        if not args.no_gpt:
-            out["gpt_memory"] = bench_gpt_memory(device, **gpt)
-            out["gpt_config"] = gpt
-        print_tables(out)
+    device = "cpu" if args.smoke else args.device
+    tensors, size = (2, 128) if args.smoke else (args.tensors, args.size)
+    gpt = dict(n_layer=2, d_model=64, n_head=4, batch=2, seq=32, vocab=256) if args.smoke else \
+        dict(n_layer=12, d_model=1024, n_head=16, batch=8, seq=1024, vocab=50304)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, {name}", flush=True)
+    out = {"torch": torch.__version__, "device": name, "command": " ".join(sys.argv),
+           "date": time.strftime("%Y-%m-%d %H:%M"),
+           "step": bench_step(device, tensors, size, size, args.step_budget_s, args.rep_ms, args.torchao_all)}
+    if not args.no_gpt:
+        out["gpt_memory"] = bench_gpt_memory(device, **gpt)
+        out["gpt_config"] = gpt
+    print_tables(out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1, default=str)

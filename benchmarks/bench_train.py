@@ -1,7 +1,7 @@
 """The trainer's overhead on a GPU: `mixprec train` against a bare loop, in the same process.
 
-Model: the 12-layer d=1024 GPT of REFERENCE.md section 7 (16 heads, T=1024, B=8, SDPA attention,
-learned positions, tied head), bytes of the Python standard library as data, bf16 recipes.
+Model: a 12-layer d=1024 GPT (16 heads, T=1024, B=8, SDPA attention, learned positions, tied head),
+bytes of the Python standard library as data, bf16 recipes.
 
 Variants (the order rotates each repeat, see below):
   A  bare loop:  torch.autocast(bf16), fused AdamW, grad-norm clip, same batches; no logging
@@ -22,11 +22,11 @@ run's final checkpoint (after the window) is timed: the copy to CPU memory that 
 amortised over the default cadence of 500 steps; the write itself runs in a background thread. The
 headline ratio is trainer / bare loop.
 
-Timing on the lent GPU moved by 10-20 % from one window to the next (3.13 to 3.72 s for the same
-bare-loop window, benchmarks/results/train.md), more than the overheads measured here. So one
-untimed bare run warms the GPU up first, many short windows are taken (6 repeats by default), the
-order of the variants rotates each repeat (A B N C, B N C A, ...), and each variant's best window is
-reported beside the median of the per-repeat ratios.
+A step here is close to bound by the host, and the same window can move by 10-25 % within a process,
+more than the overheads measured (benchmarks/results/train.md). So one untimed bare run warms the GPU
+up first, many short windows are taken (6 repeats by default), the order of the variants rotates each
+repeat (A B N C, B N C A, ...), and each variant's best window is reported beside the median of the
+per-repeat ratios, the figure to read.
 
 Before the windows, the host time of one forward (model and loss, under each variant's autocast) is
 measured alone: the clock stops when the forward returns, before the GPU finishes it, so it is the
@@ -34,7 +34,7 @@ Python and launch cost per forward that a loop bound by its host pays.
 
 --compile runs every variant with the model under torch.compile (`mixprec train --compile`; the loss
 stays eager): the precision rules' function mode is then traced into the graph instead of running on
-the host for every op of every step (the eager loop here is close to bound by the host).
+the host for every op of every step.
 
     PYTHONPATH=src python3 benchmarks/bench_train.py [--out DIR] [--json FILE] [--recipe bf16-mixed]
     PYTHONPATH=src python3 benchmarks/bench_train.py --compile     # the same, compiled
