@@ -1,4 +1,6 @@
 """Quantization codes, block-wise storage and rounding of mixprec.optim (CPU, exact where deterministic)."""
+import math
+
 import pytest
 import torch
 
@@ -204,3 +206,53 @@ def test_kahan_add_keeps_small_updates():
     total = p.float() + comp.float()
     assert torch.allclose(total, torch.full_like(total, 0.9), rtol=1e-3)
     assert (p.float() - 0.9).abs().max() <= 2 ** -8  # the stored value is within an ulp of the truth
+
+
+# ---- non-finite values (issue 18, item 9): one NaN or inf must not reach its block's other values ----
+
+@pytest.mark.parametrize("name", ["int8", "int4", "fp8"])
+def test_blockwise_stores_nonfinite_as_zero_over_the_finite_absmax(name):
+    fmt = codes.get_state_format(name)
+    b = fmt.block
+    n = 4 * b + 37                      # blocks 0-3 and a tail block
+    x = torch.randn(n) * torch.exp(torch.randn(n))
+    bad = {3: float("nan"), 4: float("inf"), 3 + b // 2: -float("inf"),   # block 0: both halves (4-bit pairs)
+           2 * b + 7: float("nan")}                                      # block 2
+    for i, val in bad.items():
+        x[i] = val
+    x[3 * b:4 * b] = float("nan")       # block 3: nothing finite
+    x[-1] = float("inf")                # the tail block
+    finite = torch.isfinite(x)
+    for code in (fmt.m_code, fmt.v_code):
+        xs = x if code.signed else torch.where(torch.isnan(x), x, x.abs())
+        zeroed = torch.where(finite, xs, torch.zeros(()))
+        q, absmax = blockwise.quantize_blockwise(xs, code, fmt.block)
+        q0, absmax0 = blockwise.quantize_blockwise(zeroed, code, fmt.block)
+        # the contract: bit for bit the quantization of the same values with the non-finite ones set to 0
+        assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(absmax, absmax0)
+        # the absmax, written plainly: the largest finite magnitude of each block (0 for block 3)
+        plain = [max([abs(v) for v in xs[k:k + b].tolist() if math.isfinite(v)], default=0.0)
+                 for k in range(0, n, b)]
+        assert absmax.tolist() == plain and absmax[3].item() == 0.0
+        back = blockwise.dequantize_blockwise(q, absmax, code, fmt.block, n)
+        assert torch.isfinite(back).all()
+        # a value that was non-finite decodes as a stored 0 does: 0 (no-zero codes: their smallest value)
+        zero_code = code.decode(code.encode(torch.zeros(1)))
+        scale = absmax.clamp(min=codes.MIN_BLOCK_ABSMAX).repeat_interleave(b)[:n] / code.max_value
+        assert torch.equal(back[~finite], (zero_code * scale)[~finite])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_round_keeps_nan_and_infinities(dtype):
+    # NaN patterns: the CPU's (0x7FC00000, 0xFFC00000), the GPU's (0x7FFFFFFF), and others whose low half
+    # is all ones, which adding random bits would carry into the exponent or the sign (BF16 gave -0.0 / 0.0)
+    nans = torch.tensor([0x7FC00000, 0xFFC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FC0FFFF, 0x7F80FFFF], dtype=torch.int64)
+    nans = torch.where(nans >= 2 ** 31, nans - 2 ** 32, nans).to(torch.int32).view(torch.float32)
+    x = torch.cat([nans, torch.tensor([float("inf"), -float("inf")])])
+    assert torch.isnan(x[:6]).all()
+    xs = x.repeat(1000)
+    r = rounding.random_bits(rounding.stream_key(3, 1, 5, 0), xs.numel())
+    r[: x.numel()] = 2 ** 32 - 1        # the largest draw too
+    y = rounding.stochastic_round(xs, dtype, r).float().view(1000, -1)
+    assert torch.isnan(y[:, :6]).all()
+    assert (y[:, 6] == float("inf")).all() and (y[:, 7] == -float("inf")).all()

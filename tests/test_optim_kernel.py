@@ -25,8 +25,31 @@ CASES = [  # (state_dtype, parameter dtype, rounding, decoupled)
 ]
 
 
-def _compare_runs(state_dtype, p_dtype, rounding, decoupled, device, steps=3, grad_scale=None, found_inf=None):
-    """Run the kernel on `device` and the reference on the CPU on the same gradients; return mismatches."""
+def _poison(g: torch.Tensor, step: int) -> None:
+    """Put NaN, +inf and -inf into a gradient: two in one block, one in the other half of that block (4-bit
+    layouts pack value j with value j + 64), and NaN as the last value (the tail block); other places each step."""
+    flat = g.view(-1)
+    n = flat.numel()
+    first = (n // 3 + 517 * step) % (n - 66)
+    for offset, value in ((0, float("nan")), (1, float("inf")), (64, -float("inf"))):
+        flat[first + offset] = value
+    flat[n - 1] = float("nan")
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Bit-equal codes (1-byte tensors); other tensors equal with NaN in the same places (a NaN's payload is
+    the device's: 0x7FFFFFFF from the GPU's arithmetic, 0x7FC00000 or 0xFFC00000 from the CPU's)."""
+    if got.dtype.itemsize == 1:
+        return torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    nan = torch.isnan(want)
+    return torch.equal(torch.isnan(got), nan) and torch.equal(got[~nan], want[~nan])
+
+
+def _compare_runs(state_dtype, p_dtype, rounding, decoupled, device, steps=3, grad_scale=None, found_inf=None,
+                  nonfinite=False):
+    """Run the kernel on `device` and the reference on the CPU on the same gradients; return mismatches.
+
+    nonfinite: put NaN and +-inf into every step's gradients (_poison)."""
     cls = mo.AdamW if decoupled else mo.Adam
     gen = torch.Generator().manual_seed(11)
     init = [(torch.randn(s, generator=gen) * 0.5).to(p_dtype) for s in SHAPES]
@@ -37,8 +60,11 @@ def _compare_runs(state_dtype, p_dtype, rounding, decoupled, device, steps=3, gr
     opt_ref = cls(ref, backend="torch", **kw)
     # Adam's L2 term feeds the parameters into m and v, so exact codes hold for one step only
     steps = steps if decoupled else 1
-    for _ in range(steps):
+    for step in range(steps):
         grads = [(torch.randn(s, generator=gen) * 0.1).to(p_dtype) for s in SHAPES]
+        if nonfinite:
+            for g in grads:
+                _poison(g, step)
         for p, q, g in zip(fast, ref, grads):
             p.grad, q.grad = g.to(device), g.clone()
         scale_kw = {}
@@ -59,20 +85,26 @@ def _compare_runs(state_dtype, p_dtype, rounding, decoupled, device, steps=3, gr
             if not isinstance(v, torch.Tensor) or k == "kahan_comp":
                 continue
             got = sp[k].cpu()
-            if not torch.equal(got.view(torch.uint8) if got.dtype.itemsize == 1 else got, v.view(torch.uint8)
-                               if v.dtype.itemsize == 1 else v):
+            if not _same(got, v):
                 problems.append(f"tensor {i} {k}: {(got.float() != v.float()).sum().item()} values differ")
-        got = p.detach().cpu()
+        got, want = p.detach().cpu(), q.detach()
+        nan = torch.isnan(want)
+        if not torch.equal(torch.isnan(got), nan):
+            problems.append(f"tensor {i} param: NaN at {torch.isnan(got).sum().item()} places, want {nan.sum().item()}")
+        got, want = got[~nan], want[~nan]
         if p_dtype == torch.float32:
-            if not torch.allclose(got, q.detach(), rtol=OPTIM_KERNEL_PARAM_RTOL, atol=OPTIM_KERNEL_PARAM_ATOL):
-                problems.append(f"tensor {i} param: max diff {(got - q.detach()).abs().max().item():.3g}")
+            if not torch.allclose(got, want, rtol=OPTIM_KERNEL_PARAM_RTOL, atol=OPTIM_KERNEL_PARAM_ATOL):
+                problems.append(f"tensor {i} param: max diff {(got - want).abs().max().item():.3g}")
         else:
-            diff = got.float() != q.detach().float()
-            ulp = (torch.nextafter(q.detach().abs(), torch.full_like(q.detach(), float("inf"))).float()
-                   - q.detach().abs().float())
-            far = (got.float() - q.detach().float()).abs() > ulp * 1.0001
+            diff = got.float() != want.float()
+            ulp = (torch.nextafter(want.abs(), torch.full_like(want, float("inf"))).float()
+                   - want.abs().float())
+            far = (got.float() - want.float()).abs() > ulp * 1.0001
             if diff.float().mean().item() > OPTIM_KERNEL_FLIP_FRACTION or far.any():
                 problems.append(f"tensor {i} param: {diff.sum().item()} differ, {far.sum().item()} by > 1 ulp")
+        if nonfinite and not (torch.isfinite(got).all() and all(
+                torch.isfinite(t.float()).all() for k, t in sp.items() if k.endswith("absmax"))):
+            problems.append(f"tensor {i}: a non-finite value spread beyond its element")
     return problems
 
 
@@ -110,6 +142,18 @@ def test_kernel_loss_scaler_inputs(state_dtype):
     for k, v in state.items():
         if isinstance(v, torch.Tensor):
             assert torch.equal(opt.state[p][k], v), k
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES, ids=_cuda_case)
+def test_kernel_matches_reference_on_nonfinite_gradients(case):
+    # NaN, +inf and -inf gradient elements (issue 18, item 9): the kernel stores them as 0 over the block's
+    # finite absmax exactly as the reference does (codes and scales bit for bit), its parameters are NaN in
+    # the same places, and nothing spreads to another element
+    if not kernels.triton_available():
+        pytest.skip("needs triton")
+    problems = _compare_runs(*case, device="cuda", nonfinite=True)
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.cuda
@@ -199,6 +243,9 @@ def _interpreter_main() -> None:
     problems += _compare_runs("int8", torch.float16, "stochastic", True, "cpu", steps=2, grad_scale=1024.0,
                               found_inf=0.0)
     problems += _compare_runs("int4", torch.float32, "nearest", True, "cpu", steps=1, grad_scale=4.0, found_inf=1.0)
+    for case in [CASES[i] for i in (2, 3, 4, 6, 7)]:   # NaN and +-inf gradients
+        problems += [f"{_cuda_case(case)} nonfinite: {p}" for p in _compare_runs(*case, device="cpu", steps=2,
+                                                                                 nonfinite=True)]
     print("\n".join(problems) if problems else "all equal")
 
 

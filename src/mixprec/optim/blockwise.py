@@ -7,8 +7,15 @@ Storage of a tensor of n values in blocks of B:
             j + B/2 (high nibble) of its block. This split-halves layout lets a kernel load the two
             halves of a block as two contiguous vectors instead of de-interleaving nibbles.
 
-Quantize:   safe = max(absmax, MIN_BLOCK_ABSMAX); u = x * (code.max_value / safe); q = code.encode(u)
+Quantize:   x = x if finite else 0;  absmax = max |x| over the block
+            safe = max(absmax, MIN_BLOCK_ABSMAX); u = x * (code.max_value / safe); q = code.encode(u)
 Dequantize: x = code.decode(q) * (safe / code.max_value)
+
+Non-finite values (the contract): a NaN or +-inf is stored as 0, and the block's absmax is the largest
+*finite* magnitude. So the codes and the absmax of a block are bit for bit those of the same block with
+its non-finite values replaced by 0: one bad value never reaches its neighbours through the shared scale
+(an inf absmax would decode the whole block to inf or NaN, a NaN absmax to NaN), and every block decodes
+to finite values.
 """
 from __future__ import annotations
 
@@ -29,9 +36,19 @@ def _pad_to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pad)) if pad else x
 
 
+def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """x with NaN and +-inf replaced by 0 (the value of a fresh moment: the element restarts its averages).
+
+    Why 0, not +-inf saturated to the block's max: a NaN has no magnitude to keep, and a saturated moment
+    would steer its element for ~1/(1 - beta) steps (pushed by m, all but frozen by v).
+    """
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
-    """FP32 max |x| of each block of a flat tensor (the padded tail counts as zeros)."""
-    return _pad_to_blocks(x.float(), block).view(-1, block).abs().amax(dim=1)
+    """FP32 max |x| over the finite values of each block of a flat tensor (the padded tail counts as
+    zeros; a block with no finite non-zero value gets 0)."""
+    return finite_or_zero(_pad_to_blocks(x.float(), block)).view(-1, block).abs().amax(dim=1)
 
 
 def encode_multiplier(absmax: torch.Tensor, code: Code) -> torch.Tensor:
@@ -50,9 +67,14 @@ def decode_multiplier(absmax: torch.Tensor, code: Code) -> torch.Tensor:
 
 
 def quantize_blockwise(x: torch.Tensor, code: Code, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a tensor (flattened) block by block; returns (codes, absmax). 4-bit codes are packed."""
-    absmax = block_absmax(x, block)
-    u = _pad_to_blocks(x.float(), block).view(-1, block) * encode_multiplier(absmax, code)[:, None]
+    """Quantize a tensor (flattened) block by block; returns (codes, absmax). 4-bit codes are packed.
+
+    Non-finite values are stored as 0 over the absmax of the finite ones (module docstring): the result
+    equals quantize_blockwise(finite_or_zero(x), ...) bit for bit.
+    """
+    xs = finite_or_zero(_pad_to_blocks(x.float(), block)).view(-1, block)
+    absmax = xs.abs().amax(dim=1)
+    u = xs * encode_multiplier(absmax, code)[:, None]
     q = code.encode(u.reshape(-1))
     if code.bits == 4:
         q = pack_4bit(q, block)

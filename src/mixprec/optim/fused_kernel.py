@@ -7,6 +7,7 @@ layout packs value j with value j + BLOCK/2), so it reads every input once and w
 
     load p, g, codes/moments and the blocks' absmax  ->  dequantize  ->  m, v in FP32
     absmax of the new m, v per block  ->  requantize, store codes and absmax
+        (non-finite values are stored as 0 and left out of the absmax, as blockwise.quantize_blockwise)
     delta from the FP32 m, v  ->  p + delta rounded (nearest / stochastic / Kahan)  ->  store p
 
 A loss scaler's found_inf masks every load and store (a skipped step moves no bytes and needs no
@@ -18,8 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mixprec.optim.triton_ops import (minifloat_decode, minifloat_encode, one_minus_exp, random_bits, stochastic_round,
-                                      stream_key)
+from mixprec.optim.triton_ops import (finite_or_zero, minifloat_decode, minifloat_encode, one_minus_exp, random_bits,
+                                      stochastic_round, stream_key)
 
 # State layouts (constexpr STATE) and parameter roundings (constexpr ROUNDING).
 STATE_DENSE_F32, STATE_DENSE_BF16, STATE_MINIFLOAT, STATE_FP8 = 0, 1, 2, 3
@@ -73,6 +74,10 @@ def _store_moment(ptr, absmax_ptr, x_lo, x_hi, lo, hi, mlo, mhi, bytes_lo, block
                   CODE_LOW: tl.constexpr, EXP: tl.constexpr, MAN: tl.constexpr, SIGNED: tl.constexpr, SUB: tl.constexpr):
     """Write one moment back in its layout (codes + absmax, BF16 stochastically rounded, or FP32)."""
     if STATE >= 2:
+        # A NaN or inf is stored as 0 and the scale is the finite values' (one bad value must not poison the
+        # block's shared absmax); the caller's x_lo / x_hi, which the update uses, keep their FP32 values.
+        x_lo = finite_or_zero(x_lo)
+        x_hi = finite_or_zero(x_hi)
         absmax = _block_absmax(x_lo, x_hi)
         tl.store(absmax_ptr + block_idx, absmax, mask=mrow)
         enc = tl.div_rn(tl.zeros_like(absmax) + CODE_MAX, tl.maximum(absmax, MIN_ABSMAX))[:, None]

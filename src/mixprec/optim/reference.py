@@ -14,6 +14,8 @@ differ by FP32 rounding.
     p = round(p + delta)      nearest, stochastic, or Kahan-compensated for BF16/FP16 parameters
     m, v -> state layout      (block-quantized codes from these FP32 values; the update used FP32)
     when found_inf != 0: nothing changes, the step count included
+
+Non-finite values stay in their element, whatever the state layout (see `reference_step`).
 """
 from __future__ import annotations
 
@@ -90,7 +92,20 @@ def one_minus_exp(x: torch.Tensor) -> torch.Tensor:
 
 def reference_step(param: torch.Tensor, grad: torch.Tensor, state: dict, hp: AdamHyper, *, tensor_id: int,
                    grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
-    """Update `param` and its `state` in place (state created by state.init_state)."""
+    """Update `param` and its `state` in place (state created by state.init_state).
+
+    Non-finite values (a NaN or +-inf gradient element, or a moment that overflows) stay in their element:
+    * the parameter takes FP32 Adam's update, element by element: a NaN or +-inf gradient makes its
+      element NaN (m / sqrt(v) is inf / inf or NaN), as with FP32 state and torch.optim.AdamW, and the
+      NaN stays visible there;
+    * FP32 state keeps the element's non-finite moments (as torch.optim.AdamW); BF16 state keeps them too
+      (stochastic rounding maps NaN to NaN and +-inf to +-inf);
+    * block-quantized state ("int8", "int4", "fp8") stores a non-finite moment as 0 over a block scale of
+      the finite values (blockwise.quantize_blockwise), so the new state is bit for bit the state this
+      step gives when that element's new moments are 0, and every other element of the block (parameter,
+      moments, codes) is exactly what it would be then. Later steps restart the element's moments from 0.
+    Nothing reaches another element: the block absmax is the only operation that mixes elements.
+    """
     fmt = get_state_format(state["state_dtype"])
     numel = param.numel()
     g = grad.reshape(-1).float()

@@ -66,7 +66,8 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, rbits: torch.Tensor) -
     `rbits`: random integers (int64 tensor); the low 16 bits are used for BF16, bits 8..31 for FP16.
     BF16 is FP32's top half: add 16 random bits to the FP32 pattern and cut the low half off (a carry,
     i.e. rounding up, happens with probability low_half / 2**16; it saturates nowhere: values near
-    BF16's max are far from any optimizer state or weight).
+    BF16's max are far from any optimizer state or weight). +-inf stay (their low half is 0); NaN is
+    passed through, since a NaN's pattern may carry: the GPU's NaN 0x7FFFFFFF would round to -0.0.
     FP16: with down/up the neighbours of |x|, up if u < (|x| - down) / (up - down), u = bits 8..31 of
     rbits times 2**-24 (the gap is a power of two, so the fraction is exact); past the largest finite
     value it saturates (the gap to inf gives a fraction of 0).
@@ -75,7 +76,7 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, rbits: torch.Tensor) -
         bits = x.float().view(torch.int32).to(torch.int64) & _MASK32
         rounded = (bits + (rbits & 0xFFFF)) & 0xFFFF0000
         rounded = torch.where(rounded >= 2 ** 31, rounded - 2 ** 32, rounded).to(torch.int32)
-        return rounded.view(torch.float32).to(torch.bfloat16)
+        return torch.where(torch.isnan(x), x.float(), rounded.view(torch.float32)).to(torch.bfloat16)
     if dtype != torch.float16:
         raise ValueError(f"stochastic rounding targets bfloat16 or float16, not {dtype}")
     rand = ((rbits & _MASK32) >> 8).float() * (2.0 ** -24)

@@ -11,6 +11,13 @@ import triton
 import triton.language as tl
 
 RINT_MAGIC = tl.constexpr(12582912.0)   # 1.5 * 2**23: (x + M) - M rounds x in [0, 2**22) to an integer (RNE)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)   # largest finite FP32: |x| <= it is false for NaN and +-inf
+
+
+@triton.jit
+def finite_or_zero(x):
+    """blockwise.finite_or_zero: NaN and +-inf -> 0 (one compare and one select per value)."""
+    return tl.where(tl.abs(x) <= FLT_MAX, x, 0.0)
 
 
 @triton.jit
@@ -42,7 +49,8 @@ def stochastic_round(x, rbits, DT: tl.constexpr):
     if DT == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         rounded = (bits + (rbits & 0xFFFF)) & 0xFFFF0000
-        return rounded.to(tl.float32, bitcast=True).to(tl.bfloat16)
+        # NaN passes through (0x7FFFFFFF, the GPU's NaN, would carry into the sign bit and round to -0.0)
+        return tl.where(x != x, x, rounded.to(tl.float32, bitcast=True)).to(tl.bfloat16)
     r = (rbits >> 8).to(tl.float32) * 5.9604644775390625e-08
     a = tl.abs(x)
     nearest = a.to(DT)
