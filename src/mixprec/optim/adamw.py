@@ -47,7 +47,9 @@ class AdamW(torch.optim.Optimizer):
         lr, betas, eps, weight_decay: as torch.optim.AdamW (floats).
         state_dtype: how the moments are stored: "fp32" (8 B/param), "bf16" (4, stochastically
             rounded), "int8" (2.03, block-quantized non-linear codes), "int4" (1.06), "fp8"
-            (2.03, E4M3 moments). Tensors under `min_quant_numel` elements keep FP32.
+            (2.03, E4M3 moments). Tensors under `min_quant_numel` elements keep FP32. A NaN or inf
+            gradient element makes its own parameter NaN, as torch.optim.AdamW does, and nothing else:
+            low-bit state stores such a moment as 0 and scales each block by its finite values only.
         rounding: how a BF16/FP16 parameter takes the FP32 update: "nearest" (loses updates under
             half an ulp), "stochastic" (unbiased, seeded), "kahan" (a compensation buffer, +2 B/param).
             FP32 parameters ignore it.

@@ -103,8 +103,10 @@ def reference_step(param: torch.Tensor, grad: torch.Tensor, state: dict, hp: Ada
     * block-quantized state ("int8", "int4", "fp8") stores a non-finite moment as 0 over a block scale of
       the finite values (blockwise.quantize_blockwise), so the new state is bit for bit the state this
       step gives when that element's new moments are 0, and every other element of the block (parameter,
-      moments, codes) is exactly what it would be then. Later steps restart the element's moments from 0.
-    Nothing reaches another element: the block absmax is the only operation that mixes elements.
+      moments, codes) is exactly what it would be then; that is also what a finite gradient there gives,
+      unless that element would have held its block's largest moment. Later steps restart the element's
+      moments from 0 (its parameter stays NaN, as with FP32 state).
+    Nothing reaches another element: the block absmax is the only place where elements' values meet.
     """
     fmt = get_state_format(state["state_dtype"])
     numel = param.numel()
