@@ -47,7 +47,8 @@ env = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": sys.argv[2], "python":
        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 try:
     env["nvidia_smi"] = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm", "--format=csv,noheader"],
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm",
+         "--format=csv,noheader"],
         capture_output=True, text=True, timeout=30).stdout.strip()
 except (OSError, subprocess.SubprocessError) as err:
     env["nvidia_smi"] = f"not run: {err}"
@@ -122,21 +123,23 @@ run_step() {
       else
         local v
         for v in "${fp8_gpt_variants[@]:1}"; do
-          run "fp8-gpt-$v" "$py" benchmarks/bench_fp8.py gpt --variants "bf16,$v" --rounds 5 --json "$out/fp8-gpt-$v.json"
+          run "fp8-gpt-$v" "$py" benchmarks/bench_fp8.py gpt --variants "bf16,$v" --rounds 5 \
+              --json "$out/fp8-gpt-$v.json"
         done
       fi ;;
     optim) run optim "$py" benchmarks/bench_optim.py --device cuda --json "$out/optim.json" ;;
     train) run_step train-eager; run_step train-compiled ;;
     train-eager) run train-eager "$py" benchmarks/bench_train.py --step-trace --out "$work/train" \
                      --json "$out/train-eager.json" ;;
-    train-compiled) run train-compiled "$py" benchmarks/bench_train.py --compile --repeats 4 --out "$work/train-compiled" \
-                        --json "$out/train-compiled.json" ;;
+    train-compiled) run train-compiled "$py" benchmarks/bench_train.py --compile --repeats 4 \
+                        --out "$work/train-compiled" --json "$out/train-compiled.json" ;;
     *)
       if [[ -f benchmarks/bench_$1.py ]]; then
         run "$1" "$py" "benchmarks/bench_$1.py" --json "$out/$1.json"
       else
         failed+=("$1 (no such step)")
-        say "no step '$1': choose core, fp8, fp8-quantize, fp8-linear, fp8-gpt, optim, train, train-eager, train-compiled or a bench_<area>.py"
+        say "no step '$1': choose core, fp8, fp8-quantize, fp8-linear, fp8-gpt, optim, train, train-eager," \
+            "train-compiled or the <area> of a benchmarks/bench_<area>.py"
       fi ;;
   esac
 }
