@@ -94,3 +94,11 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.fc3(F.gelu(self.fc2(F.gelu(self.norm(self.fc1(x))))))
+
+
+def regression_task(seed=0, n=512):
+    """A small regression task for the MLP: y = tanh(x W) + noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 32, generator=g)
+    w = torch.randn(32, 8, generator=g) / 4
+    return x, torch.tanh(x @ w) + 0.05 * torch.randn(n, 8, generator=g)

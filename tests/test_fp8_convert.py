@@ -119,3 +119,34 @@ def test_bad_config_and_model_types():
         convert(TinyLM(), config={"recipe": "blockwise"})
     with pytest.raises(TypeError):
         convert("model", Float8Config())
+
+
+def test_a_converted_linear_keeps_its_children_hooks_and_attributes():
+    cfg = Float8Config(min_features=16)
+    root = nn.Linear(32, 32)
+    root.adapter = nn.Linear(32, 32)      # a child module (e.g. a LoRA adapter registered on the layer)
+    root.tag = "kept"
+    calls = []
+    root.register_forward_hook(lambda m, i, o: calls.append(1))
+    converted = convert(root, cfg, filter=lambda name, m: name == "")
+    assert isinstance(converted, Float8Linear) and converted.adapter is root.adapter and converted.tag == "kept"
+    assert converted.weight is root.weight
+    converted(torch.randn(2, 32))
+    assert calls == [1]
+    assert set(converted.state_dict()) == set(root.state_dict())
+    # the same inside a model: the replaced child keeps its own children
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 8))
+    model[0].extra = nn.LayerNorm(32)
+    convert(model, cfg)
+    assert isinstance(model[0], Float8Linear) and isinstance(model[0].extra, nn.LayerNorm)
+
+
+def test_linear_subclasses_with_their_own_forward_are_not_converted():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Scaled(512, 512), nn.Linear(512, 512), nn.Linear(512, 8))
+    convert(model, Float8Config(), filter=lambda name, m: True)
+    assert type(model[0]) is Scaled and isinstance(model[1], Float8Linear)
+    assert "own forward" in [d.reason for d in report(model) if d.name == "0"][0]

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+import mixprec as mp
 from mixprec.fp8 import Float8Config, Float8Linear, dequantize, quantize
 from tolerances import FP32_ORDER_ATOL, FP32_ORDER_RTOL, FP8_BLOCKWISE_SQNR_DB
 
@@ -193,3 +194,20 @@ def test_backward_saves_input_and_weight_in_fp8(recipe):
     assert all(t.dtype in fp8 for t in big), [t.dtype for t in big]
     assert sum(t.numel() * t.element_size() for t in saved) < 0.3 * 4 * (x.numel() + layer.weight.numel())
     y.sum().backward()
+
+
+@pytest.mark.parametrize("cast", ["to", "half", "prepare"])
+def test_delayed_scaling_state_stays_fp32_whatever_the_module_dtype(cast):
+    f = Float8Linear(32, 16, config=Float8Config(recipe="delayed", backend="emulate"))
+    if cast == "prepare":   # a pure-FP16 policy casts the model's parameters and buffers
+        holder = torch.nn.Sequential(f)
+        mp.prepare(holder, mp.Policy.from_recipe("fp16-true", fp32_rules=False))
+    else:
+        f = f.to(torch.float16) if cast == "to" else f.half()
+    assert f.weight.dtype == torch.float16
+    assert all(getattr(f, n).dtype == torch.float32 for n in
+               ("amax_history_input", "amax_history_weight", "amax_history_grad_output"))
+    x = torch.randn(8, 32) * 1e5          # above FP16's largest value 65504
+    f(x)
+    assert f(x).isfinite().all()
+    assert f.amax_history_input[0] == x.abs().amax()

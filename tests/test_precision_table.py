@@ -226,7 +226,7 @@ def _op_table_cases(d):
 def test_cuda_autocast_lists_compute_the_built_in_op_rows():
     """op_rules="autocast" (no function mode) gives what the rules give, on CUDA, for every built-in op
     function but CUDA_AUTOCAST_EXCEPTIONS, which do differ as stated."""
-    from mixprec.autocast import CUDA_AUTOCAST_EXCEPTIONS
+    from mixprec.context import CUDA_AUTOCAST_EXCEPTIONS
     from tolerances import FP32_ORDER_ATOL, FP32_ORDER_RTOL
     cases = _op_table_cases("cuda")
     builtin = {fn for rule in mp.rules.BUILTIN_OP_RULES for fn in rule.functions}

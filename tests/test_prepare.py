@@ -81,8 +81,10 @@ def test_fp16_true_with_master_weights_trains():
         first = first if first is not None else loss.item()
         optimizer.zero_grad()
         scaler.scale(loss).backward()
-        assert model.fc2.weight.grad is None  # the half gradient went to the master and was freed
+        half_grad = model.fc2.weight.grad.float()  # autograd accumulates in the model, as for any model
         scaler.unscale_(optimizer)
+        master = dict(zip(map(id, model.parameters()), mp.master_params(optimizer)))[id(model.fc2.weight)]
+        assert torch.equal(master.grad, half_grad / scaler.get_scale())  # synced, then unscaled in FP32
         torch.nn.utils.clip_grad_norm_(mp.master_params(optimizer), 1.0)
         scaler.step(optimizer)
         scaler.update()

@@ -1,7 +1,7 @@
 """mixprec: mixed precision training for PyTorch (FP16, BF16, FP8) made safe and automatic."""
-from mixprec import formats, fp8, ops, optim, rules
-from mixprec.autocast import autocast
-from mixprec.compat import LossScaleOptimizer, initialize, load_state_dict, scale_loss, state_dict
+from mixprec import compat, formats, fp8, ops, optim, rules
+from mixprec.compat.apex import initialize, scale_loss
+from mixprec.context import autocast
 from mixprec.explain import explain
 from mixprec.fp8.config import Float8Config
 from mixprec.masters import MasterWeights, master_params
@@ -11,6 +11,6 @@ from mixprec.scaler import LossScaler
 
 __version__ = "0.1.0"
 
-__all__ = ["Float8Config", "LossScaleOptimizer", "LossScaler", "MasterWeights", "Policy", "autocast", "explain",
-           "formats", "fp8", "initialize", "load_state_dict", "master_params", "ops", "opt_levels", "optim", "prepare", "recipes",
-           "rules", "scale_loss", "state_dict", "__version__"]
+__all__ = ["Float8Config", "LossScaler", "MasterWeights", "Policy", "autocast", "compat", "explain",
+           "formats", "fp8", "initialize", "master_params", "ops", "opt_levels", "optim", "prepare", "recipes",
+           "rules", "scale_loss", "__version__"]

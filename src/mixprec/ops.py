@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mixprec import emulation, head_loss
-from mixprec.autocast import logical_dtype, to_fp32
+from mixprec.context import logical_dtype, to_fp32
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,

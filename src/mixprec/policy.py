@@ -119,8 +119,8 @@ class Policy:
         """
         if opt_level not in _OPT_LEVELS:
             raise ValueError(f"Unknown opt_level {opt_level!r}; choose one of: {', '.join(_OPT_LEVELS)}")
-        if dtype not in _HALF:
-            raise ValueError(f"dtype must be torch.float16 or torch.bfloat16; got {dtype!r}")
+        if dtype not in _HALF and not (opt_level == "O0" and dtype == torch.float32):
+            raise ValueError(f"dtype must be torch.float16 or torch.bfloat16 (or torch.float32 for O0); got {dtype!r}")
         policy = _OPT_LEVELS[opt_level](dtype)
         return policy.replace(**overrides) if overrides else policy
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from mixprec import emulation, rules
-from mixprec.autocast import logical_dtype, map_tensors, to_fp32
+from mixprec.context import logical_dtype, map_tensors, to_fp32
 from mixprec.ops import linear_fp32_output
 from mixprec.policy import Policy
 from mixprec.rules import Precision
@@ -187,10 +187,13 @@ def prepare(model: nn.Module, policy: Policy | str, *, head: str | None = None) 
         plan.append(ModulePlan(name, original_class(module).__name__, role,
                                rule.precision if rule else None, rule.why if rule else "",
                                None))
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(policy.param_dtype) if t.is_floating_point() and id(t) not in keep_fp32 else t
+
+    # Parameters and floating buffers (BatchNorm's running statistics), as model.half() casts them;
+    # through _apply, so that a module keeping some state in FP32 (Float8Linear's amax histories) can.
     for module in half_modules:
-        for p in module.parameters(recurse=False):
-            if p.is_floating_point() and id(p) not in keep_fp32:
-                p.data = p.data.to(policy.param_dtype)
+        module._apply(cast, recurse=False)
     model._mixprec_plan = [
         ModulePlan(p.name, p.kind, p.role, p.precision, p.why, _param_dtype(model.get_submodule(p.name)))
         for p in plan]

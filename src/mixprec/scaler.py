@@ -47,7 +47,7 @@ _READY, _UNSCALED, _STEPPED = "ready", "unscaled", "stepped"
 _FP16_GRAD_MESSAGE = (
     "Attempting to unscale FP16 gradients. Unscaling FP16 gradients in place loses the small values loss "
     "scaling exists to keep: give the optimizer FP32 parameters (mixed precision) or FP32 master weights "
-    "(Policy(master_weights=True), apex opt level O2).")
+    "(Policy(master_weights=True), apex opt level O2), or, for pure FP16 (apex O3), a static loss scale of 1.")
 
 
 @dataclass
@@ -132,6 +132,7 @@ class LossScaler:
         self._updates_since_check = 0
         self._reported_at_min = 0
         self._passthrough_reason: str | None = None
+        self._static_scale: float | None = float(init_scale)   # the host's copy while the scale is static
 
     # ---- construction from a Policy --------------------------------------------------------------------
     @classmethod
@@ -204,7 +205,8 @@ class LossScaler:
                                "(e.g. to clip), and update() at the end of the iteration")
         # The reciprocal in FP64, rounded once to FP32, as GradScaler does: unscaled grads then match it bitwise.
         inv_scale = self._scale.double().reciprocal().float()
-        self._record(state, _unscale_grads_(optimizer, inv_scale, allow_fp16=False))
+        _sync_master_grads(optimizer)
+        self._record(state, _unscale_grads_(optimizer, inv_scale, allow_fp16=self._unit_static_scale()))
         state.stage = _UNSCALED
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -223,6 +225,7 @@ class LossScaler:
         if state.stage == _STEPPED:
             raise RuntimeError("step() has already been called on this optimizer since the last update(); call "
                                "scaler.update() once per iteration, after stepping every optimizer")
+        _sync_master_grads(optimizer)
         if _takes_found_inf(optimizer):
             # The optimizer unscales and skips inside its own kernel: pass the scale and found_inf, no sync.
             if state.stage == _READY:
@@ -366,6 +369,7 @@ class LossScaler:
                       "skipped": int(state_dict.get("num_skipped_steps", 0)),
                       "at_min": int(state_dict.get("num_overflows_at_min_scale", 0))}
         self._reported_at_min = self._init["at_min"]
+        self._static_scale = self._init["scale"]
         if self._scale is not None:
             self._lazy_init(self._scale.device)
 
@@ -431,9 +435,15 @@ class LossScaler:
                 raise ValueError(f"new_scale must be a number or a 1-element tensor without grad; got a tensor of "
                                  f"shape {tuple(new_scale.shape)}, requires_grad={new_scale.requires_grad}")
             self._scale.copy_(new_scale.reshape(()))
+            self._static_scale = None   # unknown on the host without a sync
         else:
             _check_number("new_scale", new_scale, lambda v: 0 < v < math.inf, "a positive finite number")
             self._scale.fill_(float(new_scale))
+            self._static_scale = float(new_scale)
+
+    def _unit_static_scale(self) -> bool:
+        """A static scale of 1 (apex O3's): unscaling multiplies by 1, exact in any dtype, FP16 included."""
+        return not self._dynamic and self._static_scale == 1.0
 
     def _warn_if_stuck(self) -> None:
         at_min = self.num_overflows_at_min_scale
@@ -487,6 +497,13 @@ def _unscale_grads_(optimizer: torch.optim.Optimizer, inv_scale: torch.Tensor,
                 torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, device_inv_scale)
             found_inf_per_device[device] = found_inf
     return found_inf_per_device
+
+
+def _sync_master_grads(optimizer: torch.optim.Optimizer) -> None:
+    """Bring FP32 master gradients up to date with the model's (mixprec.masters.MasterWeights)."""
+    sync = getattr(optimizer, "sync_grads", None)
+    if callable(sync):
+        sync()
 
 
 def _takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:

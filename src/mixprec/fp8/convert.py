@@ -88,8 +88,9 @@ def convert(model: nn.Module, config: Float8Config | None = None, filter: Filter
     config: the FP8 recipe (default Float8Config(): blockwise, backend auto).
     filter: (qualified name, Linear) -> True to convert; replaces the default filter (see
             `default_filter`, which callers can wrap). Idempotent: layers already in FP8 stay as they are.
-    The decisions land in `model._mixprec_fp8_report`; `describe(model)` prints them. A bare nn.Linear
-    passed as the model comes back as a new Float8Linear (it cannot be replaced in place).
+    The decisions land in `model._mixprec_fp8_report`; `describe(model)` prints them. An nn.Linear
+    passed as the model comes back as a new Float8Linear (it cannot be replaced in place) that keeps
+    its children. Linear subclasses with a forward of their own are never converted.
     """
     config = config if config is not None else Float8Config()
     if not isinstance(config, Float8Config):
@@ -105,18 +106,19 @@ def convert(model: nn.Module, config: Float8Config | None = None, filter: Filter
         if isinstance(module, Float8Linear):
             decisions.append(Fp8Decision(name, module.in_features, module.out_features, True, "already FP8"))
             continue
-        if filter is not None:
+        if type(module).forward is not nn.Linear.forward:
+            reason = f"{type(module).__name__} has its own forward (converting would replace it)"
+        elif filter is not None:
             reason = None if filter(name, module) else "excluded by the filter"
         else:
             reason = rule(name, module)
         if reason is None:
             new = swapped.setdefault(id(module), Float8Linear.from_linear(module, config))
-            if not name:
-                new._mixprec_fp8_report = Fp8Report([Fp8Decision(name, module.in_features, module.out_features,
-                                                                 True, f"converted ({config.recipe})")])
-                return new
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, new)
+            if name:
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, new)
+            else:   # the root itself: it cannot be replaced in place, the caller gets the new module
+                model = new
         decisions.append(Fp8Decision(name, module.in_features, module.out_features, reason is None,
                                      reason or f"converted ({config.recipe})"))
     model._mixprec_fp8_report = Fp8Report(decisions)

@@ -25,6 +25,9 @@ from mixprec.fp8.gemm import Operand, mm_nt
 from mixprec.fp8.recipes import GRANULARITY, quantize_pair
 
 
+_HISTORIES = ("amax_history_input", "amax_history_weight", "amax_history_grad_output")
+
+
 class _Float8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, recipe: str, fwd_fmt: str, bwd_fmt: str, power_of_2: bool, block: int,
@@ -88,9 +91,9 @@ class Float8Linear(nn.Linear):
         self._note_device()
         if self.config.recipe == "delayed":
             device = self.weight.device if self.weight.device.type != "meta" else None
-            for name in ("input", "weight", "grad_output"):
-                self.register_buffer(f"amax_history_{name}",
-                                     torch.zeros(self.config.amax_history_len, device=device), persistent=False)
+            for name in _HISTORIES:
+                self.register_buffer(name, torch.zeros(self.config.amax_history_len, dtype=torch.float32,
+                                                       device=device), persistent=False)
 
     def _note_device(self) -> None:
         # Whether the weight's device runs FP8 GEMMs, looked up whenever the weight moves (here and in
@@ -98,20 +101,29 @@ class Float8Linear(nn.Linear):
         self._fp8_capable = self.weight.device.type != "meta" and fp8_gemm_supported(self.weight.device)
 
     def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)    # .to(), .cuda(), .half(), to_empty() ...
+        # .to(), .cuda(), .half(), to_empty() ...: delayed scaling's amax histories follow the weight's
+        # device but stay FP32 (an FP16 history records amaxes above 65504 as inf, and the scale as 0).
+        histories = {n: self._buffers.pop(n) for n in _HISTORIES if self._buffers.get(n) is not None}
+        out = super()._apply(fn, *args, **kwargs)
+        for name, history in histories.items():
+            device = self.weight.device if self.weight.device.type != "meta" else history.device
+            self.register_buffer(name, history.to(device), persistent=False)
         if hasattr(self, "config"):
             self._note_device()
         return out
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: Float8Config | None = None) -> "Float8Linear":
-        """A Float8Linear sharing `linear`'s weight and bias Parameters (no copy)."""
+        """A Float8Linear that takes over `linear` whole: its Parameters (shared, no copy), child modules,
+        buffers, hooks and attributes; only the class, and so the forward, changes."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        new.weight = linear.weight
-        new.bias = linear.bias
-        new.train(linear.training)
+        new = cls.__new__(cls)
+        state = dict(linear.__dict__)
+        for key, value in state.items():   # own containers: registering on one must not change the other
+            if isinstance(value, dict):
+                state[key] = type(value)(value)
+        new.__dict__.update(state)
         new._init_fp8(config)   # after the Parameters arrive: delayed scaling's buffers go to their device
         return new
 

@@ -161,6 +161,11 @@ class PrecisionMode(TorchFunctionMode):
             return emulation.to_fp16_values(args[0])
         if func is torch.Tensor.to and _requests_fp16(args, kwargs):
             return emulation.to_fp16_values(args[0])
+        if any(t.dtype == torch.float16 for t in _flat_tensors(args, kwargs)):
+            # Real FP16 tensors (a half model's parameters and buffers, which ops like batch_norm update in
+            # place): run the op natively in FP16, with the emulated FP16 values given as real ones (exact).
+            to_half = lambda t: t.half() if emulation.is_logical_fp16(t) else t  # noqa: E731
+            return func(*map_tensors(to_half, args), **map_tensors(to_half, kwargs))
         out = func(*args, **kwargs)
         if _inputs_are_logical_fp16(args, kwargs):
             return emulation.mark_output(out) if func in emulation.EXACT_OPS else emulation.round_output(out)
