@@ -189,19 +189,24 @@ def test_quantized_state_follows_the_contract_written_plainly(state_dtype, bad):
 
 @pytest.mark.parametrize("state_dtype", ["int8", "int4", "fp8"])
 def test_overflowing_second_moment_stays_in_its_element(state_dtype):
-    # A finite gradient whose square overflows FP32 (|g| > 1.8e19) makes v = inf: FP32 Adam's update of
-    # that element is then 0 (m / inf), and the block's other elements must not see the inf scale.
-    p = torch.nn.Parameter(torch.randn(N) * 0.5)
-    opt = mo.AdamW([p], lr=LR, state_dtype=state_dtype)
+    # A finite gradient whose square overflows FP32 (|g| > 1.8e19) makes v = inf: FP32 Adam's update of that
+    # element is then the decay alone (m / inf = 0), and the block must not take the inf as its v scale.
+    p0 = torch.randn(N) * 0.5
+    p = torch.nn.Parameter(p0.clone())
+    opt = mo.AdamW([p], lr=LR, weight_decay=WD, state_dtype=state_dtype)
     g = torch.randn(N) * 0.1
     g[BAD] = 1e20
     p.grad = g
     opt.step()
-    p.grad = torch.randn(N) * 0.1
-    opt.step()
-    m, v = state_to_moments(opt.state[p], N)
-    assert torch.isfinite(p).all() and torch.isfinite(m).all() and torch.isfinite(v).all()
-    assert torch.isfinite(opt.state[p]["exp_avg_sq_absmax"]).all()
+    assert p[BAD].item() == (p0[BAD] - p0[BAD] * torch.tensor(LR * WD)).item()
+    elsewhere = torch.ones(N, dtype=torch.bool)
+    elsewhere[BAD] = False
+    for _ in range(2):
+        p.grad = torch.randn(N) * 0.1
+        opt.step()
+        m, v = state_to_moments(opt.state[p], N)
+        assert torch.isfinite(p[elsewhere]).all() and torch.isfinite(m).all() and torch.isfinite(v).all()
+        assert torch.isfinite(opt.state[p]["exp_avg_sq_absmax"]).all()
 
 
 def test_fp32_checkpoint_with_a_nan_loads_into_low_bit_state_without_spreading():
