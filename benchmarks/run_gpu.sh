@@ -14,8 +14,8 @@
 # every 250 ms (these benchmarks run the GPU at its power cap, which moves timings; see
 # results/fp8.md). Peers (torchao, bitsandbytes) are installed from the wheels in .whl/ when present;
 # without them their rows say why they are missing. Every step runs even if one before it failed; the
-# exit status is 0 only when every step exited 0. Python: $PYTHON, else python3. The commit: git's,
-# else $BENCH_COMMIT (a copy of the tree without .git), else "unknown".
+# exit status is 0 only when every step exited 0. Python: $PYTHON, else python3. The commit recorded:
+# $BENCH_COMMIT when set (a copy of the tree whose .git is absent or stale), else git's, else "unknown".
 set -u -o pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,8 +37,12 @@ if compgen -G ".whl/*/*.whl" > /dev/null || compgen -G ".whl/*.whl" > /dev/null;
       $(find .whl -name '*.whl') >> "$log" 2>&1 || say "peer wheels from .whl/ did not install (see run.log)"
 fi
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}:$work/site" PYTHONUNBUFFERED=1
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo "${BENCH_COMMIT:-unknown}")
-[[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]] && commit="$commit (uncommitted changes)"
+if [[ -n ${BENCH_COMMIT:-} ]]; then
+  commit=$BENCH_COMMIT
+else
+  commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+  [[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]] && commit="$commit (uncommitted changes)"
+fi
 "$py" - "$out/env.json" "$commit" <<'EOF' 2>&1 | tee -a "$log"
 import importlib, json, subprocess, sys, time
 import torch
