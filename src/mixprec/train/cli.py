@@ -1,8 +1,16 @@
 """The `mixprec` command: `recipes`, `train` and `compare` (also `python -m mixprec`).
 
 Mistakes a user can make (an unknown model, recipe or device, --device cuda without a GPU, --steps 0,
-resuming a run of another model or recipe, a missing corpus) end with one line naming the valid
-choices and exit code 2, never a traceback. Ctrl-C during `train` saves a checkpoint and exits 130.
+--lr inf, a --seq-len that cannot fit, resuming a run of another model or recipe or a damaged
+checkpoint, a missing corpus, an --out that is a file or not writable or already holds a run, an FP8
+recipe that converts no layer of the model) end with one line naming the valid choices and exit code 2,
+never a traceback. Exit codes:
+
+    0    done
+    2    a usage error (one line on stderr), nothing trained
+    3    the run diverged (a non-finite loss, or every step skipped by the loss scaler): stopped, the last
+         good checkpoint kept
+    130  SIGINT (Ctrl-C), 143 SIGTERM: `train` finishes its step, saves a checkpoint and says where
 """
 from __future__ import annotations
 
@@ -16,9 +24,11 @@ import torch
 from mixprec.policy import Policy, recipes
 from mixprec.train.config import DEVICES, TASKS, TrainConfig, resumed_config
 from mixprec.train.models import MODELS
+from mixprec.train.stops import Diverged, Interrupted, raise_on_signals
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130     # 128 + SIGINT, the shell's convention
+EXIT_DIVERGED = 3
+EXIT_SIGNAL_BASE = 128     # a signal ends the command with 128 + its number, the shell's convention (130, 143)
 COMPARE_STEPS = 300        # the default main job: a few hundred steps, a loss well below the byte-unigram entropy
 COMPARE_EVALS = 6          # validation points on compare's curves
 
@@ -80,9 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
                                             "source for gpt/lstm/gru, the UCI digits for cnn) under a recipe.")
     train.add_argument("--recipe", help="a recipe from `mixprec recipes` (default bf16-mixed)")
     _add_run_arguments(train)
-    train.add_argument("--ckpt-every", type=int, help="checkpoint every N steps; 0: only at the end (default 500)")
-    train.add_argument("--out", help="output directory (default runs/<model>-<recipe>)")
+    train.add_argument("--ckpt-every", type=int, help="checkpoint every N steps; 0: only at the end (default 100); "
+                                                      "always at the end and on Ctrl-C or SIGTERM")
+    train.add_argument("--out", help="output directory (default runs/<model>-<recipe>); one holding a run is "
+                                     "refused unless --resume or --overwrite")
     train.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint is in DIR")
+    train.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its "
+                                                                "checkpoints, metrics and config are deleted)")
+    train.add_argument("--allow-no-fp8", action="store_true", help="train an FP8 recipe even when it converts no "
+                                                                   "Linear layer of the model (it then computes "
+                                                                   "as bf16-mixed)")
 
     compare = commands.add_parser("compare", help="the same run under several recipes, side by side",
                                   description="Train the same model, seed, data order and steps under each "
@@ -95,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(in OUT/seed-<s>/), then each recipe's difference to the reference "
                                          "as mean and spread over the seeds (OUT/seeds.md): one run's "
                                          "difference is partly run-to-run noise")
-    compare.add_argument("--out", help="output directory (default runs/compare-<model>[-<task>])")
+    compare.add_argument("--out", help="output directory (default runs/compare-<model>[-<task>]); one holding a "
+                                       "run is refused unless --overwrite")
+    compare.add_argument("--overwrite", action="store_true", help="replace the comparison already in --out")
     return parser
 
 
@@ -123,7 +142,11 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def _setup_train(args: argparse.Namespace):
-    from mixprec.train.checkpoint import load_checkpoint
+    """Everything that can be checked before training, in the order that fails fastest; writes nothing."""
+    from mixprec.train.checkpoint import DamagedCheckpoint, load_checkpoint
+    from mixprec.train.fp8_coverage import describe, fp8_coverage
+    from mixprec.train.memory import check_fits
+    from mixprec.train.outputs import check_writable, refuse_existing_run
     from mixprec.train.trainer import Trainer
 
     overrides = _config_overrides(args)
@@ -133,8 +156,12 @@ def _setup_train(args: argparse.Namespace):
         overrides["ckpt_every"] = args.ckpt_every
     state = None
     if args.resume is not None:
-        state = load_checkpoint(args.resume)
         overrides["out"] = args.out or args.resume
+        if args.overwrite and _same_dir(overrides["out"], args.resume):
+            raise ValueError(f"--overwrite would delete the run that --resume {args.resume} continues; give one "
+                             f"of them (or another --out)")
+        state = load_checkpoint(args.resume, warn=lambda line: print(f"mixprec train: warning: {line}",
+                                                                     file=sys.stderr, flush=True))
         cfg = resumed_config(state["config"], overrides, args.resume)
         if cfg.steps <= state["step"]:
             raise UsageError(f"--resume {args.resume} is at step {state['step']} of {cfg.steps}: nothing to do; "
@@ -143,8 +170,24 @@ def _setup_train(args: argparse.Namespace):
         model, recipe = overrides.get("model", "gpt"), overrides.get("recipe", "bf16-mixed")
         overrides["out"] = args.out or str(Path("runs") / f"{model}-{recipe}")
         cfg = TrainConfig(**overrides)
+    check_writable(cfg.out)
+    if not args.overwrite and not (args.resume is not None and _same_dir(cfg.out, args.resume)):
+        refuse_existing_run(cfg.out, resumable=True)
     _require_device(cfg.device)
-    return Trainer(cfg, resume=state, progress=not args.quiet)
+    check_fits(cfg)
+    try:
+        trainer = Trainer(cfg, resume=state, progress=not args.quiet)
+    except DamagedCheckpoint as e:   # the state loaded is not the state saved
+        raise ValueError(f"--resume {args.resume}: {e}") from e
+    fp8 = trainer.policy.fp8
+    if fp8 is not None and fp8_coverage(trainer.model)[0] == 0 and state is None and not args.allow_no_fp8:
+        raise ValueError(describe(cfg, fp8, trainer.model, "this run would compute") + "; or give --recipe bf16-mixed (the same computation), "
+                         "or --allow-no-fp8 to train it anyway")
+    return trainer
+
+
+def _same_dir(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _setup(setup, args: argparse.Namespace):
@@ -157,30 +200,55 @@ def _setup(setup, args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mixprec.train.trainer import fp8_coverage
+    from mixprec.train.fp8_coverage import describe
+    from mixprec.train.outputs import clear_run
 
     trainer = _setup(_setup_train, args)
-    cfg = trainer.cfg
+    cfg, out = trainer.cfg, Path(trainer.cfg.out)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     print(f"mixprec train: {cfg.model} ({n_params:,} parameters), recipe {cfg.recipe} "
           f"({trainer.policy.describe()}), {cfg.steps} steps on {cfg.device}" + (", compiled" if cfg.compile else "")
           + (f", resuming at step {trainer.step}" if trainer.step else "") + f"; output in {cfg.out}", flush=True)
     if trainer.policy.fp8 is not None:
-        fp8, total = fp8_coverage(trainer.model)
-        print(f"FP8: {fp8} of {total} Linear layers" + ("" if fp8 else " (all below min_features=256 or "
-              "kept in high precision: this run computes as bf16-mixed; try --d-model 256)"), flush=True)
-    summary = trainer.run()
+        print(f"FP8: {describe(cfg, trainer.policy.fp8, trainer.model)}", flush=True)
+    if args.overwrite:
+        clear_run(out)
+    try:
+        summary = trainer.run()
+    except Interrupted as stop:
+        print(f"mixprec train: {_stopped_message(stop, out)}", file=sys.stderr, flush=True)
+        return EXIT_SIGNAL_BASE + stop.signum
+    except Diverged as diverged:
+        kept = (f"the last good checkpoint, {diverged.checkpoint} (step {diverged.checkpoint_step}), is kept as it was"
+                if diverged.checkpoint else "no checkpoint was saved before it")
+        print(f"mixprec train: the run diverged at step {diverged.step}: {diverged.reason}; {kept}; metrics: "
+              f"{out / 'metrics.jsonl'}. Try a lower --lr (this run's: {cfg.lr:g})", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
     scale = "-" if summary.final_scale is None else f"{summary.final_scale:g}"
     print(f"done: step {summary.steps_done}, train loss {summary.final_train_loss:.4f}, validation loss "
           f"{summary.final_val_loss:.4f}, {summary.items_per_s:,.0f} {summary.item_name}/s, "
           f"{summary.skipped_steps} steps skipped, loss scale {scale}")
-    print(f"checkpoint: {Path(cfg.out) / 'checkpoint.pt'}; metrics: {Path(cfg.out) / 'metrics.jsonl'}")
+    print(f"checkpoint: {out / 'checkpoint.pt'}; metrics: {out / 'metrics.jsonl'}")
     return 0
+
+
+def _stopped_message(stop: Interrupted, out: Path) -> str:
+    """One line: what a signal interrupted, what is on disk, and how to go on."""
+    resume = f"; continue with: mixprec train --resume {out}"
+    if stop.saved_now:
+        return f"interrupted by {stop.name} at step {stop.step}: checkpoint saved to {stop.checkpoint}{resume}"
+    at_once = f"stopped at once by a second {stop.name} after step {stop.step}"   # steps done; the next one is lost
+    if stop.checkpoint is not None:
+        return f"{at_once}: the last checkpoint is {stop.checkpoint} (step {stop.checkpoint_step}){resume}"
+    return f"{at_once}: no checkpoint was saved"
 
 
 def _setup_compare(args: argparse.Namespace) -> tuple[TrainConfig, list[str], Path, list[int] | None]:
     from mixprec.train.data import batches_for
     from mixprec.train.experiments import parse_recipes, parse_seeds
+
+    from mixprec.train.memory import check_fits
+    from mixprec.train.outputs import check_writable, refuse_existing_run
 
     names = parse_recipes(args.recipes)
     seeds = None
@@ -194,7 +262,13 @@ def _setup_compare(args: argparse.Namespace) -> tuple[TrainConfig, list[str], Pa
     model, task = overrides.get("model", "gpt"), overrides.get("task", "default")
     out = Path(args.out or Path("runs") / ("compare-" + model + ("" if task == "default" else f"-{task}")))
     base = TrainConfig(**overrides, recipe=names[0], out=str(out), ckpt_every=0)
+    for seed in seeds or ():
+        base.replace(seed=seed)   # each seed is valid before the first one trains
+    check_writable(out)
+    if not args.overwrite:
+        refuse_existing_run(out, resumable=False)
     _require_device(base.device)
+    check_fits(base)
     batches_for(base.model, batch_size=base.batch_size, seq_len=base.seq_len_or_default, seed=base.seed)  # data present?
     return base, names, out, seeds
 
@@ -203,12 +277,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from mixprec.train.experiments import run_comparison
     from mixprec.train.report import describe, markdown_table, notes, write_outputs
 
+    from mixprec.train.outputs import clear_run
+
     base, names, out, seeds = _setup(_setup_compare, args)
     print(f"mixprec compare: {base.model}, recipes {', '.join(names)}, {base.steps} steps each on {base.device}"
           + (f", seeds {', '.join(map(str, seeds))}" if seeds else "") + f"; output in {out}", flush=True)
-    if seeds:
-        return _compare_over_seeds(base, names, out, seeds, progress=not args.quiet)
-    comparison = run_comparison(base, names, out, progress=not args.quiet)
+    if args.overwrite:
+        clear_run(out)
+    try:
+        if seeds:
+            return _compare_over_seeds(base, names, out, seeds, progress=not args.quiet)
+        comparison = run_comparison(base, names, out, progress=not args.quiet)
+    except Interrupted as stop:
+        print(f"mixprec compare: interrupted by {stop.name}: no table was written; the recipes trained so far "
+              f"have their metrics in {out}", file=sys.stderr, flush=True)
+        return EXIT_SIGNAL_BASE + stop.signum
     paths = write_outputs(comparison, out)
     print()
     print(describe(comparison))
@@ -257,12 +340,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return _COMMANDS[args.command](args)
+        with raise_on_signals():
+            return _COMMANDS[args.command](args)
     except UsageError as e:
         return _usage_error(args.command, str(e))
-    except KeyboardInterrupt:
-        print("mixprec: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except Interrupted as stop:   # outside the training loop: nothing is being written
+        print(f"mixprec {args.command}: interrupted by {stop.name} before training started: nothing was written",
+              file=sys.stderr, flush=True)
+        return EXIT_SIGNAL_BASE + stop.signum
+    except OSError as e:
+        if e.filename is None:
+            raise
+        return _usage_error(args.command, f"cannot write {e.filename}: {e.strerror}")
 
 
 def _subcommand(argv: Sequence[str] | None) -> str:

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from mixprec.policy import recipes
 from mixprec.train.models import MODELS, ModelConfig, model_config
@@ -16,6 +17,8 @@ TASKS = ("default", "small-grad")
 # FP16's normal range. A power of two, so FP32 runs are exactly the default task's (Adam's eps and the
 # clipping threshold are multiplied by the same factor, and Adam is invariant to the gradients' scale).
 SMALL_GRAD_FACTOR = 2.0 ** -14
+
+MAX_SEED = 2 ** 32 - 1
 
 # Fields that fix the trajectory or the tensor shapes: a resumed run must match the checkpoint on these.
 RESUME_MUST_MATCH = ("model", "recipe", "seed", "batch_size", "task", "n_layer", "n_head", "d_model", "seq_len",
@@ -40,7 +43,8 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
-    ckpt_every: int = 500       # checkpoint cadence in steps; 0: only at the end (and on Ctrl-C)
+    ckpt_every: int = 100       # checkpoint cadence in steps (also at the end, and on Ctrl-C or SIGTERM); 0: only
+                                # then. 100: a default run of 300 steps loses at most a third of itself
     out: str = "runs/train"
     compile: bool = False       # torch.compile the model (the loss stays eager, as in REFERENCE.md's loop)
     # model sizes (None: the model's default)
@@ -69,10 +73,12 @@ class TrainConfig:
             raise ValueError(f"ckpt_every must be >= 0 (0: only at the end); got {self.ckpt_every}")
         if self.warmup is not None and not 0 <= self.warmup <= self.steps:
             raise ValueError(f"warmup must lie in [0, steps={self.steps}]; got {self.warmup}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive; got {self.lr}")
-        if self.weight_decay < 0 or self.grad_clip <= 0:
-            raise ValueError(f"weight_decay must be >= 0 and grad_clip > 0; got {self.weight_decay}, {self.grad_clip}")
+        _number("lr", self.lr, "a finite number > 0, e.g. 2e-3", lambda v: v > 0)
+        _number("weight_decay", self.weight_decay, "a finite number >= 0, e.g. 0.1", lambda v: v >= 0)
+        _number("grad_clip", self.grad_clip, "a finite number > 0, e.g. 1.0", lambda v: v > 0)
+        # numpy's generators take seeds >= 0, and 2**32 - 1 is the largest seed every generator here accepts
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (2**32 - 1); got {self.seed!r}")
         self.model_config()  # validates the sizes (e.g. d_model a multiple of n_head)
 
     def model_config(self) -> ModelConfig:
@@ -114,6 +120,12 @@ def resumed_config(saved: dict[str, Any], overrides: dict[str, Any], resume_dir:
     merged = {k: v for k, v in saved.items() if k in fields}
     merged.update({k: v for k, v in overrides.items() if v is not None and k in fields})
     return TrainConfig(**merged)
+
+
+def _number(field: str, value: object, expected: str, valid: Callable[[float], bool]) -> None:
+    """A float field: finite (argparse's float() accepts 'inf' and 'nan') and in its range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not valid(value):
+        raise ValueError(f"{field} must be {expected}; got {value!r}")
 
 
 def _choice(field: str, value: object, choices: tuple[str, ...]) -> None:

@@ -117,7 +117,8 @@ class TextBatches:
     def __post_init__(self) -> None:
         shortest = min(len(self.corpus.train), len(self.corpus.val))
         if shortest <= self.seq_len + 1:
-            raise ValueError(f"seq_len={self.seq_len} is too long for the corpus ({shortest} bytes)")
+            raise ValueError(f"--seq-len {self.seq_len} is too long for the corpus: its shortest split has "
+                             f"{shortest:,} bytes; use --seq-len {shortest - 2} or less")
 
     def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch number `step`: random windows drawn from a generator seeded by (seed, step)."""

@@ -17,7 +17,8 @@ import torch
 import mixprec as mp
 from mixprec.policy import recipes as known_recipes
 from mixprec.train.config import TrainConfig
-from mixprec.train.trainer import RunSummary, Trainer, fp8_coverage
+from mixprec.train import fp8_coverage
+from mixprec.train.trainer import RunSummary, Trainer
 from mixprec.train.underflow import UnderflowCounts, probe_underflow
 
 DEFAULT_RECIPES = ("fp32", "fp16-noscale", "fp16-mixed", "bf16-mixed")
@@ -30,6 +31,7 @@ class RecipeResult:
     underflow: UnderflowCounts | None = None
     error: str | None = None      # a recipe that could not run (e.g. FP8 on hardware without it)
     fp8_layers: tuple[int, int] | None = None   # FP8 recipes: (Linear layers in FP8, Linear layers)
+    fp8_note: str | None = None                 # FP8 recipes: what the recipe did to the model, in a line
 
 
 @dataclass
@@ -77,7 +79,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def run_comparison(base: TrainConfig, recipe_names: list[str], out: Path | str, *, progress: bool = True) -> Comparison:
-    """Train `base` once per recipe into out/<recipe>/ (metrics only, no checkpoints) and probe underflow."""
+    """Train `base` once per recipe into out/<recipe>/ (metrics only, no checkpoints) and probe underflow.
+    A recipe whose run diverges trains on to the end: its NaN losses are the comparison's result."""
     out = Path(out)
     results = []
     meta: dict[str, Any] = {}
@@ -85,7 +88,7 @@ def run_comparison(base: TrainConfig, recipe_names: list[str], out: Path | str, 
         cfg = base.replace(recipe=recipe, out=str(out / recipe))
         result = RecipeResult(recipe)
         try:
-            trainer = Trainer(cfg, progress=progress, save_checkpoints=False)
+            trainer = Trainer(cfg, progress=progress, save_checkpoints=False, stop_on_divergence=False)
         except (RuntimeError, NotImplementedError) as e:  # the recipe cannot run here (hardware, kernels)
             result.error = _record_error(out / recipe, e)
             results.append(result)
@@ -97,7 +100,9 @@ def run_comparison(base: TrainConfig, recipe_names: list[str], out: Path | str, 
             x, y = (t.to(trainer.device) for t in trainer.data.train_batch(cfg.steps))
             fp16_scale = (result.summary.final_scale or 1.0) if computes_in_fp16(trainer.policy) else None
             result.underflow = probe_underflow(trainer.model, x, y, loss_factor=cfg.loss_factor, scale=fp16_scale)
-            result.fp8_layers = fp8_coverage(trainer.model) if trainer.policy.fp8 is not None else None
+            if trainer.policy.fp8 is not None:
+                result.fp8_layers = fp8_coverage.fp8_coverage(trainer.model)
+                result.fp8_note = fp8_coverage.describe(cfg, trainer.policy.fp8, trainer.model, "this row computes")
         except (RuntimeError, NotImplementedError) as e:
             result.error = _record_error(out / recipe, e)
         results.append(result)

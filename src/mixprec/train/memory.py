@@ -13,6 +13,7 @@ recipe changes. Emulated FP16 on the CPU holds FP16 values in FP32 storage and i
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterable, Iterator
 
 import torch
@@ -67,3 +68,68 @@ def count_saved_activations(exclude: set) -> Iterator[list[int]]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield total
+
+
+# ---- will one training step fit? -----------------------------------------------------------------
+FIT_HEADROOM = 0.5   # suggest sizes whose lower bound takes half the memory: the bound leaves much out
+
+
+def step_bytes_lower_bound(cfg) -> tuple[int, str]:
+    """(bytes, what they are): a lower bound on the activation memory one training step of `cfg` (a
+    TrainConfig) keeps for the backward pass, counting only what it surely stores:
+
+        GPT, manual attention:  layers x batch x heads x seq_len**2 x 4   (the FP32 softmax probabilities)
+        GPT:                    layers x batch x seq_len x 8 d_model x 2  (qkv, attention output and the
+                                                                           MLP's 4 d hidden, at least 16-bit)
+        LSTM/GRU:               layers x batch x seq_len x hidden x 4     (the FP32 hidden states)
+        text models:            batch x seq_len x 256 x 4                 (the FP32 logits)
+
+    The CNN's images are 8x8: any batch that fits the data fits.
+    """
+    m, b = cfg.model_config(), cfg.batch_size
+    if cfg.model == "cnn":
+        return 0, "nothing that grows with a flag"
+    t = m.seq_len
+    logits = b * t * 256 * 4
+    if cfg.model == "gpt":
+        linear = m.n_layer * b * t * 8 * m.d_model * 2
+        if m.attention == "manual":
+            probs = m.n_layer * b * m.n_head * t * t * 4
+            return probs + linear + logits, (f"the attention probabilities alone are {m.n_layer} layers x batch {b} "
+                                             f"x {m.n_head} heads x {t}^2 x 4 bytes")
+        return linear + logits, f"{m.n_layer} layers x batch {b} x {t} positions x {8 * m.d_model} values x 2 bytes"
+    return m.n_layer * b * t * m.hidden * 4 + logits, f"{m.n_layer} layers x batch {b} x {t} x {m.hidden} x 4 bytes"
+
+
+def available_bytes(device: str) -> tuple[int, str]:
+    """(bytes, where): the GPU's memory, or the memory the OS says is available to a new process."""
+    if device == "cuda":
+        import torch
+        return torch.cuda.get_device_properties(0).total_memory, f"{torch.cuda.get_device_name()}'s memory"
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024, "available memory (/proc/meminfo)"
+    except (OSError, KeyError, ValueError):  # not Linux: the physical memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
+
+
+def check_fits(cfg) -> None:
+    """Raise ValueError naming the flags when one training step of `cfg` surely cannot fit the device's
+    memory, with the largest --seq-len (or, for the CNN, nothing) that could."""
+    need, what = step_bytes_lower_bound(cfg)
+    have, where = available_bytes(cfg.device)
+    if need <= have:
+        return
+    seq_len = cfg.model_config().seq_len
+    fitting = seq_len
+    while fitting > 1 and step_bytes_lower_bound(cfg.replace(seq_len=fitting))[0] > FIT_HEADROOM * have:
+        fitting = fitting * 9 // 10          # shrinks 10 % a try: a few dozen tries from any size
+    fitting = max(1, fitting // 64 * 64) if fitting >= 64 else fitting   # a round number to type
+    raise ValueError(f"--seq-len {seq_len} at --batch-size {cfg.batch_size} needs more than {_gb(need)} for one "
+                     f"training step ({what}); {where} is {_gb(have)}: --seq-len {fitting} or less fits at this "
+                     f"batch size (or lower --batch-size)")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e12:.1f} TB" if n >= 1e12 else f"{n / 1e9:.1f} GB"

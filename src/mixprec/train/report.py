@@ -85,12 +85,10 @@ def notes(comparison: Comparison) -> list[str]:
         if r.fp8_layers is None:
             continue
         fp8, total = r.fp8_layers
-        line = f"{r.recipe}: {fp8} of {total} Linear layers in FP8"
-        if fp8 == 0:
-            line += (" (mixprec.fp8.convert keeps layers under min_features=256 features, the head and attention "
-                     "scores in high precision): this row computes as bf16-mixed; a model with --d-model 256 "
-                     "or more puts its block layers in FP8")
-        lines.append(line)
+        if fp8 == 0 and r.fp8_note:   # the recipe did nothing: say what the row is and what would change it
+            lines.append(r.fp8_note)
+        else:
+            lines.append(f"{r.recipe}: {fp8} of {total} Linear layers in FP8")
     return lines
 
 

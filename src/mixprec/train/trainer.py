@@ -8,14 +8,17 @@ One iteration, in the precision a mixprec Policy asks for:
     scaler.unscale_(opt); clip_grad_norm_(masters); scaler.step(opt); scaler.update()
 
 No host sync per step: losses stay on the device and are read every `log_every` steps (the progress
-bar, metrics.jsonl), so the trainer adds little to the bare loop's time on a GPU.
+bar, metrics.jsonl), so the trainer adds little to the bare loop's time on a GPU. Those reads also catch
+a diverged run: a non-finite loss, or every step of the last SKIPPED_IN_A_ROW skipped by the loss
+scaler, stops it (Diverged) without saving the diverged state over the last good checkpoint.
+SIGINT and SIGTERM finish the step, save a checkpoint and raise Interrupted (stops.py).
+
+Nothing is written into the output directory before run() starts.
 """
 from __future__ import annotations
 
 import json
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,18 +27,21 @@ from typing import Any, Callable
 import torch
 
 import mixprec as mp
-from mixprec.fp8.convert import report as fp8_report
 from mixprec.train import checkpoint, memory
 from mixprec.train.config import TrainConfig
 from mixprec.train.data import batches_for
 from mixprec.train.metrics import MetricsLog
 from mixprec.train.models import build_model
 from mixprec.train.progress import Progress
+from mixprec.train.stops import Diverged, Interrupted, StopRequests
 
 BETAS = (0.9, 0.95)     # GPT-3 / LLaMA: beta2 0.95 reacts faster than 0.999 on short, noisy runs
 ADAM_EPS = 1e-8
 MIN_LR_FRACTION = 0.1   # cosine decay to 10 % of the peak (Chinchilla, LLaMA)
 FINAL_LOSS_WINDOW = 10  # "final train loss": mean of the last 10 steps, less noisy than the last one
+# The default dynamic loss scale (2**16) backs off to 1 in 16 skipped steps: twice that many skipped in a
+# row means no scale gives finite gradients, and the run no longer trains.
+SKIPPED_IN_A_ROW = 32
 
 
 @dataclass
@@ -58,29 +64,25 @@ class RunSummary:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def fp8_coverage(model: torch.nn.Module) -> tuple[int, int]:
-    """(Linear layers that mp.prepare put in FP8, Linear layers): FP8 recipes leave small layers,
-    the head and the attention scores in high precision (mixprec.fp8.convert's default filter)."""
-    decisions = fp8_report(model)
-    return sum(d.fp8 for d in decisions), len(decisions)
-
-
 class Trainer:
     """Builds the model, data, optimizer and loss scaler for a TrainConfig, and runs it.
 
-    `resume`: a checkpoint dict (checkpoint.load_checkpoint) to continue from. `on_step(step)` is called
-    after every completed step (tests use it to interrupt). `save_checkpoints=False` writes none
-    (compare). `progress=False` hides the progress bar.
+    `resume`: a checkpoint dict (checkpoint.load_checkpoint) to continue from; the state loaded is
+    checked against the checkpoint's checksums. `on_step(step)` is called after every completed step
+    (tests use it to interrupt). `save_checkpoints=False` writes none (compare). `progress=False` hides
+    the progress bar. `stop_on_divergence=False` trains a diverged run to the end (compare, where it is
+    a result).
     """
 
     def __init__(self, cfg: TrainConfig, *, resume: dict[str, Any] | None = None, progress: bool = True,
                  on_step: Callable[[int], None] | None = None, save_checkpoints: bool = True,
-                 write_metrics: bool = True) -> None:
+                 write_metrics: bool = True, stop_on_divergence: bool = True) -> None:
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device cuda needs a CUDA GPU, but torch {torch.__version__} sees none "
                              f"(torch.cuda.is_available() is False); use --device cpu")
         self.cfg, self.progress, self.on_step = cfg, progress, on_step
         self.save_checkpoints, self.out = save_checkpoints, Path(cfg.out)
+        self.write_metrics, self.stop_on_divergence = write_metrics, stop_on_divergence
         self.checkpoints = checkpoint.CheckpointWriter(self.out)
         self.device = torch.device(cfg.device)
         self.policy = mp.Policy.from_recipe(cfg.recipe)
@@ -107,14 +109,14 @@ class Trainer:
         self.val_curve: list[tuple[int, float]] = []
         self._windows: list[tuple[int, float]] = []     # (items, seconds) per log window
         self.validation_seconds = 0.0                    # wall time spent in validate() so far
-        self._interrupted = False
         self._state_bytes = self._activation_bytes = 0
+        self._resumed = resume is not None
+        self._saved: tuple[Path, int] | None = None      # the last checkpoint known to be on disk: (path, step)
+        self._pending: tuple[Path, int] | None = None    # a checkpoint being written in the background
+        self._skipped_seen = self._skipped_in_a_row = 0
+        self.metrics: MetricsLog | None = None
         if resume is not None:
             self.load_state_dict(resume)
-        self.metrics = MetricsLog(self.out, resume_step=self.step if resume is not None else None) \
-            if write_metrics else None
-        if write_metrics:
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     # ---- construction --------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -194,67 +196,113 @@ class Trainer:
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> RunSummary:
-        """Train from the current step to cfg.steps. Ctrl-C finishes the step, saves a checkpoint and
-        raises KeyboardInterrupt; a second Ctrl-C stops at once."""
-        cfg, start = self.cfg, time.perf_counter()
-        first_step = self.step
+        """Train from the current step to cfg.steps. SIGINT or SIGTERM finishes the step, saves a
+        checkpoint and raises Interrupted; a divergence raises Diverged (see the module docstring)."""
+        start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.model.train()
-        bar = Progress(total=cfg.steps, initial=self.step, desc=f"{cfg.model} {cfg.recipe}", enabled=self.progress)
-        previous_handler = self._install_interrupt_handler()
-        window: list[torch.Tensor] = []
-        window_start = time.perf_counter()
+        self._open_outputs()
+        self._skipped_seen = self.scaler.num_skipped_steps if self.scaler.is_enabled() else 0
+        bar = Progress(total=self.cfg.steps, initial=self.step, desc=f"{self.cfg.model} {self.cfg.recipe}",
+                       enabled=self.progress)
+        stops = StopRequests()
         try:
-            while self.step < cfg.steps:
-                count_memory = self.device.type == "cpu" and not self._state_bytes
-                window.append(self.train_step(self.step, count_memory=count_memory))
-                self.step += 1
-                if self.step == first_step + 1 and self.step < cfg.steps and self.device.type == "cuda":
-                    # the peak of training, not of the first step's one-time work: Triton's autotuning
-                    # (the FP8 kernels) allocates a 256 MB scratch buffer to flush the L2 cache
-                    torch.cuda.reset_peak_memory_stats(self.device)
-                if self.on_step is not None:
-                    self.on_step(self.step)
-                last = self.step == cfg.steps
-                if self.step % cfg.log_every == 0 or last or self._interrupted:
-                    self._end_window(window, window_start, bar)
-                    window, window_start = [], time.perf_counter()
-                bar.update(1)
-                validate = self.step % cfg.eval_every == 0 or last
-                checkpoint_now = bool(cfg.ckpt_every) and self.step % cfg.ckpt_every == 0 and not last
-                if not (validate or checkpoint_now or self._interrupted):
-                    continue
-                # validation and checkpoints are not training time; the steps still queued on the GPU are
-                self._synchronize()
-                paused = time.perf_counter()
-                if validate:
-                    self._record_validation(bar)
-                if self._interrupted:
-                    path = self.save()
-                    self.checkpoints.wait()  # on disk before we say so
-                    bar.close()
-                    if path is not None:
-                        print(f"Interrupted at step {self.step}: checkpoint saved to {path}; continue with: "
-                              f"mixprec train --resume {self.out}", flush=True)
-                    raise KeyboardInterrupt
-                if checkpoint_now:
-                    self.save()
-                window_start += time.perf_counter() - paused
-            self.save()
-            self.checkpoints.wait()
+            with stops:
+                try:
+                    self._loop(stops, bar)
+                except Interrupted as stopped:
+                    if stopped.step is None:   # a second signal stopped the loop at once, from its handler
+                        with stops.saving():   # (a third one waits for a checkpoint write in flight)
+                            raise Interrupted(stopped.signum, step=self.step, **self._checkpoint_fields()) from None
+                    raise
         finally:
-            self._restore_interrupt_handler(previous_handler)
             bar.close()
             if self.metrics is not None:
                 self.metrics.close()
         return self._summary(time.perf_counter() - start)
 
+    def _loop(self, stops: StopRequests, bar: Progress) -> None:
+        cfg, first_step = self.cfg, self.step
+        window: list[torch.Tensor] = []
+        window_start = time.perf_counter()
+        while self.step < cfg.steps:
+            count_memory = self.device.type == "cpu" and not self._state_bytes
+            window.append(self.train_step(self.step, count_memory=count_memory))
+            self.step += 1
+            if self.step == first_step + 1 and self.step < cfg.steps and self.device.type == "cuda":
+                # the peak of training, not of the first step's one-time work: Triton's autotuning
+                # (the FP8 kernels) allocates a 256 MB scratch buffer to flush the L2 cache
+                torch.cuda.reset_peak_memory_stats(self.device)
+            if self.on_step is not None:
+                self.on_step(self.step)
+            last, stop = self.step == cfg.steps, stops.signum is not None
+            checkpoint_now = self.save_checkpoints and (
+                last or stop or bool(cfg.ckpt_every) and self.step % cfg.ckpt_every == 0)
+            # a checkpoint ends the log window: its losses are checked before the state is saved
+            if self.step % cfg.log_every == 0 or last or stop or checkpoint_now:
+                self._check(self._end_window(window, window_start, bar))
+                window, window_start = [], time.perf_counter()
+            bar.update(1)
+            validate = self.step % cfg.eval_every == 0 or last
+            if not (validate or checkpoint_now or stop):
+                continue
+            # validation and checkpoints are not training time; the steps still queued on the GPU are
+            self._synchronize()
+            paused = time.perf_counter()
+            if validate:
+                self._record_validation(bar)
+            if checkpoint_now:
+                self._check(self._nonfinite_parameters())
+                with stops.saving():
+                    self.save()
+                    if last or stop:
+                        self._checkpoint_on_disk()   # on disk before we say so
+            if stop:
+                raise Interrupted(stops.signum, step=self.step, saved_now=self.save_checkpoints,
+                                  **self._checkpoint_fields())
+            window_start += time.perf_counter() - paused
+
+    def _open_outputs(self) -> None:
+        """config.json and metrics.jsonl (a resumed run keeps its records up to the resumed step)."""
+        if not self.write_metrics:
+            return
+        self.metrics = MetricsLog(self.out, resume_step=self.step if self._resumed else None)
+        (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+
+    def _check(self, problem: str | None) -> None:
+        """Stop a diverged run (unless told to train on): the last good checkpoint stays as it is."""
+        if problem is not None and self.stop_on_divergence:
+            raise Diverged(problem, step=self.step, **self._checkpoint_fields())
+
+    def _checkpoint_on_disk(self) -> tuple[Path, int] | None:
+        """The last checkpoint written in full, waiting for a background write still running."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.checkpoints.wait()
+            self._saved = pending
+        return self._saved
+
+    def _checkpoint_fields(self) -> dict[str, Any]:
+        try:
+            saved = self._checkpoint_on_disk()
+        except OSError:   # the write in flight failed: the checkpoint before it is the last one
+            saved = self._saved
+        return {"checkpoint": saved[0] if saved else None, "checkpoint_step": saved[1] if saved else None}
+
+    def _nonfinite_parameters(self) -> str | None:
+        """A finite loss can follow the step that made parameters inf or NaN: check before saving them."""
+        tensors = {id(p): p for p in (*self.model.parameters(), *self.clip_params)}.values()
+        if bool(torch.stack([torch.isfinite(p).all() for p in tensors]).all()):
+            return None
+        return f"some parameters are inf or NaN after step {self.step}"
+
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _end_window(self, window: list[torch.Tensor], window_start: float, bar) -> None:
+    def _end_window(self, window: list[torch.Tensor], window_start: float, bar) -> str | None:
+        """Record the window's losses and rate; returns what diverged, if the run did (else None)."""
         losses = torch.stack(window).float().cpu().tolist()  # the one host sync per log window
         seconds = time.perf_counter() - window_start  # after the sync: the GPU's queued steps count too
         self.train_losses.extend(losses)
@@ -269,6 +317,17 @@ class Trainer:
             self.metrics.write(record)
         bar.set_fields({"loss": f"{record['train_loss']:.3f}", f"{self.item_name}/s": f"{rate:,.0f}",
                         "scale": "-" if scale is None else f"{scale:g}"})
+        bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+        if bad is not None:
+            return f"the training loss is {losses[bad]} at step {self.step - len(losses) + bad + 1}"
+        skipped = record["skipped_steps"]
+        all_skipped = skipped - self._skipped_seen == len(window)
+        self._skipped_seen = skipped
+        self._skipped_in_a_row = self._skipped_in_a_row + len(window) if all_skipped else 0
+        if self._skipped_in_a_row >= SKIPPED_IN_A_ROW:
+            return (f"the loss scaler skipped each of the last {self._skipped_in_a_row} steps (loss scale now "
+                    f"{scale:g}): the gradients are inf or NaN at every scale")
+        return None
 
     def throughput(self) -> float:
         """Items per second of training steps, leaving out the first log window (warm-up) when there
@@ -285,6 +344,7 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.write({"step": self.step, "val_loss": val})
         bar.write(f"step {self.step}: validation loss {val:.4f}")
+        self._check(None if math.isfinite(val) else f"the validation loss is {val} at step {self.step}")
 
     def _summary(self, seconds: float) -> RunSummary:
         n = min(FINAL_LOSS_WINDOW, len(self.train_losses))
@@ -310,6 +370,8 @@ class Trainer:
                 "rng": checkpoint.rng_state(), "train_losses": self.train_losses, "val_curve": self.val_curve}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`; with the checkpoint's checksums, a ValueError if the model, optimizer or
+        scaler state it produced differs from the one saved."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler.is_enabled():
@@ -318,27 +380,20 @@ class Trainer:
         self.step = int(state["step"])
         self.train_losses = list(state["train_losses"])
         self.val_curve = [tuple(v) for v in state["val_curve"]]
+        saved = state.get("checksums", {})
+        for part, loaded in (("model", self.model), ("optimizer", self.optimizer), ("scaler", self.scaler)):
+            if part in saved and checkpoint.checksum(loaded.state_dict()) != saved[part]:
+                raise checkpoint.DamagedCheckpoint(f"the {part} state loaded from the checkpoint of step {self.step} differs from the "
+                                 f"one saved (its checksum does not match): this checkpoint cannot resume the run")
 
     def save(self) -> Path | None:
         """Checkpoint into the output directory (unless checkpoints are off): the state is copied now
         and written atomically in the background; `self.checkpoints.wait()` waits for the write."""
         if not self.save_checkpoints:
             return None
-        return self.checkpoints.save(self.state_dict())
-
-    # ---- Ctrl-C --------------------------------------------------------------------------------
-    def _install_interrupt_handler(self):
-        if threading.current_thread() is not threading.main_thread():
-            return None  # signals reach the main thread only; KeyboardInterrupt then stops at once
-
-        def handler(signum, frame):
-            if self._interrupted:  # second Ctrl-C: stop now, without a checkpoint
-                raise KeyboardInterrupt
-            self._interrupted = True
-
-        return signal.signal(signal.SIGINT, handler)
-
-    @staticmethod
-    def _restore_interrupt_handler(previous) -> None:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        if self._pending is not None:   # save() waits for the previous write: it is on disk now
+            self.checkpoints.wait()
+            self._saved, self._pending = self._pending, None
+        path = self.checkpoints.save(self.state_dict())
+        self._pending = (path, self.step)
+        return path

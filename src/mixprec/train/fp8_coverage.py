@@ -1,0 +1,83 @@
+"""What an FP8 recipe did to a model: how many Linear layers run in FP8, and, when none does, why and
+which size would change that (checked with mixprec.fp8.convert's default filter, not guessed)."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mixprec.fp8.config import Float8Config
+from mixprec.fp8.convert import default_filter, report
+from mixprec.train.config import TrainConfig
+from mixprec.train.models import build_model
+
+_D_MODEL_LIMIT = 16384   # the widest GPT the hint considers
+
+
+@dataclass(frozen=True)
+class Fp8Coverage:
+    fp8: int                # Linear layers that mp.prepare put in FP8
+    total: int              # Linear layers of the model
+    kept: dict[str, int]    # why the others stay in high precision: count per reason
+
+
+def fp8_coverage(model: nn.Module) -> tuple[int, int]:
+    """(Linear layers that mp.prepare put in FP8, Linear layers): FP8 recipes leave small layers,
+    the head and the attention scores in high precision (mixprec.fp8.convert's default filter)."""
+    decisions = report(model)
+    return sum(d.fp8 for d in decisions), len(decisions)
+
+
+def coverage(model: nn.Module) -> Fp8Coverage:
+    decisions = report(model)
+    kept = Counter(_reason_kind(d.reason) for d in decisions if not d.fp8)
+    return Fp8Coverage(sum(d.fp8 for d in decisions), len(decisions), dict(kept))
+
+
+def _reason_kind(reason: str) -> str:
+    """convert's reasons carry sizes ("small: min(in, out) = 32 < ..."); the kind before the colon or
+    parenthesis groups them."""
+    return reason.split(":")[0].split(" (")[0]
+
+
+def describe(cfg: TrainConfig, config: Float8Config, model: nn.Module, computes: str = "this run computes") -> str:
+    """One line: what recipe cfg.recipe did to this model; when it converted nothing, what the run
+    `computes` as and the --d-model (GPT) that gives FP8 layers, or that no size does."""
+    cov = coverage(model)
+    why = ", ".join(f"{n} {_KIND_TEXT.get(kind, kind).format(min_features=config.min_features)}"
+                    for kind, n in cov.kept.items())
+    text = f"{cfg.recipe} converted {cov.fp8} of {cov.total} Linear layers of {cfg.model}" + (f" ({why} kept in "
+                                                                                            f"high precision)" if why else "")
+    if cov.fp8:
+        return text
+    text += f"; {computes} as bf16-mixed"
+    d_model = convertible_d_model(cfg, config)
+    if d_model is not None:
+        return text + f"; --d-model {d_model} or more puts its block layers in FP8"
+    return text + (f"; no size of {cfg.model} changes that (its only Linear layer is the output head): "
+                   f"FP8 needs --model gpt --d-model 256 or more")
+
+
+_KIND_TEXT = {"small": "below min_features={min_features}", "output head": "output head"}
+
+
+def convertible_d_model(cfg: TrainConfig, config: Float8Config) -> int | None:
+    """The smallest --d-model above cfg's at which the default filter puts some Linear layer of the GPT in
+    FP8 (None for other models). Candidates are multiples of 16 (FP8 GEMMs) and of --n-head, from
+    min_features up (smaller layers are never converted); each is checked on a model built on the meta
+    device (no memory)."""
+    if cfg.model != "gpt":
+        return None
+    m = cfg.model_config()
+    step = math.lcm(16, m.n_head * (2 if m.positions == "rotary" else 1))   # rotary needs even head sizes
+    start = max(m.d_model + 1, config.min_features)
+    for d_model in range(-(-start // step) * step, _D_MODEL_LIMIT + 1, step):
+        with torch.device("meta"):
+            model = build_model(cfg.replace(d_model=d_model).model_config())
+        rule = default_filter(model, config)
+        if any(rule(name, layer) is None for name, layer in model.named_modules() if isinstance(layer, nn.Linear)):
+            return d_model
+    return None
