@@ -14,10 +14,13 @@ import zipfile
 import pytest
 import torch
 
+import mixprec as mp
+from mixprec.train import fp8_coverage
 from mixprec.train import trainer as trainer_module
 from mixprec.train.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
 from mixprec.train.cli import main
 from mixprec.train.config import TrainConfig
+from mixprec.train.models import build_model
 from mixprec.train.trainer import Trainer
 
 SIZES = ["--batch-size", "2", "--n-layer", "1", "--n-head", "2", "--d-model", "32", "--seq-len", "16",
@@ -315,16 +318,12 @@ def test_bad_output_path_exits_2_with_one_line(tmp_path, command, where, capsys)
 
 # ---- FP8 recipes that convert nothing --------------------------------------------------------------
 def test_fp8_recipe_that_converts_nothing_is_refused_with_a_hint_that_works(tmp_path, capsys):
-    from mixprec.train import fp8_coverage
-    import mixprec as mp
-    from mixprec.train.models import build_model
-
     out = tmp_path / "run"
     assert main(["train", "--recipe", "fp8-blockwise", "--steps", "1", "--out", str(out), *TINY]) == 2
     err = _one_line(capsys.readouterr().err)
     assert ("fp8-blockwise converted 0 of 5 Linear layers of gpt (4 below min_features=256, 1 output head kept in "
-            "high precision); this run would compute as bf16-mixed; --d-model 256 or more puts its block layers "
-            "in FP8") in err
+            "high precision); this run would compute as bf16-mixed; --d-model 256 (or a larger multiple of 16) puts "
+            "its block layers in FP8") in err
     assert "--allow-no-fp8" in err and not out.exists()
     # the hint: at --d-model 256 the default filter converts the block's four layers
     cfg = TrainConfig(recipe="fp8-blockwise", n_layer=1, n_head=2, d_model=256, seq_len=16)
@@ -343,7 +342,8 @@ def test_fp8_on_models_without_convertible_layers_says_no_size_helps(tmp_path, m
                  "--out", str(tmp_path / "run"), *TINY]) == 2
     err = _one_line(capsys.readouterr().err)
     assert f"fp8-rowwise converted 0 of 1 Linear layers of {model} (1 output head kept in high precision)" in err
-    assert f"no size of {model} changes that" in err
+    assert f"no size of {model} changes that (its only Linear layer is the output head): FP8 needs --model gpt " \
+           f"--d-model 256" in err
 
 
 def test_compare_notes_an_fp8_row_that_computes_as_bf16(tmp_path, capsys):

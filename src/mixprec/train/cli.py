@@ -181,8 +181,8 @@ def _setup_train(args: argparse.Namespace):
         raise ValueError(f"--resume {args.resume}: {e}") from e
     fp8 = trainer.policy.fp8
     if fp8 is not None and fp8_coverage(trainer.model)[0] == 0 and state is None and not args.allow_no_fp8:
-        raise ValueError(describe(cfg, fp8, trainer.model, "this run would compute") + "; or give --recipe bf16-mixed (the same computation), "
-                         "or --allow-no-fp8 to train it anyway")
+        raise ValueError(describe(cfg, fp8, trainer.model, "this run would compute") + "; or give --recipe "
+                         "bf16-mixed (the same computation), or --allow-no-fp8 to train it anyway")
     return trainer
 
 
@@ -246,7 +246,6 @@ def _stopped_message(stop: Interrupted, out: Path) -> str:
 def _setup_compare(args: argparse.Namespace) -> tuple[TrainConfig, list[str], Path, list[int] | None]:
     from mixprec.train.data import batches_for
     from mixprec.train.experiments import parse_recipes, parse_seeds
-
     from mixprec.train.memory import check_fits
     from mixprec.train.outputs import check_writable, refuse_existing_run
 
@@ -348,10 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mixprec {args.command}: interrupted by {stop.name} before training started: nothing was written",
               file=sys.stderr, flush=True)
         return EXIT_SIGNAL_BASE + stop.signum
-    except OSError as e:
+    except OSError as e:   # a file the run reads or writes (a full disk, a permission): the file and why
         if e.filename is None:
             raise
-        return _usage_error(args.command, f"cannot write {e.filename}: {e.strerror}")
+        return _usage_error(args.command, f"{e.filename}: {e.strerror}")
 
 
 def _subcommand(argv: Sequence[str] | None) -> str:

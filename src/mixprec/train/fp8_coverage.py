@@ -15,26 +15,30 @@ from mixprec.train.config import TrainConfig
 from mixprec.train.models import build_model
 
 _D_MODEL_LIMIT = 16384   # the widest GPT the hint considers
+# convert's reasons for keeping a layer in high precision, as a count reads them ("4 below min_features=256")
+_KIND_TEXT = {"small": "below min_features={min_features}", "output head": "output head"}
 
 
 @dataclass(frozen=True)
 class Fp8Coverage:
+    """What convert did to a model's Linear layers."""
+
     fp8: int                # Linear layers that mp.prepare put in FP8
     total: int              # Linear layers of the model
-    kept: dict[str, int]    # why the others stay in high precision: count per reason
-
-
-def fp8_coverage(model: nn.Module) -> tuple[int, int]:
-    """(Linear layers that mp.prepare put in FP8, Linear layers): FP8 recipes leave small layers,
-    the head and the attention scores in high precision (mixprec.fp8.convert's default filter)."""
-    decisions = report(model)
-    return sum(d.fp8 for d in decisions), len(decisions)
+    kept: dict[str, int]    # why the others stay in high precision: count per kind of reason
 
 
 def coverage(model: nn.Module) -> Fp8Coverage:
     decisions = report(model)
     kept = Counter(_reason_kind(d.reason) for d in decisions if not d.fp8)
     return Fp8Coverage(sum(d.fp8 for d in decisions), len(decisions), dict(kept))
+
+
+def fp8_coverage(model: nn.Module) -> tuple[int, int]:
+    """(Linear layers that mp.prepare put in FP8, Linear layers): FP8 recipes leave small layers,
+    the head and the attention scores in high precision (mixprec.fp8.convert's default filter)."""
+    cov = coverage(model)
+    return cov.fp8, cov.total
 
 
 def _reason_kind(reason: str) -> str:
@@ -49,19 +53,18 @@ def describe(cfg: TrainConfig, config: Float8Config, model: nn.Module, computes:
     cov = coverage(model)
     why = ", ".join(f"{n} {_KIND_TEXT.get(kind, kind).format(min_features=config.min_features)}"
                     for kind, n in cov.kept.items())
-    text = f"{cfg.recipe} converted {cov.fp8} of {cov.total} Linear layers of {cfg.model}" + (f" ({why} kept in "
-                                                                                            f"high precision)" if why else "")
+    text = f"{cfg.recipe} converted {cov.fp8} of {cov.total} Linear layers of {cfg.model}"
+    if why:
+        text += f" ({why} kept in high precision)"
     if cov.fp8:
         return text
     text += f"; {computes} as bf16-mixed"
     d_model = convertible_d_model(cfg, config)
     if d_model is not None:
-        return text + f"; --d-model {d_model} or more puts its block layers in FP8"
-    return text + (f"; no size of {cfg.model} changes that (its only Linear layer is the output head): "
-                   f"FP8 needs --model gpt --d-model 256 or more")
-
-
-_KIND_TEXT = {"small": "below min_features={min_features}", "output head": "output head"}
+        return text + f"; --d-model {d_model} (or a larger multiple of 16) puts its block layers in FP8"
+    gpt_d_model = convertible_d_model(TrainConfig(model="gpt"), config)
+    why = " (its only Linear layer is the output head)" if set(cov.kept) == {"output head"} else ""
+    return text + f"; no size of {cfg.model} changes that{why}: FP8 needs --model gpt --d-model {gpt_d_model}"
 
 
 def convertible_d_model(cfg: TrainConfig, config: Float8Config) -> int | None:

@@ -383,8 +383,9 @@ class Trainer:
         saved = state.get("checksums", {})
         for part, loaded in (("model", self.model), ("optimizer", self.optimizer), ("scaler", self.scaler)):
             if part in saved and checkpoint.checksum(loaded.state_dict()) != saved[part]:
-                raise checkpoint.DamagedCheckpoint(f"the {part} state loaded from the checkpoint of step {self.step} differs from the "
-                                 f"one saved (its checksum does not match): this checkpoint cannot resume the run")
+                raise checkpoint.DamagedCheckpoint(
+                    f"the {part} state loaded from the checkpoint of step {self.step} differs from the one saved "
+                    f"(its checksum does not match): this checkpoint cannot resume the run")
 
     def save(self) -> Path | None:
         """Checkpoint into the output directory (unless checkpoints are off): the state is copied now
