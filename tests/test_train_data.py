@@ -79,5 +79,6 @@ def test_digit_images():
 
 def test_too_long_context_is_refused():
     corpus = TextCorpus(torch.zeros(50, dtype=torch.uint8), torch.zeros(20, dtype=torch.uint8), None, 2)
-    with pytest.raises(ValueError, match="seq_len=32 is too long"):
+    with pytest.raises(ValueError, match="--seq-len 32 is too long for the corpus: its shortest split has 20 bytes; "
+                                         "use --seq-len 18 or less"):
         TextBatches(corpus, batch_size=2, seq_len=32, seed=0)
