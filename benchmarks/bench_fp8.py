@@ -33,7 +33,7 @@ from mixprec.train.models import GPT, GPTConfig  # noqa: E402
 
 MIXPREC_RECIPES = ("tensorwise", "rowwise", "blockwise")
 TORCHAO_RECIPES = ("tensorwise", "rowwise")
-# quantize case (name prefix) -> the Triton kernels behind it in mixprec.fp8.kernels, whose autotuned
+# quantize case (name prefix) -> the Triton kernels behind it in mixprec.fp8._kernels, whose autotuned
 # configs the rows record; a name the library no longer has is skipped
 TUNED_KERNELS = {"1x128": ("_quantize_1x128_t_kernel",), "128x128": ("_quantize_128x128_t_kernel",),
                  "tensorwise amax pass": ("_amax_kernel",), "tensorwise cast": ("_cast_t_kernel",),
@@ -144,7 +144,7 @@ def run_quantize(args) -> list[dict]:
     e = n * n
     tuned = {}
     if dev == "cuda":
-        from mixprec.fp8 import kernels
+        from mixprec.fp8 import _kernels as kernels
         amax = kernels.tensor_amax(x)
         cases = [
             ("1x128 + 128x1 (x and x^T), bf16 in", lambda: kernels.quantize_1x128_t(x, "fp8_e4m3"),

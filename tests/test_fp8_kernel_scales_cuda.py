@@ -7,7 +7,7 @@ from mixprec.fp8.quantize import AMAX_EPS, get_fp8_format
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
-kernels = pytest.importorskip("mixprec.fp8.kernels")
+kernels = pytest.importorskip("mixprec.fp8._kernels")
 
 pytestmark = pytest.mark.cuda
 

@@ -1,4 +1,4 @@
-"""The Triton FP8 quantization kernels (mixprec.fp8.kernels) against the PyTorch path, in Triton's interpreter.
+"""The Triton FP8 quantization kernels (mixprec.fp8._kernels) against the PyTorch path, in Triton's interpreter.
 
 Where triton is installed without a GPU, TRITON_INTERPRET=1 runs the kernels on CPU tensors with numpy
 (slow: small shapes). Codes and scales must equal quantize_pair(backend="emulate") bit for bit, for both
@@ -59,7 +59,7 @@ def _interpreter_main() -> None:
     """Run in a subprocess with TRITON_INTERPRET=1 (see the test above)."""
     import triton
 
-    from mixprec.fp8 import kernels
+    from mixprec.fp8 import _kernels as kernels
     from mixprec.fp8.recipes import quantize_pair
     from test_fp8_quantize import tie_tensor
 

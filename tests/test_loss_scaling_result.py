@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import mixprec as mp
-from small_models import MLP
-from small_models import regression_task as _task
+from helpers import MLP
+from helpers import regression_task as _task
 
 TINY = 2.0**-30
 

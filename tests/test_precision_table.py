@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 
 import mixprec as mp
-from mixprec import head_loss
-from precision_trace import GEMM_OPS as GEMMS
-from precision_trace import trace_forward
-from small_models import TinyCNN, TinyGPT, TinyRNNLM
+from mixprec.ops import head_loss
+from helpers import GEMM_OPS as GEMMS
+from helpers import trace_forward
+from helpers import TinyCNN, TinyGPT, TinyRNNLM
 
 HALF = {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}
 
@@ -126,8 +126,8 @@ def test_keep_fp32_by_name_and_allow_half_op():
 @pytest.mark.parametrize("recipe", ["bf16-mixed", "fp16-mixed"])
 def test_cpu_and_cuda_apply_the_same_table(recipe, monkeypatch):
     """The same model computes every op in the same precision on the CPU and on CUDA."""
-    # The aten trace cannot see inside the fused loss's Triton kernels (tested apart in test_head_loss).
-    monkeypatch.setattr(head_loss, "ENABLED", False)
+    # The aten trace cannot see inside the loss's Triton kernels (tested apart in test_ops_head_loss).
+    monkeypatch.setattr(head_loss, "_triton", lambda: None)
     for make, inputs, loss in [
         (TinyGPT, lambda d: torch.randint(0, 64, (2, 16), device=d), _lm_loss),
         (TinyCNN, lambda d: torch.randn(4, 1, 8, 8, device=d), None),
@@ -226,7 +226,7 @@ def _op_table_cases(d):
 def test_cuda_autocast_lists_compute_the_built_in_op_rows():
     """op_rules="autocast" (no function mode) gives what the rules give, on CUDA, for every built-in op
     function but CUDA_AUTOCAST_EXCEPTIONS, which do differ as stated."""
-    from mixprec.context import CUDA_AUTOCAST_EXCEPTIONS
+    from mixprec.rules import CUDA_AUTOCAST_EXCEPTIONS
     from tolerances import FP32_ORDER_ATOL, FP32_ORDER_RTOL
     cases = _op_table_cases("cuda")
     builtin = {fn for rule in mp.rules.BUILTIN_OP_RULES for fn in rule.functions}

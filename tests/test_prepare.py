@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import mixprec as mp
-from small_models import MLP, TinyCNN, TinyGPT, TinyRNNLM
+from mixprec.prepare import PrecisionForward, find_roles, plan_of
+from helpers import MLP, TinyCNN, TinyGPT, TinyRNNLM
 
 
 def test_recipes_and_policy_validation():
@@ -37,15 +38,15 @@ def test_true_recipes_cast_params_but_keep_the_table_in_fp32():
 
 
 def test_head_roles():
-    assert mp.prepare(TinyGPT(), "bf16-mixed")._mixprec_plan  # the plan is recorded
-    roles = mp.prepare.__globals__["find_roles"](TinyGPT())
+    assert plan_of(mp.prepare(TinyGPT(), "bf16-mixed"))  # the plan is recorded
+    roles = find_roles(TinyGPT())
     assert roles["lm_head"] == "head" and roles["tok"] == roles["pos"] == "embedding"
     tied = TinyGPT()
     tied.lm_head.weight = tied.tok.weight
     tied.extra = torch.nn.Linear(32, 32)  # registered last, but the tied Linear is the head
-    assert mp.prepare.__globals__["find_roles"](tied)["lm_head"] == "head"
+    assert find_roles(tied)["lm_head"] == "head"
     model = mp.prepare(MLP(), "bf16-mixed", head="fc2")
-    assert {p.name: p.role for p in model._mixprec_plan}["fc2"] == "head"
+    assert {p.name: p.role for p in plan_of(model)}["fc2"] == "head"
     with pytest.raises(ValueError, match="No module named 'nope'.*fc1"):
         mp.prepare(MLP(), "bf16-mixed", head="nope")
 
@@ -56,10 +57,12 @@ def test_prepare_is_idempotent_and_keeps_state_dict_keys():
     prepared = mp.prepare(model, "bf16-mixed")
     again = mp.prepare(prepared, mp.Policy.from_recipe("bf16-mixed"))
     assert again is model and list(model.state_dict()) == keys
-    assert type(model.norm).__name__ == "RMSNorm"  # the rule subclass keeps the name
+    assert type(model.norm).__name__ == "RMSNorm"  # the class is untouched: the rule is the instance's forward
+    assert isinstance(model.norm.forward, PrecisionForward) and "FP32" in repr(model.norm.forward)
     with pytest.raises(ValueError, match="already prepared"):
         mp.prepare(model, "fp16-mixed")
-    clone = copy.deepcopy(model)  # rule classes survive deepcopy (EMA models)
+    clone = copy.deepcopy(model)  # rule forwards survive deepcopy (EMA models), bound to the copy
+    assert clone.norm.forward.module is clone.norm
     x = torch.randint(0, 64, (2, 16))
     with mp.autocast("bf16-mixed"):
         assert torch.equal(clone(x), model(x))
@@ -132,3 +135,22 @@ def test_explain_lists_rules_and_modules():
     assert "RNN, GRU" in text and "recurrence accumulates error" in text
     assert "rnn" in text and "GRU" in text and "head" in text
     assert "pure half" in mp.explain(mp.Policy.from_opt_level("O3"))
+
+
+@pytest.mark.parametrize("recipe", ["bf16-true", "fp8-blockwise", "fp16-mixed"])
+def test_unprepare_restores_the_model(recipe):
+    torch.manual_seed(0)
+    model = TinyGPT(dim=256) if recipe.startswith("fp8") else TinyGPT()
+    reference = copy.deepcopy(model)
+    x = torch.randint(0, 64, (2, 16))
+    model = mp.prepare(model, recipe)
+    assert any(isinstance(m.__dict__.get("forward"), PrecisionForward) for m in model.modules())
+    model = mp.unprepare(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+    assert {k: v.dtype for k, v in model.state_dict().items()} == {k: v.dtype for k, v in reference.state_dict().items()}
+    if recipe != "bf16-true":    # no values were rounded: the same model
+        assert torch.equal(model(x), reference(x))
+    with pytest.raises(ValueError, match="was not prepared"):
+        mp.unprepare(model)
+    mp.prepare(model, "bf16-mixed")   # can be prepared again, under another policy

@@ -276,7 +276,7 @@ def test_cuda_peak_memory_leaves_out_the_first_steps_one_time_work(tmp_path):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 GEMMs need compute capability 8.9+")
     triton = pytest.importorskip("triton")
-    from mixprec.fp8 import kernels
+    from mixprec.fp8 import _kernels as kernels
     for kernel in vars(kernels).values():
         if isinstance(kernel, triton.runtime.Autotuner):
             kernel.cache.clear()             # tuned again in this run, whatever ran before in the process

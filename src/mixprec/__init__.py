@@ -3,14 +3,23 @@ from mixprec import compat, formats, fp8, ops, optim, rules
 from mixprec.compat.apex import initialize, scale_loss
 from mixprec.context import autocast
 from mixprec.explain import explain
-from mixprec.fp8.config import Float8Config
 from mixprec.masters import MasterWeights, master_params
-from mixprec.policy import Policy, opt_levels, recipes
-from mixprec.prepare import prepare
+from mixprec.policy import Policy, recipes
+from mixprec.prepare import prepare, unprepare
 from mixprec.scaler import LossScaler
 
 __version__ = "0.1.0"
 
-__all__ = ["Float8Config", "LossScaler", "MasterWeights", "Policy", "autocast", "compat", "explain",
-           "formats", "fp8", "initialize", "master_params", "ops", "opt_levels", "optim", "prepare", "recipes",
-           "rules", "scale_loss", "__version__"]
+__all__ = [
+    # the policy: what computes in which precision
+    "Policy", "recipes", "explain", "rules", "formats",
+    # applying it
+    "prepare", "unprepare", "autocast", "ops",
+    # loss scaling and master weights
+    "LossScaler", "MasterWeights", "master_params",
+    # apex's API (the rest of it, and Keras', in mixprec.compat)
+    "initialize", "scale_loss", "compat",
+    # FP8 training and low-precision optimizers
+    "fp8", "optim",
+    "__version__",
+]

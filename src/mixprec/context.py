@@ -9,7 +9,7 @@ autocast (a module kept in FP32, an FP8 GEMM's own autograd function) is left al
 
 The mode costs host time on every torch call of the block (a Python call each: ~400 per forward of a
 12-layer GPT), which an eager GPU loop close to bound by its host turns into step time. On CUDA,
-torch.autocast's own lists already compute the built-in op rows in FP32 (CUDA_AUTOCAST_EXCEPTIONS
+torch.autocast's own lists already compute the built-in op rows in FP32 (rules.CUDA_AUTOCAST_EXCEPTIONS
 names the few they do not), so `op_rules="autocast"` leaves them to it there and runs no Python per op.
 """
 from __future__ import annotations
@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from mixprec import emulation, head_loss, rules
+from mixprec import rules
+from mixprec._tensors import (EXACT_OPS, is_logical_fp16, logical_dtype, map_tensors, mark_output, round_output,
+                              to_fp16_values, to_fp32, unmarked)
+from mixprec.ops import FP32_IMPLEMENTATIONS
 from mixprec.policy import Policy
 from mixprec.rules import Precision
 
@@ -42,18 +45,6 @@ _CPU_MISSING_GEMMS = frozenset([torch.mv, torch.Tensor.mv, torch.addmv, torch.ad
 _TO_FP32 = frozenset([torch.Tensor.float, torch.Tensor.double])
 _TO_FP16 = frozenset([torch.Tensor.half])
 
-# Built-in op rules that torch.autocast's CUDA lists do not compute in FP32 (tests/test_precision_table.py
-# checks every other function of the table against those lists on a GPU). Elsewhere they agree, up to the
-# output dtype of the functional norms: FP32 under torch.autocast, cast back to the input's under the
-# rule (batch_norm and instance_norm are not upcast there: their CUDA kernels keep the statistics in FP32).
-CUDA_AUTOCAST_EXCEPTIONS = {
-    # measured on the H200 (torch 2.11): 5.59927 against 5.60058 in FP32 for BF16 logits
-    F.cross_entropy: "its log_softmax runs in half precision for half logits (use mp.ops.cross_entropy)",
-    F.binary_cross_entropy: "raises under torch.autocast (binary_cross_entropy_with_logits is safe)",
-    F.gaussian_nll_loss: "partly in half precision (input - target)",
-    F.multilabel_soft_margin_loss: "partly in half precision (its log-sigmoid)",
-    F.ctc_loss: "not cast: runs on the half log-probabilities as given",
-}
 OP_RULES = ("intercept", "autocast")
 
 
@@ -68,26 +59,6 @@ def _first_tensor(args: Any, kwargs: dict) -> torch.Tensor | None:
                 if isinstance(b, torch.Tensor):
                     return b
     return None
-
-
-def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
-    """Apply fn to every floating-point tensor in a (nested) tuple/list/dict of arguments."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj) if obj.is_floating_point() else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(map_tensors(fn, o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: map_tensors(fn, v) for k, v in obj.items()}
-    return obj
-
-
-def to_fp32(x: torch.Tensor) -> torch.Tensor:
-    return emulation.unmarked(x) if x.dtype == torch.float32 else x.float()
-
-
-def logical_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a tensor stands for: FP16 for an emulated (logically FP16) FP32 tensor."""
-    return torch.float16 if emulation.is_logical_fp16(x) else x.dtype
 
 
 def cast_back(out: Any, dtype: torch.dtype) -> Any:
@@ -108,9 +79,8 @@ class PrecisionMode(TorchFunctionMode):
     def __init__(self, policy: Policy):
         super().__init__()
         self.compute_dtype = policy.compute_dtype
-        self.table = rules.op_table() if policy.fp32_rules else {
-            fn: r for r in rules._registry.op_rules for fn in r.functions}
-        self.emulate_cpu = policy.compute_dtype == torch.float16 and policy.cpu_fp16 == "emulate"
+        self.table = rules.op_table(builtin=policy.fp32_rules)
+        self.emulate_cpu = policy.emulates_fp16("cpu")
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -124,11 +94,6 @@ class PrecisionMode(TorchFunctionMode):
         if not torch.is_autocast_enabled(device_type):
             return func(*args, **kwargs)
         emulate = self.emulate_cpu and device_type == "cpu"
-        if (func is F.cross_entropy and device_type == "cuda" and rule is not None
-                and rule.precision is Precision.FP32 and head_loss.ENABLED):  # the loss in FP32, fused
-            fused = head_loss.fused_cross_entropy(*args, **kwargs)
-            if fused is not None:
-                return fused
         if rule is not None:
             return self._apply_rule(rule.precision, func, args, kwargs, first, device_type, emulate)
         if emulate:
@@ -140,35 +105,37 @@ class PrecisionMode(TorchFunctionMode):
     def _apply_rule(self, precision, func, args, kwargs, first, device_type, emulate):
         if precision in (Precision.FP32, Precision.FP32_CAST_BACK, Precision.FP32_OUTPUT):
             in_dtype = logical_dtype(first)
+            # an op's own FP32 implementation where mixprec.ops has one (cross entropy: one read of the logits)
+            func = FP32_IMPLEMENTATIONS.get(func, func) if precision is Precision.FP32 else func
             out = _run_without_autocast(device_type, func, map_tensors(to_fp32, args), map_tensors(to_fp32, kwargs))
             if precision is Precision.FP32_CAST_BACK and in_dtype != torch.float32:
-                out = emulation.round_output(out) if emulate else cast_back(out, in_dtype)
+                out = round_output(out) if emulate else cast_back(out, in_dtype)
             return out
         # HALF: the compute dtype
         if emulate:
-            args, kwargs = map_tensors(emulation.to_fp16_values, args), map_tensors(emulation.to_fp16_values, kwargs)
-            return emulation.round_output(_run_without_autocast(device_type, func, args, kwargs))
+            args, kwargs = map_tensors(to_fp16_values, args), map_tensors(to_fp16_values, kwargs)
+            return round_output(_run_without_autocast(device_type, func, args, kwargs))
         cast = lambda t: t.to(self.compute_dtype)  # noqa: E731
         return _run_without_autocast(device_type, func, map_tensors(cast, args), map_tensors(cast, kwargs))
 
     def _emulate(self, func, args, kwargs):
-        """FP16 emulation for ops outside the table (see mixprec.emulation)."""
+        """FP16 emulation for ops outside the table (see mixprec._tensors)."""
         if func in GEMM_OPS:
             return self._apply_rule(Precision.HALF, func, args, kwargs, None, "cpu", True)
         if func in _TO_FP32:
-            return func(emulation.unmarked(args[0]), *args[1:], **kwargs)
+            return func(unmarked(args[0]), *args[1:], **kwargs)
         if func in _TO_FP16:
-            return emulation.to_fp16_values(args[0])
+            return to_fp16_values(args[0])
         if func is torch.Tensor.to and _requests_fp16(args, kwargs):
-            return emulation.to_fp16_values(args[0])
+            return to_fp16_values(args[0])
         if any(t.dtype == torch.float16 for t in _flat_tensors(args, kwargs)):
             # Real FP16 tensors (a half model's parameters and buffers, which ops like batch_norm update in
             # place): run the op natively in FP16, with the emulated FP16 values given as real ones (exact).
-            to_half = lambda t: t.half() if emulation.is_logical_fp16(t) else t  # noqa: E731
+            to_half = lambda t: t.half() if is_logical_fp16(t) else t  # noqa: E731
             return func(*map_tensors(to_half, args), **map_tensors(to_half, kwargs))
         out = func(*args, **kwargs)
         if _inputs_are_logical_fp16(args, kwargs):
-            return emulation.mark_output(out) if func in emulation.EXACT_OPS else emulation.round_output(out)
+            return mark_output(out) if func in EXACT_OPS else round_output(out)
         return out
 
 
@@ -180,7 +147,7 @@ def _inputs_are_logical_fp16(args, kwargs) -> bool:
     """PyTorch's promotion: dimensioned tensors decide; all of them must be (logically) FP16."""
     tensors = [t for t in _flat_tensors(args, kwargs) if t.is_floating_point()]
     dimensioned = [t for t in tensors if t.dim() > 0] or tensors
-    return bool(dimensioned) and all(emulation.is_logical_fp16(t) for t in dimensioned)
+    return bool(dimensioned) and all(is_logical_fp16(t) for t in dimensioned)
 
 
 def _flat_tensors(args, kwargs) -> Iterator[torch.Tensor]:
@@ -213,7 +180,7 @@ def autocast(policy: Policy | str, *, device_type: str | None = None, enabled: b
           the same way on every device.
       "autocast": torch.autocast's own lists apply them, with no Python per op (for eager GPU loops
           bound by the host). Only with device_type="cuda" and no op rules registered by the user:
-          on CUDA those lists compute the built-in rows in FP32, except CUDA_AUTOCAST_EXCEPTIONS,
+          on CUDA those lists compute the built-in rows in FP32, except rules.CUDA_AUTOCAST_EXCEPTIONS,
           among them F.cross_entropy on half logits: call mp.ops.cross_entropy for the loss.
       Module rules (norm modules, embeddings, head, RNNs) are mp.prepare's and apply either way.
 
@@ -241,7 +208,20 @@ def autocast(policy: Policy | str, *, device_type: str | None = None, enabled: b
             stack.enter_context(torch.autocast(d, dtype=policy.compute_dtype))
         if op_rules == "intercept":
             stack.enter_context(PrecisionMode(policy))
+        _active.append(policy)
+        stack.callback(_active.pop)
         yield
+
+
+# The policies of the enclosing mp.autocast blocks, innermost last. torch.autocast's own state says what
+# computes in which dtype; this adds what only mixprec knows (whether FP16 is emulated). A plain list:
+# torch.compile traces and guards reads of it, where a ContextVar would break the graph.
+_active: list[Policy] = []
+
+
+def active_policy() -> Policy | None:
+    """The policy of the innermost mp.autocast block, or None outside one."""
+    return _active[-1] if _active else None
 
 
 def _check_op_rules(op_rules: str, devices: list[str]) -> None:
@@ -252,8 +232,8 @@ def _check_op_rules(op_rules: str, devices: list[str]) -> None:
     if devices != ["cuda"]:
         raise ValueError(f"op_rules='autocast' needs device_type='cuda' (torch.autocast's CPU lists differ "
                          f"from the table); got device_type for {devices}. Use op_rules='intercept'")
-    user_rules = rules.user_op_rules()
+    user_rules = rules.op_table(builtin=False)
     if user_rules:
-        names = ", ".join(r.what for r in user_rules)
+        names = ", ".join(sorted({r.what for r in user_rules.values()}))
         raise ValueError(f"op_rules='autocast' cannot apply op rules registered by the user ({names}): "
                          f"torch.autocast does not know them. Use op_rules='intercept'")

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from mixprec import rules
 from mixprec.policy import Policy
-from mixprec.prepare import find_roles, plan_of, prepare
+from mixprec.prepare import find_roles, plan_of, preparation, prepare
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -40,7 +40,7 @@ def explain(policy: Policy | str, model: nn.Module | None = None) -> str:
     else:
         lines.append("precision table off: everything computes in " + compute)
     if model is not None:
-        if not hasattr(model, "_mixprec_plan"):
+        if preparation(model) is None:
             import copy
             model = prepare(copy.deepcopy(model), policy)
         roles = find_roles(model)
@@ -53,7 +53,6 @@ def explain(policy: Policy | str, model: nn.Module | None = None) -> str:
             rows.append([p.name, p.kind, p.role or roles.get(p.name) or "", precision_text(p.precision),
                          _dtype(p.param_dtype)])
         lines += ["", _table(["module", "class", "role", "computes in", "params"], rows)]
-        fp8 = getattr(model, "_mixprec_fp8_report", None)
-        if fp8:
-            lines += ["", "FP8: " + str(fp8)]
+        for converter in preparation(model).policy.converters:
+            lines += ["", converter.describe_model(model)]
     return "\n".join(lines)

@@ -67,21 +67,18 @@ class Policy:
 
     # ---- derived facts -------------------------------------------------------------------------
     @property
-    def half_dtype(self) -> torch.dtype | None:
-        """The low-precision dtype this policy uses, if any."""
-        for d in (self.compute_dtype, self.param_dtype):
-            if d in _HALF:
-                return d
-        return None
-
-    @property
     def autocast_enabled(self) -> bool:
         """Whether compute runs below the parameters' precision (autocast casts on the fly)."""
         return self.compute_dtype in _HALF or self.fp8 is not None
 
+    def emulates_fp16(self, device_type: str) -> bool:
+        """Whether FP16 compute is emulated on this device type (the CPU, with cpu_fp16="emulate")."""
+        return device_type == "cpu" and self.compute_dtype == torch.float16 and self.cpu_fp16 == "emulate"
+
     @property
-    def dynamic_loss_scale(self) -> bool:
-        return self.loss_scale == "dynamic"
+    def converters(self) -> tuple:
+        """The model converters this policy applies in prepare() (its FP8 config), in order."""
+        return tuple(c for c in (self.fp8,) if c is not None)
 
     def replace(self, **changes) -> "Policy":
         """A copy with some fields changed (validated again)."""

@@ -1,19 +1,33 @@
-"""mp.prepare: apply a Policy to a model (module rules, parameter casts, FP8 swaps)."""
+"""mp.prepare and mp.unprepare: apply a Policy to a model (converters, module rules, parameter casts).
+
+What prepare changes, all of it visible and undone by unprepare:
+- the policy's converters (its FP8 config) swap layers (nn.Linear -> Float8Linear);
+- a module that a row of the table governs gets a `PrecisionForward` as its `forward` (an instance
+  attribute: the class, its name and isinstance checks are untouched);
+- parameters and floating buffers of modules not kept in FP32 are cast to policy.param_dtype;
+- one record on the model, `model._mixprec_preparation`: the policy, the plan (what each module
+  became, for mp.explain) and the original dtypes.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from mixprec import emulation, rules
-from mixprec.context import logical_dtype, map_tensors, to_fp32
+from mixprec import rules
+from mixprec._tensors import is_logical_fp16, logical_dtype, map_tensors, to_fp16_values, to_fp32
+from mixprec.context import active_policy
 from mixprec.ops import linear_fp32_output
 from mixprec.policy import Policy
 from mixprec.rules import Precision
 
+_HALF = (torch.float16, torch.bfloat16)
 _HEAD_NAMES = ("lm_head", "head", "output", "out_proj_vocab", "classifier", "fc_out", "decoder")
+_RECORD = "_mixprec_preparation"
 
 
 @dataclass(frozen=True)
@@ -28,7 +42,16 @@ class ModulePlan:
     param_dtype: torch.dtype | None
 
 
-def _module_device_type(module: nn.Module, args) -> str:
+@dataclass
+class Preparation:
+    """The record prepare keeps on a model."""
+
+    policy: Policy
+    plan: list[ModulePlan]
+    original_dtypes: dict[str, torch.dtype] = field(default_factory=dict)   # parameter/buffer name -> dtype
+
+
+def _device_type(module: nn.Module, args) -> str:
     for a in args:
         if isinstance(a, torch.Tensor):
             return a.device.type
@@ -38,79 +61,75 @@ def _module_device_type(module: nn.Module, args) -> str:
 
 
 def _is_plain_fp32(x) -> bool:
-    return isinstance(x, torch.Tensor) and x.dtype == torch.float32 and not emulation.is_logical_fp16(x)
+    return isinstance(x, torch.Tensor) and x.dtype == torch.float32 and not is_logical_fp16(x)
 
 
-class _RuleModule:
-    """Mixed into a module's class by prepare(): runs its forward under its precision rule."""
+class PrecisionForward:
+    """A module's forward run under its row of the table.
 
-    _mixprec_precision: Precision
+    FP32 / FP32_CAST_BACK: inputs upcast, the module's forward in FP32 (autocast off where the module
+        runs GEMMs), the output cast back to the input's dtype for FP32_CAST_BACK;
+    FP32_OUTPUT (the output head): half GEMM inputs, FP32 accumulation and logits;
+    HALF (LSTM): the module's parameters and inputs in the compute dtype on every device.
+    The compute dtype is torch.autocast's for the input's device, read at each call.
+    """
 
-    def forward(self, *args, **kwargs):
-        if self.__dict__.get("_mixprec_bypass"):  # inside functional_call from _mixprec_half_forward
-            return super().forward(*args, **kwargs)
-        precision = self._mixprec_precision
-        if (precision in (Precision.FP32, Precision.FP32_CAST_BACK) and not self._mixprec_autocast_off
+    def __init__(self, module: nn.Module, rule: rules.ModuleRule, autocast_off: bool):
+        self.module, self.rule, self.autocast_off = module, rule, autocast_off
+        self.inner: Callable | None = module.__dict__.get("forward")   # a forward set on the instance before us
+
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
+        if self.inner is not None:
+            return self.inner(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        precision = self.rule.precision
+        if (precision in (Precision.FP32, Precision.FP32_CAST_BACK) and not self.autocast_off
                 and len(args) == 1 and not kwargs and _is_plain_fp32(args[0])):
-            return super().forward(args[0])  # FP32 in, FP32 weights, no autocast op inside: FP32 throughout
-        device_type = _module_device_type(self, args)
+            return self._call(args[0])  # FP32 in, FP32 weights, no autocast op inside: FP32 throughout
+        device_type = _device_type(self.module, args)
         if precision is Precision.FP32_OUTPUT:
-            return self._mixprec_head_forward(device_type, *args, **kwargs)
+            return self._head(device_type, *args, **kwargs)
         if precision is Precision.HALF:
-            return self._mixprec_half_forward(device_type, *args, **kwargs)
+            return self._half(device_type, *args, **kwargs)
         first = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
         in_dtype = logical_dtype(first) if first is not None else torch.float32
         args, kwargs = map_tensors(to_fp32, args), map_tensors(to_fp32, kwargs)
-        if self._mixprec_autocast_off:
+        if self.autocast_off:
             with torch.autocast(device_type, enabled=False):
-                out = super().forward(*args, **kwargs)
+                out = self._call(*args, **kwargs)
         else:  # FP32 inputs and weights already keep every op of a norm or an embedding in FP32
-            out = super().forward(*args, **kwargs)
+            out = self._call(*args, **kwargs)
         if precision is Precision.FP32_CAST_BACK and in_dtype != torch.float32:
-            if emulation.is_logical_fp16(first):
-                return map_tensors(emulation.to_fp16_values, out)
+            if is_logical_fp16(first):
+                return map_tensors(to_fp16_values, out)
             return map_tensors(lambda t: t.to(in_dtype), out)
         return out
 
-    def _mixprec_head_forward(self, device_type, x, *args, **kwargs):
-        compute = self._mixprec_compute_dtype
-        if (isinstance(self, nn.Linear) and not args and not kwargs and compute in (torch.float16, torch.bfloat16)
-                and torch.is_autocast_enabled(device_type)):
-            return linear_fp32_output(x, self.weight, self.bias, compute)
+    def _head(self, device_type: str, x, *args, **kwargs):
+        module = self.module
+        if (isinstance(module, nn.Linear) and not args and not kwargs and torch.is_autocast_enabled(device_type)
+                and torch.get_autocast_dtype(device_type) in _HALF):
+            return linear_fp32_output(x, module.weight, module.bias, torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type, enabled=False):  # not a plain Linear, or no autocast: all FP32
-            return super().forward(to_fp32(x), *map_tensors(to_fp32, args), **map_tensors(to_fp32, kwargs))
+            return self._call(to_fp32(x), *map_tensors(to_fp32, args), **map_tensors(to_fp32, kwargs))
 
-    def _mixprec_half_forward(self, device_type, *args, **kwargs):
-        """Modules the table allows in half (LSTM): run them in the compute dtype on every device."""
-        if not torch.is_autocast_enabled(device_type) or self._mixprec_compute_dtype == torch.float32:
-            return super().forward(*args, **kwargs)
-        emulate = device_type == "cpu" and self._mixprec_emulate_fp16
-        cast = emulation.to_fp16_values if emulate else (lambda t: t.to(self._mixprec_compute_dtype))
-        params = {n: cast(p) for n, p in self.named_parameters()}
-        self._mixprec_bypass = True  # functional_call calls forward again: let it reach the original
-        try:
-            with torch.autocast(device_type, enabled=False):
-                out = functional_call(self, params, tuple(map_tensors(cast, args)), map_tensors(cast, kwargs))
-        finally:
-            self._mixprec_bypass = False
-        return map_tensors(emulation.to_fp16_values, out) if emulate else out
+    def _half(self, device_type: str, *args, **kwargs):
+        # Inside functional_call below autocast is off: the cast parameters are in place, run as they are.
+        if not torch.is_autocast_enabled(device_type) or torch.get_autocast_dtype(device_type) not in _HALF:
+            return self._call(*args, **kwargs)
+        compute = torch.get_autocast_dtype(device_type)
+        policy = active_policy()
+        emulate = policy is not None and policy.emulates_fp16(device_type)
+        cast = to_fp16_values if emulate else (lambda t: t.to(compute))
+        params = {n: cast(p) for n, p in self.module.named_parameters()}
+        with torch.autocast(device_type, enabled=False):
+            out = functional_call(self.module, params, tuple(map_tensors(cast, args)), map_tensors(cast, kwargs))
+        return map_tensors(to_fp16_values, out) if emulate else out
 
-
-_rule_classes: dict[tuple[type, Precision], type] = {}
-
-
-def _wrap_class(cls: type, precision: Precision) -> type:
-    key = (cls, precision)
-    if key not in _rule_classes:
-        # Same name as the original so printing and name-based rules ("RMSNorm") see no difference.
-        _rule_classes[key] = type(cls.__name__, (_RuleModule, cls),
-                                  {"_mixprec_precision": precision, "__module__": cls.__module__})
-    return _rule_classes[key]
-
-
-def original_class(module: nn.Module) -> type:
-    cls = type(module)
-    return cls.__mro__[2] if issubclass(cls, _RuleModule) else cls
+    def __repr__(self) -> str:
+        return f"PrecisionForward({type(self.module).__name__}, {self.rule.precision.describe()}: {self.rule.what})"
 
 
 def find_roles(model: nn.Module, head: str | None = None) -> dict[str, str]:
@@ -141,11 +160,13 @@ def find_roles(model: nn.Module, head: str | None = None) -> dict[str, str]:
 def prepare(model: nn.Module, policy: Policy | str, *, head: str | None = None) -> nn.Module:
     """Apply a policy to a model in place and return it.
 
-    1. FP8: when policy.fp8 is set, large Linear layers become Float8Linear (mixprec.fp8.convert).
-    2. Module rules (mixprec.rules): norms, embeddings, the output head, RNN/GRU compute in FP32;
-       LSTM in the compute dtype; each matched module's class gains the rule's forward.
-    3. Parameters of modules not kept in FP32 are cast to policy.param_dtype.
-    Idempotent: preparing again with the same policy changes nothing.
+    1. The policy's converters: with policy.fp8, large Linear layers become Float8Linear.
+    2. Module rules (mixprec.rules): norms, embeddings, the output head, RNN/GRU compute in FP32; LSTM
+       in the compute dtype; each governed module's forward becomes a PrecisionForward.
+    3. Parameters and floating buffers of modules not kept in FP32 are cast to policy.param_dtype.
+    Idempotent: preparing again with the same policy changes nothing. `mp.unprepare` undoes it.
+    A model with half parameters (the -true recipes) has half values in its state_dict(); for an FP32
+    checkpoint take the master weights (MasterWeights.state_dict()["master_weights"]) or upcast.
     """
     if isinstance(policy, str):
         policy = Policy.from_recipe(policy)
@@ -157,19 +178,18 @@ def prepare(model: nn.Module, policy: Policy | str, *, head: str | None = None) 
     if not any(p.is_floating_point() for p in params):
         raise ValueError(f"{type(model).__name__} has no floating-point parameters to train in mixed precision "
                          f"(found {len(params)} parameters of dtypes {sorted({str(p.dtype) for p in params})})")
-    previous = getattr(model, "_mixprec_policy", None)
+    previous = model.__dict__.get(_RECORD)
     if previous is not None:
-        if previous == policy:
+        if previous.policy == policy:
             return model
-        raise ValueError(f"model was already prepared with {previous.name or previous}; prepare a fresh model "
-                         f"for {policy.name or policy}")
-    if policy.fp8 is not None:
-        from mixprec.fp8 import convert
-        convert(model, policy.fp8)
+        raise ValueError(f"model was already prepared with {previous.policy.name or previous.policy}; prepare a "
+                         f"fresh model (or mp.unprepare it first) for {policy.name or policy}")
+    original_dtypes = {n: t.dtype for n, t in _named_tensors(model)}
+    for converter in policy.converters:
+        model = converter.convert_model(model)
 
     roles = find_roles(model, head)
-    emulate = policy.compute_dtype == torch.float16 and policy.cpu_fp16 == "emulate"
-    plan: list[ModulePlan] = []
+    plan: list[tuple[str, nn.Module, str | None, rules.ModuleRule | None]] = []
     keep_fp32: set[int] = set()
     half_modules: list[nn.Module] = []
     for name, module in model.named_modules():
@@ -177,16 +197,13 @@ def prepare(model: nn.Module, policy: Policy | str, *, head: str | None = None) 
         rule = rules.rule_for_module(name, module, role) if policy.fp32_rules else None
         if rule is not None and rule.precision is not Precision.HALF:
             keep_fp32.update(id(p) for p in module.parameters())
+            keep_fp32.update(id(b) for b in module.buffers())
         else:
             half_modules.append(module)
         if rule is not None and _needs_wrapper(module, rule.precision):
-            module.__class__ = _wrap_class(type(module), rule.precision)
-            module._mixprec_compute_dtype = policy.compute_dtype
-            module._mixprec_emulate_fp16 = emulate
-            module._mixprec_autocast_off = _runs_autocast_ops(module, rule)
-        plan.append(ModulePlan(name, original_class(module).__name__, role,
-                               rule.precision if rule else None, rule.why if rule else "",
-                               None))
+            module.forward = PrecisionForward(module, rule, _runs_autocast_ops(module, rule))
+        plan.append((name, module, role, rule))
+
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(policy.param_dtype) if t.is_floating_point() and id(t) not in keep_fp32 else t
 
@@ -194,15 +211,45 @@ def prepare(model: nn.Module, policy: Policy | str, *, head: str | None = None) 
     # through _apply, so that a module keeping some state in FP32 (Float8Linear's amax histories) can.
     for module in half_modules:
         module._apply(cast, recurse=False)
-    model._mixprec_plan = [
-        ModulePlan(p.name, p.kind, p.role, p.precision, p.why, _param_dtype(model.get_submodule(p.name)))
-        for p in plan]
-    model._mixprec_policy = policy
+    model.__dict__[_RECORD] = Preparation(
+        policy, [ModulePlan(name, type(module).__name__, role, rule.precision if rule else None,
+                            rule.why if rule else "", _param_dtype(module)) for name, module, role, rule in plan],
+        original_dtypes)
     return model
 
 
+def unprepare(model: nn.Module) -> nn.Module:
+    """Undo prepare(): the modules' own forwards, the converters' swaps (Float8Linear -> nn.Linear) and
+    the parameters' and buffers' original dtypes (values as trained, cast). Returns the model."""
+    record = model.__dict__.pop(_RECORD, None)
+    if record is None:
+        raise ValueError(f"{type(model).__name__} was not prepared by mp.prepare: nothing to undo")
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, PrecisionForward):
+            if forward.inner is not None:
+                module.forward = forward.inner
+            else:
+                del module.forward
+    for converter in reversed(record.policy.converters):
+        model = converter.revert_model(model)
+    wanted = {id(t): record.original_dtypes[n] for n, t in _named_tensors(model) if n in record.original_dtypes}
+
+    def restore(t: torch.Tensor) -> torch.Tensor:
+        dtype = wanted.get(id(t))
+        return t.to(dtype) if dtype is not None and t.dtype != dtype else t
+
+    for module in model.modules():
+        module._apply(restore, recurse=False)
+    return model
+
+
+def _named_tensors(model: nn.Module):
+    return itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+
+
 def _needs_wrapper(module: nn.Module, precision: Precision) -> bool:
-    if isinstance(module, _RuleModule):
+    if isinstance(module.__dict__.get("forward"), PrecisionForward):
         return False
     if precision is Precision.HALF:  # Linear/Conv follow autocast by themselves; LSTM needs the wrapper
         return isinstance(module, (nn.LSTM, nn.LSTMCell)) or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
@@ -216,8 +263,8 @@ def _runs_autocast_ops(module: nn.Module, rule: rules.ModuleRule) -> bool:
     """Whether an FP32 rule must switch autocast off inside the module.
 
     Built-in norms and embeddings on FP32 inputs run no op that autocast lowers to half, and an
-    autocast-off region inside a compiled graph splits fusions (measured: ~4% of a GPT step), so they
-    skip it. Modules with GEMMs inside (RNNs, attention, the head, anything a user registers) need it.
+    autocast-off region inside a compiled graph splits fusions, so they skip it. Modules with GEMMs
+    inside (RNNs, attention, the head, anything a user registers) need it.
     """
     if rule not in rules.BUILTIN_MODULE_RULES or rule.precision is Precision.FP32_OUTPUT:
         return True
@@ -229,6 +276,12 @@ def _param_dtype(module: nn.Module) -> torch.dtype | None:
     return own[0].dtype if own else None
 
 
+def preparation(model: nn.Module) -> Preparation | None:
+    """The record of prepare() on this model, or None."""
+    return model.__dict__.get(_RECORD)
+
+
 def plan_of(model: nn.Module) -> list[ModulePlan]:
-    """The per-module decisions of the last prepare() (empty if the model was not prepared)."""
-    return list(getattr(model, "_mixprec_plan", []))
+    """The per-module decisions of prepare() (empty if the model was not prepared)."""
+    record = preparation(model)
+    return list(record.plan) if record is not None else []

@@ -7,10 +7,10 @@
 """
 from mixprec.fp8.backends import backend_info, fp8_gemm_supported, resolve_backend, triton_available
 from mixprec.fp8.config import Float8Config
-from mixprec.fp8.convert import Fp8Decision, convert, default_filter, describe, report
+from mixprec.fp8.convert import Fp8Decision, convert, default_filter, describe, report, unconvert
 from mixprec.fp8.linear import Float8Linear
-from mixprec.fp8.quantize import GRANULARITIES, AmaxHistory, dequantize, quantize, scale_from_amax
+from mixprec.fp8.quantize import GRANULARITIES, dequantize, quantize, scale_from_amax
 
-__all__ = ["AmaxHistory", "Float8Config", "Float8Linear", "Fp8Decision", "GRANULARITIES", "backend_info",
-           "convert", "default_filter", "dequantize", "describe", "fp8_gemm_supported", "quantize", "report",
-           "resolve_backend", "scale_from_amax", "triton_available"]
+__all__ = ["Float8Config", "Float8Linear", "Fp8Decision", "GRANULARITIES", "backend_info", "convert",
+           "default_filter", "dequantize", "describe", "fp8_gemm_supported", "quantize", "report",
+           "resolve_backend", "scale_from_amax", "triton_available", "unconvert"]

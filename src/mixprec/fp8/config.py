@@ -1,8 +1,15 @@
-"""Float8Config: which FP8 recipe a model trains with, and how its GEMMs run."""
+"""Float8Config: which FP8 recipe a model trains with, and how its GEMMs run.
+
+A leaf: it imports only mixprec.formats, so a Policy can hold one without importing the FP8 kernels.
+As a Policy's model converter (torchtitan's term) it converts a model in mp.prepare, which reaches
+FP8 only through convert_model / describe_model / revert_model.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+from torch import nn
 
 from mixprec.formats import get_format
 
@@ -62,3 +69,19 @@ class Float8Config:
             raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}")
         if self.block_size < 16 or self.block_size % 16:
             raise ValueError(f"block_size must be a multiple of 16, got {self.block_size}")
+
+    # ---- the model converter seam (mp.prepare, mp.explain, mp.unprepare) -------------------------
+    def convert_model(self, model: nn.Module) -> nn.Module:
+        """Swap the model's eligible Linear layers for Float8Linear (mixprec.fp8.convert)."""
+        from mixprec.fp8.convert import convert
+        return convert(model, self)
+
+    def describe_model(self, model: nn.Module) -> str:
+        """Which Linear layers run in FP8 and why the others do not."""
+        from mixprec.fp8.convert import describe
+        return describe(model)
+
+    def revert_model(self, model: nn.Module) -> nn.Module:
+        """Back to nn.Linear (same Parameters): undoes convert_model."""
+        from mixprec.fp8.convert import unconvert
+        return unconvert(model)

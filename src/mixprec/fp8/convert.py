@@ -125,6 +125,26 @@ def convert(model: nn.Module, config: Float8Config | None = None, filter: Filter
     return model
 
 
+def unconvert(model: nn.Module) -> nn.Module:
+    """Turn every Float8Linear of `model` back into an nn.Linear with the same Parameters, children and
+    hooks (delayed scaling's amax histories are dropped); returns the model (a new one for a root layer)."""
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if not isinstance(module, Float8Linear):
+            continue
+        linear = nn.Linear.__new__(nn.Linear)
+        linear.__dict__.update({k: (type(v)(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()
+                                if k not in ("config", "_fp8_capable")})
+        for history in [n for n in linear._buffers if n.startswith("amax_history_")]:
+            del linear._buffers[history]
+        if name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, linear)
+        else:
+            model = linear
+    model.__dict__.pop("_mixprec_fp8_report", None)
+    return model
+
+
 class Fp8Report(list):
     """The list of Fp8Decision that convert records; prints as a table."""
 

@@ -23,9 +23,9 @@ exactly on a tie of the FP8 grid. So the FP32 product is rounded to odd instead 
 step one ulp towards the exact product, whose side the exact error x * inv - p tells): round-to-odd
 with 24 >= 4 + 2 bits followed by round-to-nearest-even is one correct rounding.
 
-Scale shapes, for x of shape (..., K) (colwise and 128x128 take 2-D x of shape (R, K)); b = block_size:
+Scale shapes, for x of shape (..., K) (128x128 takes 2-D x of shape (R, K)); b = block_size:
 
-    tensorwise  ()                 rowwise  (..., 1)              colwise  (1, K)
+    tensorwise  ()                 rowwise  (..., 1)
     1x128       (..., ceil(K/b))   128x128  (ceil(R/b), ceil(K/b))
 
 Tiles and blocks that run past the end of a dimension are padded with zeros for the amax (zeros never
@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from mixprec.formats import Format, cast_to, get_format
 
-Granularity = Literal["tensorwise", "rowwise", "colwise", "1x128", "128x128"]
-GRANULARITIES: tuple[str, ...] = ("tensorwise", "rowwise", "colwise", "1x128", "128x128")
+Granularity = Literal["tensorwise", "rowwise", "1x128", "128x128"]
+GRANULARITIES: tuple[str, ...] = ("tensorwise", "rowwise", "1x128", "128x128")
 
 # Floor on amax so an all-zero group gets a finite scale (0 / scale = 0, not NaN); torchao's choice.
 AMAX_EPS = 1e-12
@@ -73,10 +73,8 @@ def group_amax(x: torch.Tensor, granularity: Granularity, *, block_size: int = 1
         return a.amax()
     if granularity == "rowwise":
         return a.amax(dim=-1, keepdim=True)
-    if granularity in ("colwise", "128x128") and x.dim() != 2:
+    if granularity == "128x128" and x.dim() != 2:
         raise ValueError(f"granularity {granularity!r} needs a 2-D tensor, got shape {tuple(x.shape)}")
-    if granularity == "colwise":
-        return a.amax(dim=0, keepdim=True)
     b = block_size
     k = x.shape[-1]
     nk = _ceil_div(k, b)
@@ -136,7 +134,7 @@ def quantize(x: torch.Tensor, fmt: str | torch.dtype | Format = "fp8_e4m3", gran
     """Quantize `x` to FP8 codes and FP32 dequantization scales (x ~= q * scale).
 
     fmt:         "fp8_e4m3" or "fp8_e5m2" (or the torch dtype).
-    granularity: "tensorwise", "rowwise" (one scale per row), "colwise" (per column, 2-D x),
+    granularity: "tensorwise", "rowwise" (one scale per row),
                  "1x128" (per 1 x block_size tile along the last dim), "128x128" (per block, 2-D x).
     power_of_2:  round scales up to powers of two (scaling then multiplies exponents only: exact).
     amax:        use this amax (shaped like the scale) instead of the current one, e.g. from an amax
@@ -245,31 +243,6 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, *, block_size: int = 128,
             s = scale.reshape(rows[0], 1, nk, 1) if nr is not None else scale.reshape(scale.shape[0], 1, nk, 1)
             return (codes_to_float(q).reshape(rows[0], rows[1], nk, b) * s).reshape(r, k).to(dtype)
     return (codes_to_float(q) * expand_scale(scale, q.shape, block_size=block_size)).to(dtype)
-
-
-class AmaxHistory:
-    """Delayed scaling (Transformer Engine's DelayedScaling): scale from the max of past amaxes.
-
-    Each call quantizes with the largest amax of the previous `length` calls (the current one on the
-    first call, when there is no history), then records the current amax. The history is a tensor on
-    the data's device, updated in place, so the step stays free of host syncs.
-    """
-
-    def __init__(self, length: int = 1024, device: torch.device | str | None = None) -> None:
-        if length < 1:
-            raise ValueError(f"amax history length must be >= 1, got {length}")
-        self.history = torch.zeros(length, dtype=torch.float32, device=device)
-
-    def quantize(self, x: torch.Tensor, fmt: str | torch.dtype | Format = "fp8_e4m3", *,
-                 power_of_2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tensorwise quantization of x with the history's scale; records x's amax."""
-        if self.history.device != x.device:
-            self.history = self.history.to(x.device)
-        current = group_amax(x, "tensorwise")
-        q, scale = quantize(x, fmt, "tensorwise", power_of_2=power_of_2,
-                            amax=delayed_amax(self.history, current))
-        record_amax(self.history, current)
-        return q, scale
 
 
 def delayed_amax(history: torch.Tensor, current: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ def quantize_pair(x: torch.Tensor, fmt: str, granularity: str, *, backend: str, 
     # the Triton kernels' tiles are 128 wide; block_size means nothing to tensorwise and rowwise scales
     triton_kernel = granularity in ("tensorwise", "rowwise") or block_size == 128
     if backend == "triton" and triton_kernel and not (granularity == "rowwise" and history is not None):
-        from mixprec.fp8 import kernels
+        from mixprec.fp8 import _kernels as kernels
         if granularity == "1x128":
             (q, s), (qt, st) = kernels.quantize_1x128_t(x, fmt, power_of_2=power_of_2)
         elif granularity == "128x128":
@@ -69,6 +69,6 @@ def quantize_pair(x: torch.Tensor, fmt: str, granularity: str, *, backend: str, 
 
 def _tensor_amax(x: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "triton":
-        from mixprec.fp8 import kernels
+        from mixprec.fp8 import _kernels as kernels
         return kernels.tensor_amax(x)
     return group_amax(x, "tensorwise")

@@ -6,8 +6,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mixprec as mp
 from mixprec.formats import representable
-from precision_trace import effective_precision
-from small_models import TinyGPT
+from helpers import effective_precision
+from helpers import TinyGPT
 from tolerances import EMULATED_VS_NATIVE_FP16_GRAD_RTOL, EMULATED_VS_NATIVE_FP16_LOSS_RTOL
 
 

@@ -1,4 +1,6 @@
-"""FP16 emulation on devices without fast FP16 kernels (the CPU).
+"""Tensor helpers the core shares: mapping over nested arguments, FP32 upcasts, and FP16 emulation.
+
+FP16 emulation, on devices without fast FP16 kernels (the CPU):
 
 PyTorch's FP16 CPU kernels are ~27x slower than FP32 on the development machines, so FP16 policies
 on the CPU keep tensors in FP32 but hold every half-precision value to what FP16 can represent:
@@ -14,13 +16,34 @@ The result equals native FP16 up to the order of FP32 accumulation, at FP32 spee
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from mixprec.formats import fast_round_to
 
 _MARK = "_mixprec_logical_fp16"
+
+
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
+    """Apply fn to every floating-point tensor in a (nested) tuple/list/dict of arguments."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_tensors(fn, o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
+    return obj
+
+
+def to_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in FP32; an explicit upcast, so an emulated FP16 tensor loses its mark."""
+    return unmarked(x) if x.dtype == torch.float32 else x.float()
+
+
+def logical_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a tensor stands for: FP16 for an emulated (logically FP16) FP32 tensor."""
+    return torch.float16 if is_logical_fp16(x) else x.dtype
 
 
 class _RoundFP16(torch.autograd.Function):

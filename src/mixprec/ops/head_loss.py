@@ -1,0 +1,229 @@
+"""The output head and the loss, as the precision table wants them: half GEMM inputs, FP32 logits and loss.
+
+    logits = linear_fp32_output(x, W, b, dtype)    x, W rounded to dtype; FP32 accumulation and output
+    loss = cross_entropy(logits, target)           F.cross_entropy on FP32 values (one read of the logits
+                                                   on CUDA, with Triton)
+    loss = head_cross_entropy(x, head, target)     both at once, without the FP32 round trips:
+
+Computed op by op, the FP32 head and loss cost two full FP32 passes over the (tokens x vocab) logits
+that a BF16 head does not pay: the loss's backward writes an FP32 gradient of the logits, and the
+head's half GEMMs need it cast to half. `head_cross_entropy` is one autograd function: its forward
+runs the head GEMM and keeps one log-sum-exp per row; its backward writes the logits' gradient once,
+in the GEMM's half dtype, and runs the head's two GEMMs (one backward per GEMM). Same math, all of
+it in FP32 up to that final rounding.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mixprec._tensors import to_fp32
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b for half inputs with FP32 accumulation, returned in out_dtype."""
+    if a.is_cuda and out_dtype == torch.float32 and a.dtype in _HALF:
+        return torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS: half inputs, FP32 output, no rounding
+    if a.is_cuda or (a.dtype == torch.bfloat16 and out_dtype == torch.bfloat16):
+        return (a @ b).to(out_dtype)
+    # CPU: half values are exact in FP32, so an FP32 GEMM is the half GEMM with an FP32 accumulator
+    # (and avoids PyTorch's slow FP16 CPU kernels).
+    return (a.float() @ b.float()).to(out_dtype)
+
+
+def _half_operands(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype):
+    # Autocast off: real half tensors, also when FP16 is emulated, so the backward's GEMMs see half values.
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        return x.reshape(-1, x.shape[-1]).to(dtype), weight.to(dtype)
+
+
+class _HalfInputsFP32Output(torch.autograd.Function):
+    """y = x W^T + b with x, W rounded to the compute dtype, FP32 accumulation and an FP32 result."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, xh, wh):
+        with torch.autocast(x.device.type, enabled=False):
+            out = _gemm(xh, wh.t(), torch.float32)
+            if bias is not None:
+                out = out + bias.float()
+        ctx.save_for_backward(xh, wh)
+        ctx.has_bias = bias is not None
+        ctx.x_dtype, ctx.w_dtype, ctx.x_shape = x.dtype, weight.dtype, x.shape
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        xh, wh = ctx.saved_tensors
+        g32 = grad.reshape(-1, grad.shape[-1])
+        gh = g32.to(xh.dtype)
+        with torch.autocast(grad.device.type, enabled=False):
+            grad_x = _gemm(gh, wh, xh.dtype).to(ctx.x_dtype).reshape(ctx.x_shape)  # a half activation gradient
+            grad_w = _gemm(gh.t(), xh, torch.float32).to(ctx.w_dtype)  # FP32 master gradient
+            grad_b = g32.float().sum(0).to(ctx.w_dtype) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None, None
+
+
+def linear_fp32_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       compute_dtype: torch.dtype) -> torch.Tensor:
+    """The output head's rule: its weights stay FP32 (master copy), its GEMM runs at half speed, and the
+    logits are not rounded to half before the loss's exp."""
+    xh, wh = _half_operands(x, weight, compute_dtype)
+    return _HalfInputsFP32Output.apply(x, weight, bias, xh, wh)
+
+
+# ---- the loss on FP32 logits --------------------------------------------------------------------------
+def _triton():
+    """The Triton kernels, where they can run (imported on first use: importing mixprec imports no Triton)."""
+    from mixprec.ops import _triton_cross_entropy
+    return _triton_cross_entropy if _triton_cross_entropy.available() else None
+
+
+def row_logsumexp_loss(logits, target, ignore_index):
+    """Per row: log-sum-exp of the logits and the loss lse - logit[target] (0 where ignored)."""
+    kernels = _triton() if logits.is_cuda else None
+    if kernels is not None:
+        return kernels.forward(logits, target, ignore_index)
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    keep = target != ignore_index
+    picked = logits.float().gather(1, torch.where(keep, target, 0)[:, None])[:, 0]
+    return lse, torch.where(keep, lse - picked, 0.0)
+
+
+def softmax_grad(logits, lse, target, row_grad, ignore_index, out_dtype):
+    """(softmax(logits) - onehot(target)) * row_grad, rows with an ignored target zero, in out_dtype."""
+    kernels = _triton() if logits.is_cuda else None
+    if kernels is not None:
+        return kernels.backward(logits, lse, target, row_grad, ignore_index, out_dtype)
+    keep = target != ignore_index
+    grad = torch.exp(logits.float() - lse[:, None])
+    grad.scatter_add_(1, torch.where(keep, target, 0)[:, None], -torch.ones_like(lse)[:, None])
+    return (grad * torch.where(keep, row_grad, 0.0)[:, None]).to(out_dtype)
+
+
+def _reduce(row_loss, target, ignore_index, reduction):
+    valid = (target != ignore_index).sum()
+    loss = row_loss.sum()
+    # mean: 0/0 = nan with every target ignored, as F.cross_entropy gives
+    return (loss / valid if reduction == "mean" else loss), valid
+
+
+def _row_grad(grad_loss, valid, reduction):
+    return grad_loss.float() / valid if reduction == "mean" else grad_loss.float()
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """CE(logits, target) for FP32 logits: one read forward, FP32 gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, reduction):
+        lse, row_loss = row_logsumexp_loss(logits, target, ignore_index)
+        loss, valid = _reduce(row_loss, target, ignore_index, reduction)
+        ctx.save_for_backward(logits, lse, target, valid)
+        ctx.ignore_index, ctx.reduction = ignore_index, reduction
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, lse, target, valid = ctx.saved_tensors
+        grad = softmax_grad(logits, lse, target, _row_grad(grad_loss, valid, ctx.reduction), ctx.ignore_index,
+                            torch.float32)
+        return grad, None, None, None
+
+
+def _simple_case(target, weight, size_average, reduce, reduction, label_smoothing) -> bool:
+    """The cases the fused functions cover: class indices, no class weights or smoothing, mean or sum."""
+    return (weight is None and size_average is None and reduce is None and label_smoothing == 0.0
+            and reduction in ("mean", "sum") and target.dim() == 1 and target.dtype == torch.int64)
+
+
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                  size_average=None, ignore_index: int = -100, reduce=None, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> torch.Tensor:
+    """F.cross_entropy with the table's loss row applied: FP32 input and compute.
+
+    What mp.autocast makes of F.cross_entropy, also where its function mode does not run
+    (op_rules="autocast", or outside mp.autocast). On CUDA with Triton, 2-D logits take a fused path
+    that reads them once; everything else runs F.cross_entropy on FP32 values.
+    """
+    with torch.autocast(input.device.type, enabled=False):
+        logits = to_fp32(input)
+        if (input.is_cuda and input.dim() == 2 and logits.requires_grad and not torch.compiler.is_compiling()
+                and _simple_case(target, weight, size_average, reduce, reduction, label_smoothing)
+                and _triton() is not None):
+            return _CrossEntropy.apply(logits, target, ignore_index, reduction)
+        return F.cross_entropy(logits, target, weight, size_average, ignore_index, reduce, reduction,
+                               label_smoothing)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """loss(x, W, b) = CE(x_h W_h^T + b, target), logits in FP32; gradients to x, W and b."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, xh, wh, ignore_index, reduction):
+        with torch.autocast(x.device.type, enabled=False):
+            logits = _gemm(xh, wh.t(), torch.float32)
+            if bias is not None:
+                logits = logits + bias.float()
+            lse, row_loss = row_logsumexp_loss(logits, target, ignore_index)
+        loss, valid = _reduce(row_loss, target, ignore_index, reduction)
+        ctx.save_for_backward(logits, lse, target, xh, wh, valid)
+        ctx.ignore_index, ctx.reduction, ctx.has_bias = ignore_index, reduction, bias is not None
+        ctx.x_dtype, ctx.w_dtype, ctx.x_shape = x.dtype, weight.dtype, x.shape
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, lse, target, xh, wh, valid = ctx.saved_tensors
+        row_grad = _row_grad(grad_loss, valid, ctx.reduction)
+        grad_x = grad_w = grad_b = None
+        if ctx.has_bias:   # the bias gradient sums the FP32 logits' gradient (a bias head is rare: one FP32 copy)
+            g32 = softmax_grad(logits, lse, target, row_grad, ctx.ignore_index, torch.float32)
+            grad_b = g32.sum(0).to(ctx.w_dtype) if ctx.needs_input_grad[2] else None
+            gh = g32.to(xh.dtype)
+        else:   # the logits' gradient written once, in the GEMMs' half dtype (FP32 for an FP32 head)
+            gh = softmax_grad(logits, lse, target, row_grad, ctx.ignore_index, xh.dtype)
+        with torch.autocast(gh.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_x = _gemm(gh, wh, xh.dtype).to(ctx.x_dtype).reshape(ctx.x_shape)
+            if ctx.needs_input_grad[1]:   # FP32 accumulation and output: the master gradient
+                grad_w = _gemm(gh.t(), xh, torch.float32).to(ctx.w_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def head_cross_entropy(hidden: torch.Tensor, head: nn.Linear | torch.Tensor, target: torch.Tensor, *,
+                       ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                       compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """cross_entropy(head(hidden), target) with the output head's and the loss's rows of the table, fused.
+
+    hidden: (..., d) activations before the head; head: an nn.Linear (or its weight, (vocab, d));
+    target: class indices of hidden's leading shape. The head GEMM takes its inputs in `compute_dtype`
+    (default: the autocast dtype of hidden's device when autocast is on, else hidden's dtype) and
+    accumulates in FP32; logits, log-sum-exp and loss are FP32; the head's weight gradient comes out
+    in FP32 accumulation. Label smoothing falls back to the op-by-op path (same precision).
+    """
+    if isinstance(head, torch.Tensor):
+        weight, bias = head, None
+    elif isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), torch.Tensor):
+        weight, bias = head.weight, getattr(head, "bias", None)
+    else:
+        raise TypeError(f"head must be an nn.Linear or its weight tensor; got {type(head).__name__}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"Unknown reduction {reduction!r}; choose one of: mean, sum")
+    if hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"hidden has {hidden.shape[-1]} features; the head takes {weight.shape[-1]}")
+    if compute_dtype is None:
+        device = hidden.device.type
+        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    flat_target = target.reshape(-1)
+    if flat_target.numel() != hidden.numel() // hidden.shape[-1]:
+        raise ValueError(f"target has {flat_target.numel()} entries for {hidden.numel() // hidden.shape[-1]} "
+                         f"rows of hidden (shape {tuple(hidden.shape)})")
+    if label_smoothing != 0.0 or flat_target.dtype != torch.int64:
+        logits = linear_fp32_output(hidden, weight, bias, compute_dtype)
+        return cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_target, ignore_index=ignore_index,
+                             reduction=reduction, label_smoothing=label_smoothing)
+    xh, wh = _half_operands(hidden, weight, compute_dtype)
+    return _HeadCrossEntropy.apply(hidden, weight, bias, flat_target, xh, wh, ignore_index, reduction)

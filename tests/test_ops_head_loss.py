@@ -1,0 +1,114 @@
+"""The output head and the loss (mixprec.ops.head_loss): the fused head_cross_entropy equals the op-by-op
+FP32 path (head with FP32 output, then F.cross_entropy on FP32 logits), on the CPU and on CUDA."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mixprec as mp
+from mixprec.ops import head_loss
+from tolerances import FP32_ORDER_RTOL, HEAD_LOSS_GRAD_RTOL
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _head_and_loss(device, fused, reduction="mean", ignore_index=-100, dtype=torch.bfloat16, bias=False):
+    torch.manual_seed(0)
+    x = (torch.randn(4, 16, 32, device=device) * 2).requires_grad_()
+    head = torch.nn.Linear(32, 1000, bias=bias, device=device)
+    target = torch.randint(0, 1000, (4, 16), device=device)
+    target[:, ::7] = ignore_index
+    if fused:
+        loss = mp.ops.head_cross_entropy(x, head, target, ignore_index=ignore_index, reduction=reduction,
+                                         compute_dtype=dtype)
+    else:
+        logits = mp.ops.linear_fp32_output(x, head.weight, head.bias, dtype)
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=ignore_index, reduction=reduction)
+    loss.backward()
+    return [loss.detach(), x.grad] + [p.grad for p in head.parameters()]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_head_loss_equals_op_by_op(device, reduction, dtype, bias):
+    ref = _head_and_loss(device, fused=False, reduction=reduction, dtype=dtype, bias=bias)
+    got = _head_and_loss(device, fused=True, reduction=reduction, dtype=dtype, bias=bias)
+    assert _rel(got[0], ref[0]) <= FP32_ORDER_RTOL
+    for g, r in zip(got[1:], ref[1:]):
+        assert g.dtype == r.dtype == torch.float32
+        assert _rel(g, r) <= HEAD_LOSS_GRAD_RTOL
+
+
+def test_one_backward_per_gemm():
+    x = torch.randn(8, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 40, bias=False)
+    loss = mp.ops.head_cross_entropy(x, head, torch.randint(0, 40, (8,)), compute_dtype=torch.bfloat16)
+    assert loss.grad_fn.name() == "_HeadCrossEntropyBackward"
+    assert {type(n).__name__ for n, _ in loss.grad_fn.next_functions if n is not None} == {"AccumulateGrad"}
+
+
+def test_the_compute_dtype_follows_autocast():
+    x = torch.randn(8, 16)
+    head = torch.nn.Linear(16, 40, bias=False)
+    target = torch.randint(0, 40, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = mp.ops.head_cross_entropy(x, head, target)
+    assert torch.equal(under, mp.ops.head_cross_entropy(x, head, target, compute_dtype=torch.bfloat16))
+    assert not torch.equal(under, mp.ops.head_cross_entropy(x, head, target))   # FP32 outside autocast
+
+
+def test_bad_input_names_the_problem():
+    x, head = torch.randn(8, 16), torch.nn.Linear(16, 40)
+    with pytest.raises(ValueError, match="choose one of: mean, sum"):
+        mp.ops.head_cross_entropy(x, head, torch.zeros(8, dtype=torch.long), reduction="none")
+    with pytest.raises(ValueError, match="12 features; the head takes 16"):
+        mp.ops.head_cross_entropy(torch.randn(8, 12), head, torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="target has 4 entries"):
+        mp.ops.head_cross_entropy(x, head, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        mp.ops.head_cross_entropy(x, "lm_head", torch.zeros(8, dtype=torch.long))
+
+
+def test_label_smoothing_takes_the_op_by_op_path():
+    torch.manual_seed(0)
+    x, head, target = torch.randn(8, 16), torch.nn.Linear(16, 40), torch.randint(0, 40, (8,))
+    got = mp.ops.head_cross_entropy(x, head, target, label_smoothing=0.1, compute_dtype=torch.bfloat16)
+    ref = F.cross_entropy(mp.ops.linear_fp32_output(x, head.weight, head.bias, torch.bfloat16), target,
+                          label_smoothing=0.1)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_kernels_equal_the_reference(dtype):
+    from mixprec.ops import _triton_cross_entropy as kernels
+    torch.manual_seed(0)
+    logits = torch.randn(300, 50304, device="cuda") * 8
+    target = torch.randint(0, 50304, (300,), device="cuda")
+    target[::5] = -100
+    lse, loss = kernels.forward(logits, target, -100)
+    ref_lse, ref_loss = head_loss.row_logsumexp_loss(logits.cpu(), target.cpu(), -100)
+    assert _rel(lse.cpu(), ref_lse) <= FP32_ORDER_RTOL and _rel(loss.cpu(), ref_loss) <= FP32_ORDER_RTOL
+    row_grad = torch.tensor(0.37, device="cuda")
+    got = kernels.backward(logits, lse, target, row_grad, -100, dtype)
+    ref = head_loss.softmax_grad(logits.cpu(), lse.cpu(), target.cpu(), row_grad.cpu(), -100, dtype)
+    assert _rel(got.cpu(), ref) <= HEAD_LOSS_GRAD_RTOL
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_on_any_logits_equals_f_cross_entropy(device, reduction):
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 500, device=device) * 4).requires_grad_()
+    target = torch.randint(0, 500, (64,), device=device)
+    target[::9] = -100
+    got = mp.ops.cross_entropy(logits.bfloat16(), target, reduction=reduction)
+    (grad,) = torch.autograd.grad(got, logits)
+    ref = F.cross_entropy(logits.bfloat16().float(), target, reduction=reduction)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    assert got.dtype == torch.float32
+    assert _rel(got.detach(), ref.detach()) <= FP32_ORDER_RTOL
+    assert _rel(grad, ref_grad) <= FP32_ORDER_RTOL
