@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mixprec.optim as mo
-from mixprec.optim import kernels
+from mixprec.optim import _launcher as kernels
 from tolerances import OPTIM_KERNEL_FLIP_FRACTION, OPTIM_KERNEL_PARAM_ATOL, OPTIM_KERNEL_PARAM_RTOL
 
 # Sizes: a tail block, exact blocks, a small tensor (FP32 state), one past a program tile boundary.

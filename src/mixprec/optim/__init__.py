@@ -3,7 +3,7 @@
     opt = mixprec.optim.AdamW(params, lr=1e-3, weight_decay=0.1, state_dtype="int8", rounding="stochastic")
 
 See adamw.py for the options, codes.py for the 8/4-bit codes, rounding.py for stochastic rounding
-and Kahan compensation, reference.py for the update the fused kernel (fused_kernel.py) matches.
+and Kahan compensation, reference.py for the update the fused Triton kernel (_triton_kernel.py) matches.
 """
 from mixprec.optim.adamw import BACKENDS, ROUNDINGS, STATE_DTYPES, Adam, AdamW
 from mixprec.optim.blockwise import dequantize_blockwise, quantize_blockwise

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Literal
 
 import torch
 
-from mixprec.optim import kernels
+from mixprec.optim import _launcher as kernels
 from mixprec.optim.codes import STATE_FORMATS
 from mixprec.optim.reference import AdamHyper, reference_step
 from mixprec.optim.state import DEFAULT_MIN_QUANT_NUMEL, convert_state, effective_format, init_state, state_bytes

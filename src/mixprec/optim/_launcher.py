@@ -1,7 +1,7 @@
 """Launching the fused Adam kernel: bucketing tensors, the pointer and program tables, step counts.
 
 Per `step` and parameter group: tensors are bucketed by (parameter dtype, gradient dtype, state
-layout, rounding, 16-byte alignment), each bucket is one launch of fused_kernel.fused_adam_kernel
+layout, rounding, 16-byte alignment), each bucket is one launch of _triton_kernel.fused_adam_kernel
 (a model whose tensor sizes are multiples of 16 and whose tensors all have low-bit state gets one). The tables live on
 the GPU; they are rebuilt only when an address changes (new gradient tensors) and uploaded from
 pinned memory without blocking, so a step does not wait for the GPU. After the launch the per-tensor
@@ -133,7 +133,7 @@ class FusedAdamLauncher:
         return cached[1], progs
 
     def _launch(self, key, params, states, tensor_ids, hp: AdamHyper, grad_scale, found_inf) -> None:
-        from mixprec.optim.fused_kernel import (ROUND_KAHAN, ROUND_NEAREST, ROUND_STOCHASTIC, STATE_DENSE_BF16,
+        from mixprec.optim._triton_kernel import (ROUND_KAHAN, ROUND_NEAREST, ROUND_STOCHASTIC, STATE_DENSE_BF16,
                                                 STATE_DENSE_F32, STATE_FP8, STATE_MINIFLOAT, fused_adam_kernel)
         device, p_dtype, g_dtype, state_dtype, rounding, aligned = key
         fmt = get_state_format(state_dtype)

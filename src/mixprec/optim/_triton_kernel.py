@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mixprec.optim.triton_ops import (finite_or_zero, minifloat_decode, minifloat_encode, one_minus_exp, random_bits,
+from mixprec.optim._triton_ops import (finite_or_zero, minifloat_decode, minifloat_encode, one_minus_exp, random_bits,
                                       stochastic_round, stream_key)
 
 # State layouts (constexpr STATE) and parameter roundings (constexpr ROUNDING).
