@@ -43,16 +43,6 @@ def test_apex_snippet_trains_like_fp32(opt_level, dtype):
         assert all(p.dtype == torch.float32 for p in mp.master_params(optimizer))
 
 
-def test_opt_levels_semantics():
-    o0, o1 = mp.Policy.from_opt_level("O0"), mp.Policy.from_opt_level("O1")
-    o2, o3 = mp.Policy.from_opt_level("O2"), mp.Policy.from_opt_level("O3")
-    assert o0.compute_dtype == torch.float32 and o0.loss_scale == "none"
-    assert o1.param_dtype == torch.float32 and o1.compute_dtype == torch.float16 and o1.loss_scale == "dynamic"
-    assert o2.param_dtype == torch.float16 and o2.master_weights and o2.loss_scale == "dynamic" and o2.fp32_rules
-    assert o3.param_dtype == torch.float16 and not o3.master_weights and o3.loss_scale == 1.0 and not o3.fp32_rules
-    assert mp.Policy.from_opt_level("O2", dtype=torch.bfloat16).loss_scale == "none"
-
-
 def test_overflow_skips_the_step_by_itself_and_backs_off():
     torch.manual_seed(0)
     model = MLP()

@@ -9,11 +9,10 @@ casts and fused kernels are tested against.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-FormatName = Literal["fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2"]
+__all__ = ["FORMATS", "Format", "cast_to", "fast_round_to", "get_format", "representable", "round_to"]
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+__all__ = ["BUILTIN_MODULE_RULES", "BUILTIN_OP_RULES", "CUDA_AUTOCAST_EXCEPTIONS", "ModuleRule", "OpRule", "Precision",
+           "allow_half", "keep_fp32", "module_rules", "op_rules", "op_table", "register_norm", "reset",
+           "rule_for_module", "user_op_rules"]
+
 
 class Precision(enum.Enum):
     """How a matched module or op computes."""
