@@ -89,6 +89,29 @@ def _grad_scaler(**kw):
     return torch.amp.GradScaler("cpu", **kw)
 
 
+STEPPED = "stepped"     # what a _Reporting optimizer's step() returns (a stand-in for a closure's loss)
+
+
+def _reporting(cls):
+    """A subclass of optimizer class `cls` whose step() returns STEPPED, so the caller of scaler.step() sees
+    from the return value whether the optimizer ran (torch's optimizers return None without a closure)."""
+    class _Reporting(cls):
+        def step(self, *args, **kwargs):
+            super().step(*args, **kwargs)
+            return STEPPED
+    _Reporting.__name__ = f"Reporting{cls.__name__}"
+    return _Reporting
+
+
+def _changed(before, model) -> bool:
+    """Whether every parameter moved since `before` (a list of parameter copies)."""
+    return all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def _unchanged(before, model) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 class _CountSyncs(TorchDispatchMode):
     """Counts device-to-host reads (.item(), bool(), float() all reach aten._local_scalar_dense)."""
 
@@ -137,15 +160,20 @@ def test_matches_grad_scaler_with_real_fp16_overflow():
             with torch.autocast("cpu", dtype=torch.float16):
                 loss = F.mse_loss(model(x), y)
             scaler.scale(loss).backward()
-            ran = scaler.step(opt)
+            before = [p.detach().clone() for p in model.parameters()]
+            result = scaler.step(opt)
             scaler.update()
-            trace.append((scaler.get_scale(), _snapshot(model, opt), ran))
+            trace.append((scaler.get_scale(), _snapshot(model, opt), result, _unchanged(before, model)))
         return trace
 
-    ours = run(LossScaler(init_scale=2.0**24, growth_interval=4, **NO_BOUNDS), model, opt)
+    scaler = LossScaler(init_scale=2.0**24, growth_interval=4, **NO_BOUNDS)
+    ours = run(scaler, model, opt)
     ref = run(_grad_scaler(init_scale=2.0**24, growth_interval=4), ref_model, ref_opt)
-    assert [s for s, _, _ in ours] == [s for s, _, _ in ref]
-    assert sum(not bool(ran) for _, _, ran in ours) >= 3        # it really overflowed at the start
+    assert [s for s, *_ in ours] == [s for s, *_ in ref]
+    assert [t[2] for t in ours] == [t[2] for t in ref] == [None] * len(data)   # AdamW returns None; so do both
+    skipped = [t[3] for t in ours]
+    assert sum(skipped) >= 3                                   # it really overflowed at the start
+    assert scaler.num_skipped_steps == sum(skipped)            # the device counter saw every skip
     for a, b in zip(ours, ref):
         _assert_same(a[1], b[1])
 
@@ -175,13 +203,17 @@ def test_hysteresis_and_bounds_follow_hand_computed_schedule(consecutive, expect
         scaler.scale(F.mse_loss(model(x), y)).backward()
         if step in bad:
             _inject(list(model.parameters()), bad[step], step)
-        ran = scaler.step(opt)
+        skipped_before = scaler.num_skipped_steps
+        result = scaler.step(opt)
         scaler.update()
         scales.append(scaler.get_scale())
         after = _snapshot(model, opt)
-        assert bool(ran) == (step not in bad)
+        assert result is None                            # AdamW's own return value, or a skip
+        assert scaler.num_skipped_steps - skipped_before == (step in bad)
         if step in bad:
             _assert_same(before, after)                  # absorbed by hysteresis or not, the step is skipped
+        else:
+            assert not any(torch.equal(a, b) for a, b in zip(before[0], after[0]))   # the step ran
         before = after
     assert scales == expected
     assert scaler.num_skipped_steps == len(OVERFLOWS)
@@ -206,8 +238,8 @@ def test_grad_scaler_refuses_to_grow_into_inf_and_so_do_we():
 @pytest.mark.parametrize("kind", ["inf", "nan"])
 def test_injected_overflow_skips_only_the_affected_optimizer(kind):
     body, head = nn.Sequential(nn.Linear(6, 16), nn.Tanh()), nn.Linear(16, 3)
-    opt_body = torch.optim.AdamW(body.parameters(), lr=1e-2)
-    opt_head = torch.optim.SGD(head.parameters(), lr=0.05, momentum=0.9)
+    opt_body = _reporting(torch.optim.AdamW)(body.parameters(), lr=1e-2)
+    opt_head = _reporting(torch.optim.SGD)(head.parameters(), lr=0.05, momentum=0.9)
     scaler = LossScaler(init_scale=2.0**12, growth_interval=100)
     k = 3
     for step, (x, y) in enumerate(_data(6)):
@@ -218,11 +250,11 @@ def test_injected_overflow_skips_only_the_affected_optimizer(kind):
         if step == k:
             _inject(list(body.parameters()), kind, step)
         before_body, before_head = _snapshot(body, opt_body), _snapshot(head, opt_head)
-        scale_before = scaler.get_scale()
+        scale_before, skipped_before = scaler.get_scale(), scaler.num_skipped_steps
         ran_body, ran_head = scaler.step(opt_body), scaler.step(opt_head)
         scaler.update()
-        assert ran_body.dtype == torch.bool and ran_body.dim() == 0
-        assert bool(ran_body) == (step != k) and bool(ran_head)
+        assert ran_body == (None if step == k else STEPPED) and ran_head == STEPPED
+        assert scaler.num_skipped_steps - skipped_before == (step == k)
         assert not any(torch.equal(a, b) for a, b in zip(before_head[0], _snapshot(head, opt_head)[0]))
         if step == k:
             _assert_same(before_body, _snapshot(body, opt_body))       # params and AdamW state untouched
@@ -392,7 +424,11 @@ def test_second_step_raises_and_update_resets():
     opt.zero_grad()
     scaler.scale(model(torch.randn(4, 6)).pow(2).mean()).backward()
     scaler.unscale_(opt)          # a new iteration: allowed again
-    assert bool(scaler.step(opt))
+    before = [p.detach().clone() for p in model.parameters()]
+    assert scaler.step(opt) is None                            # SGD's return value: it ran
+    assert _changed(before, model)
+    scaler.update()
+    assert scaler.num_skipped_steps == 0
 
 
 def test_closure_raises_when_enabled_and_runs_when_disabled():
@@ -405,7 +441,8 @@ def test_closure_raises_when_enabled_and_runs_when_disabled():
         scaler.step(opt, closure)
     calls = []
     off = LossScaler(enabled=False)
-    off.step(opt, closure=lambda: calls.append(1) or torch.tensor(0.0))
+    loss = torch.tensor(0.5)
+    assert off.step(opt, closure=lambda: calls.append(1) or loss) is loss    # the closure's loss, via SGD.step
     assert calls == [1]
 
 
@@ -496,16 +533,20 @@ def test_sparse_fp32_gradients_match_grad_scaler():
             scaler.scale(emb(idx).pow(2).sum()).backward()
             if step == 3:
                 emb.weight.grad._values()[0, 0] = math.inf
-            ran = scaler.step(opt)
+            before = emb.weight.detach().clone()
+            result = scaler.step(opt)
             scaler.update()
-            trace.append((scaler.get_scale(), emb.weight.detach().clone(), ran))
+            trace.append((scaler.get_scale(), emb.weight.detach().clone(), result,
+                          not torch.equal(before, emb.weight)))
         return trace
 
-    ours, ref = run(LossScaler(init_scale=2.0**6, growth_interval=2, **NO_BOUNDS)), \
-        run(_grad_scaler(init_scale=2.0**6, growth_interval=2))
+    scaler = LossScaler(init_scale=2.0**6, growth_interval=2, **NO_BOUNDS)
+    ours, ref = run(scaler), run(_grad_scaler(init_scale=2.0**6, growth_interval=2))
     assert [t[0] for t in ours] == [t[0] for t in ref]
     assert all(torch.equal(a[1], b[1]) for a, b in zip(ours, ref))
-    assert [bool(t[2]) for t in ours] == [True, True, True, False, True, True]
+    assert [t[2] for t in ours] == [t[2] for t in ref] == [None] * 6
+    assert [t[3] for t in ours] == [True, True, True, False, True, True]
+    assert scaler.num_skipped_steps == 1
 
 
 def test_update_with_new_scale():
@@ -544,13 +585,17 @@ def test_no_host_sync_in_the_step_path(optimizer, step_syncs):
         with _CountSyncs() as other_syncs:
             if step % 2:
                 scaler.unscale_(opt)
+        before, skipped_before = [p.detach().clone() for p in model.parameters()], scaler.num_skipped_steps
         with _CountSyncs() as step_sync:
-            ran = scaler.step(opt)
+            result = scaler.step(opt)
         with _CountSyncs() as update_syncs:
             scaler.update()
         assert (scale_syncs.count, other_syncs.count, update_syncs.count) == (0, 0, 0)
         assert step_sync.count == step_syncs
-        assert bool(ran) == (step not in (2, 3))
+        assert result is None                           # what SGD returns; a skip returns None too
+        skipped = step in (2, 3)
+        assert scaler.num_skipped_steps - skipped_before == skipped
+        assert (_unchanged if skipped else _changed)(before, model)
     assert scaler.num_skipped_steps == 2
 
 
@@ -563,13 +608,85 @@ def test_fused_adamw_skips_on_device_and_keeps_state():
         scaler.scale(F.mse_loss(model(x), y)).backward()
         if step == 2:
             _inject(list(model.parameters()), "nan", step)
-        before = _snapshot(model, opt)
-        ran = scaler.step(opt)
+        before, skipped_before = _snapshot(model, opt), scaler.num_skipped_steps
+        result = scaler.step(opt)
         scaler.update()
         if step == 2:
             _assert_same(before, _snapshot(model, opt))      # step counters undone by the fused kernel too
-        assert bool(ran) == (step != 2)
+        else:
+            assert not any(torch.equal(a, b) for a, b in zip(before[0], _snapshot(model, opt)[0]))
+        assert result is None                                # what the fused AdamW returns, skipped or not
+        assert scaler.num_skipped_steps - skipped_before == (step == 2)
         assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+
+
+# ---- what step() returns: opt.step()'s return value, None when skipped (GradScaler's convention) ---------
+def _mixprec_adamw(params):
+    from mixprec.optim import AdamW
+    return AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+def _reporting_mixprec_adamw(params):
+    from mixprec.optim import AdamW
+    return _reporting(AdamW)(params, lr=1e-2, weight_decay=0.1)
+
+
+# (optimizer, skips on the device itself, what its step() returns when it runs)
+RETURNING = {
+    "sgd": (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), False, None),
+    "reporting-sgd": (lambda p: _reporting(torch.optim.SGD)(p, lr=0.05, momentum=0.9), False, STEPPED),
+    "reporting-adamw": (lambda p: _reporting(torch.optim.AdamW)(p, lr=1e-2), False, STEPPED),
+    "mixprec-adamw": (_mixprec_adamw, True, None),
+    "reporting-mixprec-adamw": (_reporting_mixprec_adamw, True, STEPPED),
+    "reporting-sgd-fused": (lambda p: _reporting(torch.optim.SGD)(p, lr=0.05, momentum=0.9, fused=True), True,
+                            STEPPED),
+}
+
+
+@pytest.mark.parametrize("optimizer", list(RETURNING))
+def test_step_returns_what_the_optimizer_returns_and_none_when_skipped(optimizer):
+    """The plain path returns opt.step()'s value when it ran and None when skipped; an optimizer that skips on
+    the device is always called, so its value comes back either way. Both as torch.amp.GradScaler does."""
+    from mixprec.scaler import _takes_found_inf
+    make, on_device, value = RETURNING[optimizer]
+    model = _mlp()
+    twin = copy.deepcopy(model)
+    opt, ref_opt = make(model.parameters()), make(twin.parameters())
+    assert _takes_found_inf(opt) == on_device
+    scaler, ref = LossScaler(init_scale=2.0**10, **NO_BOUNDS), _grad_scaler(init_scale=2.0**10)
+    bad = {1: "inf", 3: "nan"}
+    for step, (x, y) in enumerate(_data(5)):
+        results, skipped_before = [], scaler.num_skipped_steps
+        for s, m, o in ((scaler, model, opt), (ref, twin, ref_opt)):
+            o.zero_grad()
+            s.scale(F.mse_loss(m(x), y)).backward()
+            if step in bad:
+                _inject(list(m.parameters()), bad[step], step)
+            if step == 2:
+                s.unscale_(o)                               # the unscaled stage takes the same paths
+            before = [p.detach().clone() for p in m.parameters()]
+            results.append(s.step(o))
+            s.update()
+            assert (_unchanged if step in bad else _changed)(before, m)
+        expected = value if step not in bad or on_device else None
+        assert results[0] == results[1] == expected, (step, results)
+        assert scaler.num_skipped_steps - skipped_before == (step in bad)
+    assert scaler.num_skipped_steps == len(bad)
+    _assert_same(_snapshot(model, opt), _snapshot(twin, ref_opt))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "reporting-sgd", "mixprec-adamw", "reporting-mixprec-adamw"])
+def test_disabled_step_returns_what_the_optimizer_returns(optimizer):
+    make, _, value = RETURNING[optimizer]
+    model = _mlp()
+    opt = make(model.parameters())
+    for scaler in (LossScaler(enabled=False), LossScaler.for_policy(Policy.from_recipe("fp32"))):
+        opt.zero_grad()
+        F.mse_loss(model(torch.randn(4, 6)), torch.randn(4, 3)).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        assert scaler.step(opt) == value
+        scaler.update()
+        assert _changed(before, model) and scaler.num_skipped_steps == 0
 
 
 # ---- enabled=False, static scaling, BF16, min_scale warning --------------------------------------------
@@ -587,18 +704,19 @@ def test_disabled_is_a_pass_through():
         grads = [p.grad.clone() for p in model.parameters()]
         scaler.unscale_(opt)
         assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
-        assert bool(scaler.step(opt))
+        assert scaler.step(opt) is None                             # AdamW's return value (the twin shows it ran)
         scaler.update()
         F.mse_loss(twin(x), y).backward()
         twin_opt.step()
         _assert_same(_snapshot(model, opt), _snapshot(twin, twin_opt))
     assert not scaler.is_enabled() and scaler.get_scale() == 1.0 and scaler.state_dict() == {}
+    assert scaler.num_skipped_steps == 0
     scaler.load_state_dict({})                                  # no-op
 
 
 def test_static_scale_never_moves_but_still_skips_and_counts():
     model = _mlp()
-    opt = OPTIMIZERS["sgd"](model.parameters())
+    opt = _reporting(torch.optim.SGD)(model.parameters(), lr=0.05, momentum=0.9)
     scaler = LossScaler(init_scale=2.0**8, growth_interval=2, dynamic=False)
     bad = {1: "inf", 4: "nan", 5: "inf"}
     for step, (x, y) in enumerate(_data(9)):
@@ -606,11 +724,14 @@ def test_static_scale_never_moves_but_still_skips_and_counts():
         scaler.scale(F.mse_loss(model(x), y)).backward()
         if step in bad:
             _inject(list(model.parameters()), bad[step], step)
-        before = _snapshot(model, opt)
-        assert bool(scaler.step(opt)) == (step not in bad)
+        before, skipped_before = _snapshot(model, opt), scaler.num_skipped_steps
+        assert scaler.step(opt) == (None if step in bad else STEPPED)
         scaler.update()
+        assert scaler.num_skipped_steps - skipped_before == (step in bad)
         if step in bad:
             _assert_same(before, _snapshot(model, opt))
+        else:
+            assert not any(torch.equal(a, b) for a, b in zip(before[0], _snapshot(model, opt)[0]))
         assert scaler.get_scale() == 256.0
     assert scaler.num_skipped_steps == 3
     assert scaler.num_overflows_at_min_scale == 3               # a static scale cannot back off
@@ -629,7 +750,7 @@ def test_bf16_loss_turns_scaling_off_with_one_notice():
             assert scaler.scale(loss) is loss
             loss.backward()
             before = [p.detach().clone() for p in model.parameters()]
-            assert bool(scaler.step(opt))
+            assert scaler.step(opt) is None                      # SGD's return value
             scaler.update()
             assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     notices = [w for w in caught if "BF16 has FP32's exponent range" in str(w.message)]
@@ -659,7 +780,7 @@ def test_bf16_autocast_region_and_policy_turn_scaling_off():
 def test_for_policy():
     dynamic = LossScaler.for_policy(Policy.from_recipe("fp16-mixed"), hysteresis=2)
     assert dynamic.is_enabled() and dynamic.is_dynamic() and dynamic.get_scale() == 2.0**16
-    assert dynamic.get_hysteresis() == 2 and dynamic.get_growth_interval() == 2000
+    assert dynamic.state_dict()["hysteresis"] == 2 and dynamic.get_growth_interval() == 2000
     assert not LossScaler.for_policy(Policy.from_recipe("fp32")).is_enabled()
     assert not LossScaler.for_policy(Policy.from_recipe("fp16-noscale")).is_enabled()
     static = LossScaler.for_policy(Policy.from_opt_level("O3"))          # apex O3: static scale 1

@@ -18,9 +18,9 @@ BAD_STEP = 2      # rank 1 injects an inf into one gradient at this step
 def _train(scaler: LossScaler, rank: int) -> dict:
     torch.manual_seed(0)                                   # the same model on both ranks
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = _ReportingAdamW(model.parameters(), lr=1e-2)
     data = torch.Generator().manual_seed(100 + rank)       # different data per rank (a sharded batch)
-    trace = {"ran": [], "scale": [], "changed": []}
+    trace = {"ran": [], "scale": [], "changed": [], "returned": []}
     for step in range(STEPS):
         opt.zero_grad()
         x, y = torch.randn(4, 5, generator=data), torch.randn(4, 2, generator=data)
@@ -28,12 +28,21 @@ def _train(scaler: LossScaler, rank: int) -> dict:
         if rank == 1 and step == BAD_STEP:
             model[0].weight.grad[1, 2] = math.inf
         before = [p.detach().clone() for p in model.parameters()]
-        ran = scaler.step(opt)
+        skipped_before = scaler.num_skipped_steps
+        trace["returned"].append(scaler.step(opt))       # what opt.step returned: "stepped", or None if skipped
         scaler.update()
-        trace["ran"].append(bool(ran))
+        trace["ran"].append(scaler.num_skipped_steps == skipped_before)   # the device counter of skipped steps
         trace["scale"].append(scaler.get_scale())
         trace["changed"].append(any(not torch.equal(a, b) for a, b in zip(before, model.parameters())))
     return trace
+
+
+class _ReportingAdamW(torch.optim.AdamW):
+    """AdamW whose step() returns "stepped", so scaler.step's return value tells whether it ran."""
+
+    def step(self, closure=None):
+        super().step(closure)
+        return "stepped"
 
 
 def _worker(rank: int, tmp: str) -> None:
@@ -61,8 +70,13 @@ def test_found_inf_is_shared_across_ranks(tmp_path):
             trace = results[rank][mode]
             assert trace["ran"] == [step != BAD_STEP for step in range(STEPS)], (mode, rank)
             assert trace["changed"] == trace["ran"], (mode, rank)       # rank 0 skipped although its grads were finite
+            assert trace["returned"] == ["stepped" if ran else None for ran in trace["ran"]], (mode, rank)
             assert trace["scale"] == expected_scale, (mode, rank)
     # Without a process group each rank decides alone: rank 0 steps, and the scales drift apart.
     assert results[0]["local"]["ran"] == [True] * STEPS
     assert results[1]["local"]["ran"] == [step != BAD_STEP for step in range(STEPS)]
+    for rank in range(WORLD):
+        trace = results[rank]["local"]
+        assert trace["changed"] == trace["ran"], rank
+        assert trace["returned"] == ["stepped" if ran else None for ran in trace["ran"]], rank
     assert results[0]["local"]["scale"] != results[1]["local"]["scale"]

@@ -5,7 +5,7 @@ One iteration (the same calls as GradScaler):
 
     scaler.scale(loss).backward()      # loss * S; the gradients come out multiplied by S
     scaler.unscale_(opt)               # optional, before clipping: grads *= 1/S, found_inf = any(!finite)
-    scaler.step(opt)                   # skips opt.step() if found_inf; returns a 0-dim bool device tensor
+    scaler.step(opt)                   # skips opt.step() if found_inf; returns what opt.step() returns, None if skipped
     scaler.update()                    # computes the next S on the device
 
 The scale update (dynamic=True), all on the device, per update() call with f = any optimizer overflowed:
@@ -27,8 +27,13 @@ torch.amp.GradScaler (same FP64 products rounded to FP32, same trackers).
 Host syncs: scale(), unscale_(), update() and step() of a fused-capable optimizer (torch's
 `fused=True` Adam/AdamW/SGD/Adagrad, which skip on the device) never read a device value. step() of any
 other optimizer reads found_inf once, because whether to call opt.step() is a Python decision (GradScaler
-does the same). get_scale(), state_dict(), the counters and bool(step(...)) read on purpose; the
-min_scale warning reads one counter every `warn_interval` update() calls.
+does the same). get_scale(), state_dict() and the counters read on purpose; the min_scale warning reads one
+counter every `warn_interval` update() calls.
+
+What step() returns is GradScaler's convention: what optimizer.step() returned, or None when the step was
+skipped. An optimizer that skips on the device returns the same thing either way (whether it skipped is known
+on the device only, as with GradScaler). Whether steps ran stays on the device as the counter of skipped
+iterations, `num_skipped_steps` (updated by update(); read with one sync, when asked).
 """
 from __future__ import annotations
 
@@ -73,7 +78,7 @@ class LossScaler:
         dynamic:         False keeps the scale at `init_scale` (static scaling); overflowing steps are still
                          skipped and counted.
         enabled:         False makes every method a pass-through (scale returns the loss, step calls
-                         opt.step()).
+                         opt.step() and returns what it returns).
         process_group:   None: found_inf stays local (enough under DDP, whose averaged gradients already carry
                          any rank's inf). "default" (the default group) or a ProcessGroup: found_inf is
                          all-reduced with MAX so every rank skips together (sharded optimizers, FSDP, model
@@ -209,14 +214,15 @@ class LossScaler:
         self._record(state, _unscale_grads_(optimizer, inv_scale, allow_fp16=self._unit_static_scale()))
         state.stage = _UNSCALED
 
-    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         """Unscale (unless unscale_ was called), then run optimizer.step(*args, **kwargs) unless the gradients
-        overflowed. Returns whether the step ran as a 0-dim bool tensor on the scale's device: no sync until
-        the caller asks (`bool(ran)`, `ran.item()`); a CPU True when disabled. Closures are not supported
-        while enabled."""
+        overflowed. Returns what optimizer.step returned, or None when the step was skipped (GradScaler's
+        convention). An optimizer that skips on the device (torch's fused ones, mixprec.optim.AdamW) is always
+        called, so its return value comes back whether or not it skipped; `num_skipped_steps` counts the skips
+        without a sync per step. Disabled: optimizer.step(*args, **kwargs)'s return value. Closures are not
+        supported while enabled."""
         if not self._enabled:
-            optimizer.step(*args, **kwargs)
-            return torch.tensor(True)
+            return optimizer.step(*args, **kwargs)
         if "closure" in kwargs or (args and callable(args[0])):
             raise RuntimeError("Closure use is not supported by LossScaler: it must check the gradients before "
                                "the step. Call scaler.scale(loss).backward() yourself, then scaler.step(optimizer)")
@@ -233,16 +239,17 @@ class LossScaler:
             optimizer.grad_scale = self._scale if state.stage == _READY else None
             optimizer.found_inf = state.found_inf
             try:
-                optimizer.step(*args, **kwargs)
+                result = optimizer.step(*args, **kwargs)
             finally:
                 del optimizer.grad_scale, optimizer.found_inf
         else:
             if state.stage == _READY:
                 self.unscale_(optimizer)
+            result = None
             if not state.found_inf.item():     # the one host read: a Python branch needs a Python bool
-                optimizer.step(*args, **kwargs)
+                result = optimizer.step(*args, **kwargs)
         state.stage = _STEPPED
-        return state.found_inf == 0
+        return result
 
     def update(self, new_scale: float | torch.Tensor | None = None) -> None:
         """End the iteration: compute the next scale on the device from every optimizer's found_inf (one
@@ -310,18 +317,10 @@ class LossScaler:
         _check_int("growth_interval", new_interval)
         self._growth_interval = int(new_interval)
 
-    def get_hysteresis(self) -> int:
-        return self._hysteresis
-
-    def get_min_scale(self) -> float:
-        return self._min_scale
-
-    def get_max_scale(self) -> float:
-        return self._max_scale
-
     @property
     def num_skipped_steps(self) -> int:
-        """Iterations in which some optimizer's gradients overflowed and its step was skipped (a host sync)."""
+        """Iterations in which some optimizer's gradients overflowed and its step was skipped (a host sync).
+        Counted on the device by update(): compare it across update() to learn whether an iteration skipped."""
         return self._read("_num_skipped", "skipped")
 
     @property

@@ -1,6 +1,8 @@
 """Keras' LossScaleOptimizer for PyTorch, on mixprec's LossScaler."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from mixprec.scaler import LossScaler
@@ -11,7 +13,7 @@ class LossScaleOptimizer:
 
         opt = mp.LossScaleOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
         opt.scale_loss(loss).backward()
-        opt.step()                           # unscale, skip on inf/NaN, update the scale
+        opt.step()                           # unscale, skip on inf/NaN (returns None), update the scale
         opt.zero_grad()
 
     Keras' defaults: initial scale 2**15, doubled after 2000 finite steps, halved on overflow, at least 1.
@@ -34,10 +36,13 @@ class LossScaleOptimizer:
         """Unscale now (e.g. before clipping); step() then uses the unscaled gradients."""
         self.scaler.unscale_(self.inner_optimizer)
 
-    def step(self) -> torch.Tensor:
-        ran = self.scaler.step(self.inner_optimizer)
+    def step(self) -> Any:
+        """Unscale, step unless the gradients overflowed, update the scale. Returns what the inner optimizer's
+        step returned, None when skipped (LossScaler.step's convention); `self.scaler.num_skipped_steps`
+        counts the skipped steps."""
+        result = self.scaler.step(self.inner_optimizer)
         self.scaler.update()
-        return ran
+        return result
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner_optimizer.zero_grad(set_to_none=set_to_none)
