@@ -7,6 +7,8 @@ import torch
 
 from mixprec.scaler import LossScaler
 
+__all__ = ["LossScaleOptimizer"]
+
 
 class LossScaleOptimizer:
     """Keras' LossScaleOptimizer for PyTorch: an optimizer that scales the loss and skips bad steps.
