@@ -42,6 +42,9 @@ GEMM_OPS = frozenset([
 ])
 _CPU_MISSING_GEMMS = frozenset([torch.mv, torch.Tensor.mv, torch.addmv, torch.addr, torch.chain_matmul,
                                 torch.linalg.multi_dot])
+# Tensor attributes (.device, .shape, ...) reach the mode as their getters: never emulated.
+_ATTRIBUTES = frozenset(getattr(torch.Tensor, n).__get__ for n in ("device", "shape", "dtype", "is_cuda", "requires_grad")
+                        if hasattr(getattr(torch.Tensor, n, None), "__get__"))
 _TO_FP32 = frozenset([torch.Tensor.float, torch.Tensor.double])
 _TO_FP16 = frozenset([torch.Tensor.half])
 
@@ -85,7 +88,7 @@ class PrecisionMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         rule = self.table.get(func)
-        if rule is None and not self.emulate_cpu and func not in _CPU_MISSING_GEMMS:
+        if rule is None and (not self.emulate_cpu or func in _ATTRIBUTES) and func not in _CPU_MISSING_GEMMS:
             return func(*args, **kwargs)
         first = _first_tensor(args, kwargs)
         if first is None or (rule is None and not first.is_cpu):  # off the CPU only the table applies
