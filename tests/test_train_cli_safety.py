@@ -190,6 +190,7 @@ DAMAGES = {
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "cannot be read"),
     "empty": (lambda p: p.write_bytes(b""), "is empty"),
     "keyless": (lambda p: torch.save({"weights": torch.ones(2)}, p), "is not a mixprec train checkpoint"),
+    "missing": (lambda p: p.unlink(), "is missing"),   # a crash between the two renames of a save
 }
 
 

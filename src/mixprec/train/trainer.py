@@ -212,8 +212,8 @@ class Trainer:
                 try:
                     self._loop(stops, bar)
                 except Interrupted as stopped:
-                    if stopped.step is None:   # a second signal stopped the loop at once, from its handler
-                        with stops.saving():   # (a third one waits for a checkpoint write in flight)
+                    if stopped.step is None:   # a second signal stopped the loop at once, from its handler;
+                        with stops.saving():   # a third must not cut short the wait for a write in flight
                             raise Interrupted(stopped.signum, step=self.step, **self._checkpoint_fields()) from None
                     raise
         finally:
@@ -370,8 +370,8 @@ class Trainer:
                 "rng": checkpoint.rng_state(), "train_losses": self.train_losses, "val_curve": self.val_curve}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state`; with the checkpoint's checksums, a ValueError if the model, optimizer or
-        scaler state it produced differs from the one saved."""
+        """Continue from `state`. With the checkpoint's checksums, checks that the model, optimizer and
+        scaler now hold what was saved (a DamagedCheckpoint, a ValueError, if not)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler.is_enabled():
