@@ -212,10 +212,9 @@ class PrecisionTrace(TorchDispatchMode):
         return [(ins, outs) for m, o, ins, outs in self.records if m == module and o == op]
 
 
-def trace_forward(model, inputs, policy, loss_fn=None, targets=None):
-    """Trace the forward pass (and loss) of a prepared model under mp.autocast(policy)."""
-    import mixprec as mp
-    with PrecisionTrace(model) as trace, mp.autocast(policy):
+def trace_forward(model, inputs, policy, loss_fn=None, targets=None, op_rules="auto"):
+    """Trace the forward pass (and loss) of a prepared model under mp.autocast(policy) on the inputs' device."""
+    with PrecisionTrace(model) as trace, mp.autocast(policy, device_type=inputs.device.type, op_rules=op_rules):
         out = model(inputs)
         if loss_fn is not None:
             loss_fn(out, targets)

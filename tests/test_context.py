@@ -59,10 +59,10 @@ def test_recipe_names_and_bad_input():
 
 
 def test_op_rules_option_refuses_what_it_cannot_do():
-    with pytest.raises(ValueError, match="Unknown op_rules 'fast'; choose one of: intercept, autocast"):
+    with pytest.raises(ValueError, match="Unknown op_rules 'fast'; choose one of: auto, intercept, autocast"):
         with mp.autocast("bf16-mixed", op_rules="fast"):
             pass
-    with pytest.raises(ValueError, match="needs device_type='cuda'"):
+    with pytest.raises(ValueError, match="op_rules='autocast' needs CUDA"):
         with mp.autocast("bf16-mixed", device_type="cpu", op_rules="autocast"):
             pass
     try:

@@ -10,6 +10,11 @@ from helpers import trace_forward
 from helpers import TinyCNN, TinyGPT, TinyRNNLM
 
 HALF = {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}
+# aten ops whose kernels compute in FP32 from half inputs (mixprec.rules.NORM_KERNEL_EVIDENCE; measured in
+# test_rules.test_norm_kernels_compute_in_fp32_from_half_inputs)
+FP32_KERNELS = {"native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+                "_native_batch_norm_legit_no_training", "cudnn_batch_norm", "native_layer_norm", "native_group_norm",
+                "_fused_rms_norm"}
 
 
 def _lm_loss(out, targets):
@@ -58,9 +63,10 @@ def test_cnn_batchnorm_in_fp32_conv_and_pooling_in_half(recipe):
     for conv in ("conv1", "conv2"):
         ops = [r for r in trace.records if r[0] == conv and r[1] in GEMMS]
         assert ops and all(set(ins) == {half} for _, _, ins, _ in ops) and trace.outputs[conv] == (half,)
-    for bn in ("bn1", "bn2"):
+    for bn in ("bn1", "bn2"):   # half activations, FP32 parameters, the kernel computes in FP32
         ops = [r for r in trace.records if r[0] == bn and "batch_norm" in r[1]]
-        assert ops and all(outs[0] == "fp32" for _, _, _, outs in ops)
+        assert ops and all(op in FP32_KERNELS and ins[0] == half and set(ins[1:]) <= {"fp32", "bf16", "fp16"}
+                           for _, op, ins, _ in ops), ops
     assert trace.outputs["pool"] == (half,) and trace.outputs["avg"] == (half,)
     assert trace.ops("fc", "mm") == [((half, half), ("fp32",))]
 
@@ -141,7 +147,8 @@ def test_cpu_and_cuda_apply_the_same_table(recipe, monkeypatch):
             torch.manual_seed(1)
             x = inputs(device)
             # Emulated FP16 rounds each op's output in a separate cast: compare inputs and module outputs.
-            summaries.append(trace_forward(model, x, recipe, loss, x).by_module(op_outputs=recipe != "fp16-mixed"))
+            trace = trace_forward(model, x, recipe, loss, x, op_rules="intercept")   # the table's own op rows
+            summaries.append(trace.by_module(op_outputs=recipe != "fp16-mixed"))
         cpu, cuda = summaries
         for module in set(cpu) | set(cuda):
             # RNN kernels differ in how they split their work, not in precision: compare output precisions.

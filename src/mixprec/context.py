@@ -48,7 +48,7 @@ _ATTRIBUTES = frozenset(getattr(torch.Tensor, n).__get__ for n in ("device", "sh
 _TO_FP32 = frozenset([torch.Tensor.float, torch.Tensor.double])
 _TO_FP16 = frozenset([torch.Tensor.half])
 
-OP_RULES = ("intercept", "autocast")
+OP_RULES = ("auto", "intercept", "autocast")
 
 
 def _first_tensor(args: Any, kwargs: dict) -> torch.Tensor | None:
@@ -106,6 +106,9 @@ class PrecisionMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _apply_rule(self, precision, func, args, kwargs, first, device_type, emulate):
+        if precision is Precision.FP32_IN_KERNEL:   # the kernel computes in FP32 from half inputs: no casts
+            out = _run_without_autocast(device_type, func, args, kwargs)
+            return round_output(out) if emulate and is_logical_fp16(first) else out
         if precision in (Precision.FP32, Precision.FP32_CAST_BACK, Precision.FP32_OUTPUT):
             in_dtype = logical_dtype(first)
             # an op's own FP32 implementation where mixprec.ops has one (cross entropy: one read of the logits)
@@ -172,20 +175,22 @@ def check_device_supports(policy: Policy, device_type: str) -> None:
 
 @contextlib.contextmanager
 def autocast(policy: Policy | str, *, device_type: str | None = None, enabled: bool = True,
-             op_rules: str = "intercept") -> Iterator[None]:
+             op_rules: str = "auto") -> Iterator[None]:
     """Run the enclosed forward pass (and loss) under the policy's compute precision.
 
     `policy` is a Policy or a recipe name. Without `device_type`, autocast is enabled for the CPU
     and, when present, CUDA; each op follows the device of its tensors.
 
     op_rules: how the op rows of the precision table (softmax, losses, functional norms, ...) apply.
-      "intercept" (default): a function mode checks every torch call of the block against the table,
-          the same way on every device.
-      "autocast": torch.autocast's own lists apply them, with no Python per op (for eager GPU loops
-          bound by the host). Only with device_type="cuda" and no op rules registered by the user:
-          on CUDA those lists compute the built-in rows in FP32, except rules.CUDA_AUTOCAST_EXCEPTIONS,
-          among them F.cross_entropy on half logits: call mp.ops.cross_entropy for the loss.
-      Module rules (norm modules, embeddings, head, RNNs) are mp.prepare's and apply either way.
+      "auto" (default): "autocast" where CUDA is in use, else "intercept".
+      "intercept": a function mode checks every torch call of the block against the table, the same
+          way on every device (and emulates FP16 on the CPU). It costs a Python call per op.
+      "autocast": torch.autocast's own CUDA lists apply them, with no Python per op; they compute the
+          built-in rows in FP32 except rules.CUDA_AUTOCAST_EXCEPTIONS (F.cross_entropy on half logits
+          among them: logits of a head mp.prepare set up are FP32, else call mp.ops.cross_entropy).
+          Needs CUDA and no op rules registered by the user. CPU tensors in the block follow
+          torch.autocast's CPU lists: pass device_type="cpu" for the table on the CPU.
+      Module rules (hand-written norms, embeddings, head, RNNs) are mp.prepare's and apply either way.
 
         with mp.autocast(policy):
             loss = loss_fn(model(x), y)
@@ -194,15 +199,19 @@ def autocast(policy: Policy | str, *, device_type: str | None = None, enabled: b
         policy = Policy.from_recipe(policy)
     if not isinstance(policy, Policy):
         raise TypeError(f"autocast takes a mixprec Policy or a recipe name; got {type(policy).__name__}")
-    if not enabled or not policy.autocast_enabled:
-        yield
-        return
     if device_type is None:
         devices = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
     elif device_type in ("cpu", "cuda"):
         devices = [device_type]
     else:
         raise ValueError(f"Unknown device_type {device_type!r}; choose one of: cpu, cuda")
+    if op_rules not in OP_RULES:
+        raise ValueError(f"Unknown op_rules {op_rules!r}; choose one of: {', '.join(OP_RULES)}")
+    if not enabled or not policy.autocast_enabled:
+        yield
+        return
+    if op_rules == "auto":
+        op_rules = "autocast" if "cuda" in devices and not rules.op_table(builtin=False) else "intercept"
     _check_op_rules(op_rules, devices)
     for d in devices:
         check_device_supports(policy, d)
@@ -228,13 +237,11 @@ def active_policy() -> Policy | None:
 
 
 def _check_op_rules(op_rules: str, devices: list[str]) -> None:
-    if op_rules not in OP_RULES:
-        raise ValueError(f"Unknown op_rules {op_rules!r}; choose one of: {', '.join(OP_RULES)}")
     if op_rules == "intercept":
         return
-    if devices != ["cuda"]:
-        raise ValueError(f"op_rules='autocast' needs device_type='cuda' (torch.autocast's CPU lists differ "
-                         f"from the table); got device_type for {devices}. Use op_rules='intercept'")
+    if "cuda" not in devices:
+        raise ValueError(f"op_rules='autocast' needs CUDA (torch.autocast's CPU lists differ from the table); got "
+                         f"device_type for {devices}. Use op_rules='intercept'")
     user_rules = rules.op_table(builtin=False)
     if user_rules:
         names = ", ".join(sorted({r.what for r in user_rules.values()}))

@@ -133,11 +133,11 @@ class PrecisionForward:
 
 
 def find_roles(model: nn.Module, head: str | None = None) -> dict[str, str]:
-    """Module name -> "embedding" or "head".
+    """Module name -> "embedding", "head" or "keep_fp32".
 
     Embeddings: every nn.Embedding / nn.EmbeddingBag (token and position). Head: the module the user
     names; else a Linear tied to an embedding's weight; else a Linear named like a head; else the last
-    Linear registered.
+    Linear registered. keep_fp32: modules a Hugging Face model lists in `_keep_in_fp32_modules`.
     """
     modules = dict(model.named_modules())
     roles = {n: "embedding" for n, m in modules.items() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
@@ -146,14 +146,19 @@ def find_roles(model: nn.Module, head: str | None = None) -> dict[str, str]:
             raise ValueError(f"No module named {head!r} in the model; its Linear layers are: "
                              + ", ".join(n for n, m in modules.items() if isinstance(m, nn.Linear)))
         roles[head] = "head"
-        return roles
-    linears = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear) and n]
-    if not linears:
-        return roles
-    embedding_weights = {id(modules[n].weight) for n in roles}
-    tied = [n for n, m in linears if id(m.weight) in embedding_weights]
-    named = [n for n, m in linears if n.split(".")[-1] in _HEAD_NAMES]
-    roles[(tied or named or [linears[-1][0]])[-1]] = "head"
+    else:
+        linears = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear) and n]
+        if linears:
+            embedding_weights = {id(modules[n].weight) for n in roles}
+            tied = [n for n, m in linears if id(m.weight) in embedding_weights]
+            named = [n for n, m in linears if n.split(".")[-1] in _HEAD_NAMES]
+            roles[(tied or named or [linears[-1][0]])[-1]] = "head"
+    # Hugging Face models name modules to keep in FP32 (matched against the parts of a module's name)
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    for name in modules:
+        if name and name not in roles and keep.intersection(name.split(".")):
+            roles[name] = "keep_fp32"
     return roles
 
 
@@ -249,7 +254,7 @@ def _named_tensors(model: nn.Module):
 
 
 def _needs_wrapper(module: nn.Module, precision: Precision) -> bool:
-    if isinstance(module.__dict__.get("forward"), PrecisionForward):
+    if isinstance(module.__dict__.get("forward"), PrecisionForward) or precision is Precision.FP32_IN_KERNEL:
         return False
     if precision is Precision.HALF:  # Linear/Conv follow autocast by themselves; LSTM needs the wrapper
         return isinstance(module, (nn.LSTM, nn.LSTMCell)) or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))

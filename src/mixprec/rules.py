@@ -1,4 +1,4 @@
-"""The precision table (REFERENCE.md section 1) as data: which modules and ops compute in FP32.
+"""The precision table as data: which modules and ops compute in FP32, and why.
 
 Two kinds of rules:
 - module rules: matched against each submodule of a model by `mp.prepare` (class, class name,
@@ -13,6 +13,7 @@ Later registrations take precedence over earlier ones and over the built-in tabl
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,18 +32,20 @@ class Precision(enum.Enum):
     FP32 = "fp32"                  # inputs upcast, FP32 compute, FP32 output
     FP32_CAST_BACK = "fp32->in"    # inputs upcast, FP32 compute, output cast back to the input's dtype
     FP32_OUTPUT = "half->fp32"     # GEMM inputs in the compute dtype, FP32 accumulation and FP32 output
+    FP32_IN_KERNEL = "fp32-kernel"  # half in and out: the kernel itself computes in FP32 (no casts needed)
     HALF = "half"                  # the policy's compute dtype (autocast's lower-precision list)
 
     def describe(self) -> str:
         return {
             Precision.FP32: "FP32 compute and output",
+            Precision.FP32_IN_KERNEL: "FP32 compute inside the kernel",
             Precision.FP32_CAST_BACK: "FP32 compute, output cast back",
             Precision.FP32_OUTPUT: "FP32 weights; half GEMM inputs, FP32 accumulate and output",
             Precision.HALF: "compute dtype (half)",
         }[self]
 
 
-# A module matcher sees (qualified name, module, role); role is "embedding", "head" or None,
+# A module matcher sees (qualified name, module, role); role is "embedding", "head", "keep_fp32" or None,
 # decided by prepare() from the model's structure.
 ModuleMatcher = Callable[[str, nn.Module, "str | None"], bool]
 
@@ -55,6 +58,7 @@ class ModuleRule:
     matches: ModuleMatcher
     precision: Precision
     why: str
+    evidence: str = ""     # FP32_IN_KERNEL: where PyTorch's kernels accumulate in FP32
 
 
 @dataclass(frozen=True)
@@ -65,28 +69,51 @@ class OpRule:
     functions: tuple[Callable, ...]
     precision: Precision
     why: str
+    evidence: str = ""
 
 
 def _is_instance(*classes: type) -> ModuleMatcher:
     return lambda name, module, role: isinstance(module, classes)
 
 
-def _class_name_contains(text: str) -> ModuleMatcher:
-    return lambda name, module, role: text in type(module).__name__
-
-
 def _has_role(expected: str) -> ModuleMatcher:
     return lambda name, module, role: role == expected
 
 
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
+_NORM_NAME = re.compile(r"Norm(\d*[dD])?$")
+
+
+def _is_hand_written_norm(name: str, module: nn.Module, role: str | None) -> bool:
+    """A normalization by what it is, whatever library wrote it (LlamaRMSNorm, T5LayerNorm, apex's
+    FusedRMSNorm, timm's LayerNorm2d, ...): a class named *Norm with only 1-D (per-feature) or scalar
+    parameters of its own and no children that hold parameters."""
+    if isinstance(module, _NORMS) or not _NORM_NAME.search(type(module).__name__):
+        return False
+    if any(True for child in module.children() for _ in child.parameters()):
+        return False
+    return all(p.dim() <= 1 for p in module.parameters(recurse=False))
+
+
+# Built-in norms whose PyTorch kernels compute in FP32 from half inputs: the rule holds without casts.
+_FP32_KERNEL_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
+_NORMS = (*_FP32_KERNEL_NORMS, nn.LocalResponseNorm)
 _SENSITIVE_RNNS = (nn.RNN, nn.GRU, nn.RNNCell, nn.GRUCell)
+NORM_KERNEL_EVIDENCE = (
+    "layer_norm: T_ACC = acc_type<T> in aten/src/ATen/native/cuda/layer_norm_kernel.cu, opmath_t in "
+    "cpu/layer_norm_kernel.cpp; group_norm: T_ACC in cuda/group_norm_kernel.cu, opmath_t in "
+    "cpu/group_norm_kernel.cpp; batch_norm: accscalar_t in cuda/Normalization.cuh, cuDNN's float "
+    "statistics, opmath_t in cpu/batch_norm_kernel.cpp; rms_norm: input.to(opmath) in layer_norm.cpp "
+    "(and acc types in the fused CUDA kernel); instance_norm runs batch_norm")
 
 BUILTIN_MODULE_RULES: tuple[ModuleRule, ...] = (
-    ModuleRule("LayerNorm, BatchNorm, GroupNorm, InstanceNorm, nn.RMSNorm", _is_instance(*_NORMS),
-               Precision.FP32_CAST_BACK, "variance is a sum: FP16 overflows and drifts"),
-    ModuleRule("user-written RMSNorm (class name contains 'RMSNorm')", _class_name_contains("RMSNorm"),
-               Precision.FP32_CAST_BACK, "mean of squares is a sum"),
+    ModuleRule("LayerNorm, BatchNorm, GroupNorm, InstanceNorm, nn.RMSNorm", _is_instance(*_FP32_KERNEL_NORMS),
+               Precision.FP32_IN_KERNEL, "variance is a sum: FP16 overflows and drifts", NORM_KERNEL_EVIDENCE),
+    ModuleRule("LocalResponseNorm", _is_instance(nn.LocalResponseNorm), Precision.FP32_CAST_BACK,
+               "a sum of squares, computed in the input's dtype by its composite implementation"),
+    ModuleRule("hand-written norms (a class named *Norm with per-feature parameters)", _is_hand_written_norm,
+               Precision.FP32_CAST_BACK, "mean of squares / variance is a sum"),
+    ModuleRule("modules the model keeps in FP32 (Hugging Face's _keep_in_fp32_modules)", _has_role("keep_fp32"),
+               Precision.FP32, "the model's authors found them unstable in half precision"),
     ModuleRule("token and position embeddings", _has_role("embedding"), Precision.FP32,
                "most precision-sensitive layers of an LLM (first layer)"),
     ModuleRule("output head (last Linear, or named by the user)", _has_role("head"), Precision.FP32_OUTPUT,
@@ -115,7 +142,7 @@ BUILTIN_OP_RULES: tuple[OpRule, ...] = (
            "log/exp and reductions need FP32 input and compute"),
     OpRule("functional norms (layer_norm, group_norm, batch_norm, rms_norm, instance_norm)",
            (F.layer_norm, F.group_norm, F.batch_norm, F.rms_norm, F.instance_norm),
-           Precision.FP32_CAST_BACK, "variance / mean of squares is a sum"),
+           Precision.FP32_IN_KERNEL, "variance / mean of squares is a sum", NORM_KERNEL_EVIDENCE),
     OpRule("logsumexp, cumsum, norm", (torch.logsumexp, torch.Tensor.logsumexp, torch.cumsum,
                                        torch.Tensor.cumsum, torch.norm, torch.linalg.vector_norm),
            Precision.FP32, "long sums and exp lose bits in half"),
