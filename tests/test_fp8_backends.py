@@ -48,7 +48,7 @@ def test_auto_on_hopper_eager_and_compiled(fake_gpu, monkeypatch):
 
 def test_forward_queries_no_device_under_compile(monkeypatch):
     """Float8Linear resolves its backend on every call; the device's FP8 support is looked up when the
-    weight moves, so torch.compile traces a plain bool (a CUDA query there broke the graph on torch 2.11)."""
+    weight moves, so torch.compile traces a plain bool (dynamo fails on a CUDA query while tracing)."""
     from mixprec.fp8 import linear
 
     def no_query_while_tracing(device):

@@ -1,4 +1,4 @@
-"""FP8 fast paths on the GPU (run on the lent H100): Triton quantization equals the PyTorch path bit for
+"""FP8 fast paths on a GPU of compute capability 8.9+: Triton quantization equals the PyTorch path bit for
 bit; cuBLAS FP8 GEMMs (cublas and triton backends) equal emulate within FP32 accumulation-order
 tolerances; Float8Linear on every backend, eager and under inductor."""
 import pytest

@@ -1,5 +1,5 @@
-"""The quantize kernels' scales on the GPU (run on the lent H100): the fast division paths in PTX that
-kernels._scale uses equal correctly rounded division for every FP32 amax."""
+"""The quantize kernels' scales on an NVIDIA GPU: the fast division paths in PTX that kernels._scale
+uses equal correctly rounded division for every FP32 amax."""
 import pytest
 import torch
 

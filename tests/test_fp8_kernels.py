@@ -72,8 +72,6 @@ def _interpreter_main() -> None:
             all_configs[name] = list(kernel.configs)
             launches[name] = 0
             kernel.run = _counted(kernel.run, launches, name)
-    # grouped program order (quantize_variants.py times it): a group of 3 tiles where there are 2 (a short group)
-    all_configs["_quantize_1x128_t_kernel"].append(triton.Config({"CHUNK": 32, "GROUP": 3}, num_warps=2))
     problems = []
     n_case = 0
     for granularity in GRANULARITIES:

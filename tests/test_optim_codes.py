@@ -208,7 +208,7 @@ def test_kahan_add_keeps_small_updates():
     assert (p.float() - 0.9).abs().max() <= 2 ** -8  # the stored value is within an ulp of the truth
 
 
-# ---- non-finite values (issue 18, item 9): one NaN or inf must not reach its block's other values ----
+# ---- non-finite values: one NaN or inf must not reach its block's other values ----
 
 @pytest.mark.parametrize("name", ["int8", "int4", "fp8"])
 def test_blockwise_stores_nonfinite_as_zero_over_the_finite_absmax(name):

@@ -147,9 +147,9 @@ def test_kernel_loss_scaler_inputs(state_dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", CASES, ids=_cuda_case)
 def test_kernel_matches_reference_on_nonfinite_gradients(case):
-    # NaN, +inf and -inf gradient elements (issue 18, item 9): the kernel stores them as 0 over the block's
-    # finite absmax exactly as the reference does (codes and scales bit for bit), its parameters are NaN in
-    # the same places, and nothing spreads to another element
+    # NaN, +inf and -inf gradient elements: the kernel stores them as 0 over the block's finite absmax
+    # exactly as the reference does (codes and scales bit for bit), its parameters are NaN in the same
+    # places, and nothing spreads to another element
     if not kernels.triton_available():
         pytest.skip("needs triton")
     problems = _compare_runs(*case, device="cuda", nonfinite=True)

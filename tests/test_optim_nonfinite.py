@@ -1,7 +1,7 @@
-"""A non-finite gradient element stays in its element, whatever the state layout (issue 18, item 9; CPU).
+"""A non-finite gradient element stays in its element, whatever the state layout (CPU).
 
-Before the fix, one NaN or inf gradient element made its block's FP32 absmax non-finite, and with int8,
-int4 or fp8 state the whole block (256 or 128 parameters) turned NaN for good. The contract
+Left in the block's FP32 absmax, one NaN or inf gradient element would turn the whole block (256 or 128
+parameters) of int8, int4 or fp8 state NaN for good. The contract
 (reference.reference_step, blockwise.quantize_blockwise): the parameter takes FP32 Adam's update (NaN for a
 non-finite gradient, as torch.optim.AdamW gives), and block-quantized state stores a non-finite moment as 0
 over the scale of the block's finite values.

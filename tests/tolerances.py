@@ -10,7 +10,7 @@ FP32_ORDER_ATOL = 1e-6
 # over both ranks' data) differ by a few such ulps.
 FP16_ULP_RTOL = 2 ** -11
 
-# Mixed-precision training matching FP32 training (issue 2): final loss within 1 % of FP32's.
+# Mixed-precision training matching FP32 training: final loss within 1 % of FP32's (the target).
 MIXED_FINAL_LOSS_RTOL = 0.01
 
 # FP16 emulation vs PyTorch's native FP16 CPU kernels, one forward/backward of a small GPT. The two differ
@@ -19,15 +19,15 @@ MIXED_FINAL_LOSS_RTOL = 0.01
 EMULATED_VS_NATIVE_FP16_LOSS_RTOL = 1e-3
 EMULATED_VS_NATIVE_FP16_GRAD_RTOL = 2e-2
 
-# The head-fused cross entropy against F.cross_entropy on the same FP32 logits (issue 2). Loss: FP32
+# The head-fused cross entropy against F.cross_entropy on the same FP32 logits. Loss: FP32
 # log-sum-exp in another order, so FP32_ORDER_RTOL. Gradients: the logits' gradient is rounded to the
 # GEMM's half dtype in both paths, from FP32 values that differ by a few FP32 ulps, so a value near a
 # rounding boundary can land one half ulp apart (2**-8 relative for BF16); normwise through the GEMMs
 # that is far below 1e-3.
 HEAD_LOSS_GRAD_RTOL = 1e-3
 
-# ---- FP8 (issue 4) ----
-# Float8Linear (blockwise) against FP32 on inputs with outliers: the issue's bar. E4M3 keeps 3 mantissa
+# ---- FP8 ----
+# Float8Linear (blockwise) against FP32 on inputs with outliers: the target. E4M3 keeps 3 mantissa
 # bits, a uniform rounding error of 2**-4 relative at most, i.e. an SQNR near 31 dB per quantized operand
 # (10*log10(12 * 2**8) ~ 34.9 dB less the loss in subnormal tails); a GEMM of two such operands lands
 # near 28-31 dB, so 25 dB leaves ~3-6 dB of room.
@@ -47,21 +47,21 @@ BF16_OUTPUT_RTOL = 2 ** -9
 # (2**-3 relative for E4M3); normwise that is well under 1e-2.
 FP8_COMPILED_VS_EAGER_GRAD_RTOL = 1e-2
 
-# ---- train: models, data, loop (issue 3) ----
+# ---- train: models, data, loop ----
 # Hand-written attention vs torch's SDPA, and the hand-written RMSNorm vs F.rms_norm, in FP32: the same
 # sums in another order, so FP32_ORDER_* above. Rotary relative-position property (q(m).k(n) depends on
 # m - n only): the angles are FP32 sin/cos of products up to seq_len, ~1e-6 relative after the dot product.
 ROTARY_RELATIVE_ATOL = 1e-5
 
-# ---- low-bit optimizer state (issue 5) ----
-# The issue's bars: after 100 AdamW steps on the same gradients, |theta_lowbit - theta_torch| at most this
+# ---- low-bit optimizer state ----
+# The targets: after 100 AdamW steps on the same gradients, |theta_lowbit - theta_torch| at most this
 # fraction of the total parameter movement (the summed norm of torch AdamW's per-step updates).
 OPTIM_8BIT_DEVIATION = 0.05
 OPTIM_FP8_DEVIATION = 0.05
 OPTIM_4BIT_DEVIATION = 0.15
-# Pure BF16 weight decay, 1000 steps of (1 - lr*wd) = (1 - 1e-4): exact 0.904833; the issue's bar 1 %.
+# Pure BF16 weight decay, 1000 steps of (1 - lr*wd) = (1 - 1e-4): exact 0.904833; the target 1 %.
 OPTIM_BF16_DECAY_RTOL = 0.01
-# A small model trained with 8-bit AdamW: final loss within 1 % of FP32 AdamW's (the issue's bar).
+# A small model trained with 8-bit AdamW: final loss within 1 % of FP32 AdamW's (the target).
 OPTIM_8BIT_LOSS_RTOL = 0.01
 # Our FP32-state AdamW against torch.optim.AdamW: the same formula, evaluated in another order
 # (delta = -step*m/denom - lr*wd*p vs p*(1-lr*wd) then addcdiv), so a few FP32 ulps per step; an ulp at
@@ -73,7 +73,7 @@ OPTIM_FP32_VS_TORCH_ATOL = 1e-6
 # only through the bias corrections once t ln(beta) < -0.5 (before, both evaluate the same FP32 series;
 # after, the GPU's exp is approximate, ~2 ulp): a few FP32 ulps of the parameter, or, where a parameter
 # crosses zero, a few ulps of the step itself (lr = 1e-2 in the test: ulp 9.3e-10), 3 steps: ~1e-8.
-# (On the H200 an approximate exp2 in 1 - beta2**t put 4.8e-7 into parameters of ~0.5 after 3 steps.)
+# (The GPU's approximate exp2 in 1 - beta2**t would put ~5e-7 into parameters of ~0.5 after 3 steps.)
 # The bias correction 1 - beta**t (reference.one_minus_exp) against float64: a 10-term Horner series in
 # FP32 near zero, exp below -0.5; measured <= 1.7 ulps (relative 1.03e-7) over t ln(beta) in [-30, -1e-9].
 OPTIM_BIAS_CORRECTION_RTOL = 2 * 2 ** -24

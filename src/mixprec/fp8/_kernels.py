@@ -43,22 +43,19 @@ _BLOCK = 128           # DeepSeek-V3's tile; also the only block torch._scaled_m
 # A 128x128 FP32 tile is 64 values per thread at 8 warps: measured per shape which warp count keeps it
 # in registers best (autotuned once per shape; training shapes repeat).
 _TILE_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
-# The 1x128 kernel splits its tile into chunks of rows and of columns, a program each. BF16 8192^2 on
-# the H200 (quantize_variants.py, benchmarks/results/fp8_session6.json): 0.54-0.55 of copy bandwidth
-# with chunks of 32 at 2 or 4 warps (kernel time 0.117 ms); one program walking all chunks 0.49; the
-# whole tile in one program 0.32; chunks of 64 at 8 warps and of 128 slower (0.137, 0.155 ms). With the
-# cheaper scales of session 10, 0.70-0.71 (chunks of 32 at 2 warps, 0.095 ms).
-_CHUNK_CONFIGS = [triton.Config({"CHUNK": c, "GROUP": 1}, num_warps=w) for w, c in ((2, 32), (4, 32), (2, 16), (8, 64))]
+# The 1x128 kernel splits its tile into chunks of rows and of columns, a program each: at BF16 8192^2
+# on an H200, chunks of 32 at 2 warps reach 0.70 of copy bandwidth; larger chunks, one program walking
+# all chunks, or the whole tile in one program are slower (benchmarks/results/fp8.md).
+_CHUNK_CONFIGS = [triton.Config({"CHUNK": c}, num_warps=w) for w, c in ((2, 32), (4, 32), (2, 16), (8, 64))]
 # Tensorwise kernels have no tile the scale depends on: rectangles trade registers for parallelism.
 _FREE_CONFIGS = [triton.Config({"BR": br, "BK": bk}, num_warps=w)
                  for br, bk in ((128, 128), (64, 128), (128, 64), (64, 64)) for w in (4, 8)]
 # The tensorwise amax pass: STRIPS tiles per program, one atomic each.
 _AMAX_CONFIGS = [triton.Config({"BR": br, "BK": bk, "STRIPS": n}, num_warps=w)
                  for br, bk in ((64, 128), (32, 256)) for n in (4, 16) for w in (4, 8)]
-# The rowwise amax pass does one atomic per row per tile and one per column per STRIPS tiles. BF16
-# 8192^2 on the H200: 0.057 ms at 128x128 tiles, 4 warps, 0.063-0.081 for strips of smaller tiles
-# (fp8_session6.json); float atomics (two per value) had taken 0.071. Offered also 64x128 and 64x256 at 4
-# warps, 128x256 and 256x128 at 8, 128x128 at 16, the autotuner still picked 128x128 at 4 (session 7).
+# The rowwise amax pass does one atomic per row per tile and one per column per STRIPS tiles. At BF16
+# 8192^2 on an H200 the autotuner picks 128x128 tiles at 4 warps (0.057 ms; strips of smaller tiles
+# 0.063-0.081); wider tiles and 16 warps never won, so they are not offered.
 _ROW_AMAX_CONFIGS = [triton.Config({"BR": br, "BK": bk, "STRIPS": n}, num_warps=w)
                      for br, bk, n, w in ((128, 128, 1, 4), (128, 128, 1, 8), (64, 128, 4, 4), (32, 128, 16, 4),
                                           (32, 256, 8, 4))]
@@ -74,12 +71,11 @@ def _grid_constants(f, *, hw_cast: bool = True) -> dict:
     by PTX's cvt; off, both are done in Triton operations (rounding onto the grid in FP32).
 
     The kernels with one scale per tile or tensor do not use Triton's conversion (hw_cast=False) for
-    FP32 inputs: 128x128 (whose inputs are FP32 master weights) and tensorwise. With it, Triton 3.6 on
-    the H200 stored x's codes right and x^T's wrong (whole rows of one garbage value,
-    benchmarks/quantize_variants.py --diagnose), whether x^T's codes came from the code tile, its bytes
-    or the transposed input; BF16 inputs and the per-row-scaled kernels were bit-exact. The same
-    conversion written as inline PTX (cvt.rn.satfinite) is bit-exact there (2026-11-29, session 6), so
-    the fault is in Triton's lowering of the conversion, not in the transposed store.
+    FP32 inputs: 128x128 (whose inputs are FP32 master weights) and tensorwise. There Triton 3.6 on
+    Hopper stores x's codes right and x^T's wrong (whole rows of one garbage value), whether x^T's
+    codes come from the code tile, its bytes or the transposed input; BF16 inputs and the
+    per-row-scaled kernels are exact. The same conversion written as inline PTX (cvt.rn.satfinite) is
+    exact, so the fault is Triton's lowering of the conversion, not the transposed store.
     """
     gpu = not _interpreting()
     nvidia = gpu and torch.version.hip is None    # PTX is NVIDIA's; ROCm builds take the Triton operations
@@ -135,9 +131,9 @@ def _scale(amax, FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr, PTX:
 
 
 # x * inv rounded to odd in PTX: truncate (mul.rz), then set the last bit if the FMA's exact error of
-# the truncation is nonzero. Five instructions where Triton's form below takes about twice as many.
-# With it (and FP32 inputs cast by PTX), on the H200: tensorwise cast 0.55 -> 0.83 of copy bandwidth,
-# 128x128 0.63 -> 0.92, 1x128 0.32 -> 0.49 (quantize_variants.py, same process; fp8_session6.json).
+# the truncation is nonzero. Five instructions where Triton's form below takes about twice as many: with
+# it (and the PTX cast of FP32 inputs) the compute-bound kernels gained half again (at BF16 8192^2 on an
+# H200, the tensorwise cast 0.55 -> 0.83 of copy bandwidth, 128x128 0.63 -> 0.92).
 _ODD_PRODUCT_PTX = tl.constexpr("""{
 .reg .f32 t, e;
 .reg .pred inexact;
@@ -221,19 +217,12 @@ def _round_to_grid(v, M: tl.constexpr, MIN_NORMAL: tl.constexpr, MAGIC: tl.const
 
 
 @triton.jit
-def _load_tile_raw(x_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
+def _load_tile(x_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
     """This program's (BR, BK) tile of the row-major (R, K) tensor x, in x's dtype (zero outside x)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     return rows, cols, mask, tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _load_tile(x_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
-    """_load_tile_raw in FP32."""
-    rows, cols, mask, x = _load_tile_raw(x_ptr, R, K, BR, BK)
-    return rows, cols, mask, x.to(tl.float32)
 
 
 @triton.jit
@@ -247,29 +236,23 @@ def _store_transposed(qt_ptr, qt, rows, cols, mask, R):
 def _quantize_1x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, K,
                              FMAX: tl.constexpr, POW2: tl.constexpr, EPS: tl.constexpr,
                              OUT: tl.constexpr, B: tl.constexpr, M: tl.constexpr, MIN_NORMAL: tl.constexpr,
-                             MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr, CHUNK: tl.constexpr,
-                             GROUP: tl.constexpr):
+                             MAGIC: tl.constexpr, HW_CAST: tl.constexpr, PTX: tl.constexpr, CHUNK: tl.constexpr):
     # One program per chunk of a 128x128 tile: a strip of CHUNK rows gives x's codes (each row its own
     # 1x128 scale), a strip of CHUNK columns x^T's (each column its own amax over the tile's 128 rows;
     # its transposed codes are whole 128-byte rows of x^T). Held whole with both code tiles, the tile
     # took 255 registers and spilled (ptxas, sm_90a); walked in a loop of chunks by one program, the
-    # chunks' loads waited on each other. Program ids go by groups of GROUP tiles down a column of
-    # tiles: first the group's row chunks, then its column chunks. Groups of 4 or 16 tiles gained 1-2%
-    # (benchmarks/results/fp8.md, session 7). What held the kernel at 0.57 of copy bandwidth was its
-    # instruction count (about 20 per value, the column chunks' 8 scales per thread the dearest), not
-    # the second read: with the fast-path scales of _scale it reaches 0.70 (session 10).
+    # chunks' loads waited on each other. A tile's 2 * NC programs are consecutive: its row chunks,
+    # then its column chunks. The tile is read twice, yet instructions weighed more (about 20 per value):
+    # the fast-path scales of _scale took the kernel from 0.57 to 0.70 of copy bandwidth (BF16 8192^2, H200).
     NC: tl.constexpr = B // CHUNK
-    group = tl.program_id(0) // (2 * NC * GROUP)
-    size = tl.minimum(GROUP, tl.cdiv(R, B) - group * GROUP)    # the last group may be short
-    j = tl.program_id(0) % (2 * NC * GROUP)
+    pid_r = tl.program_id(0) // (2 * NC)
+    j = tl.program_id(0) % (2 * NC)
     pid_k = tl.program_id(1)
-    if j < NC * size:
-        pid_r = group * GROUP + j // NC
-        _1x128_row_chunk(x_ptr, q_ptr, s_ptr, R, K, pid_r * B + (j % NC) * CHUNK, pid_k, FMAX, POW2, EPS, OUT, B,
+    if j < NC:
+        _1x128_row_chunk(x_ptr, q_ptr, s_ptr, R, K, pid_r * B + j * CHUNK, pid_k, FMAX, POW2, EPS, OUT, B,
                          M, MIN_NORMAL, MAGIC, HW_CAST, PTX, CHUNK)
     else:
-        pid_r = group * GROUP + (j - NC * size) // NC
-        _1x128_column_chunk(x_ptr, qt_ptr, st_ptr, R, K, pid_r, pid_k * B + ((j - NC * size) % NC) * CHUNK, FMAX,
+        _1x128_column_chunk(x_ptr, qt_ptr, st_ptr, R, K, pid_r, pid_k * B + (j - NC) * CHUNK, FMAX,
                             POW2, EPS, OUT, B, M, MIN_NORMAL, MAGIC, HW_CAST, PTX, CHUNK)
 
 
@@ -314,6 +297,7 @@ def _quantize_128x128_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, R, K, NK,
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows, cols, mask, x = _load_tile(x_ptr, R, K, B, B)
+    x = x.to(tl.float32)
     s, inv = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX, POW2, EPS, PTX)
     q = _codes(x, inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
@@ -345,13 +329,12 @@ def _cast_t_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, R, K,
                    BK: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows, cols, mask, x = _load_tile_raw(x_ptr, R, K, BR, BK)
+    rows, cols, mask, x = _load_tile(x_ptr, R, K, BR, BK)
     s, inv = _scale(tl.load(amax_ptr), FMAX, POW2, EPS, PTX)
     q = _codes(x.to(tl.float32), inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
-    # x^T's codes from the transposed input tile: a BF16 tile moved through shared memory faster than
-    # the code tile (0.56 against 0.45 of copy bandwidth, quantize_variants.py on the H200, session 4);
-    # FP32 inputs take the same path (0.93 of copy with the PTX cast, session 6)
+    # x^T's codes from the transposed input tile, not the transposed code tile: a BF16 tile moves through
+    # shared memory faster (0.56 against 0.45 of copy bandwidth on an H200); FP32 inputs take the same path
     qt = _codes(tl.trans(x).to(tl.float32), inv, FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
     _store_transposed(qt_ptr, qt, rows, cols, mask, R)
     if (pid_r == 0) & (pid_k == 0):
@@ -368,8 +351,8 @@ def _row_col_amax_kernel(x_ptr, row_amax_ptr, col_amax_ptr, R, K, BR: tl.constex
     # |x| >= 0 orders as its bits, so one integer atomic max is exact (a float one is two, one per
     # sign), whatever order the tiles arrive in. Relaxed: the maxima need no ordering against other
     # memory operations, and relaxed atomics whose result is unused compile to fire-and-forget
-    # reductions (REDG) instead of acquire-release ATOMGs, each a fence: 0.632 -> 0.733 of copy
-    # bandwidth on the H200 (benchmarks/results/fp8.md, session 9).
+    # reductions (REDG) instead of acquire-release ATOMGs, each a fence (0.73 against 0.63 of copy
+    # bandwidth on an H200).
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     m = tl.zeros((BR, BK), dtype=tl.float32)
     for i in range(STRIPS):
@@ -392,6 +375,7 @@ def _cast_rowwise_t_kernel(x_ptr, row_amax_ptr, col_amax_ptr, q_ptr, s_ptr, qt_p
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows, cols, mask, x = _load_tile(x_ptr, R, K, BR, BK)
+    x = x.to(tl.float32)
     row_s, row_inv = _scale(tl.load(row_amax_ptr + rows, mask=rows < R, other=0.0), FMAX, POW2, EPS, PTX)  # along K
     col_s, col_inv = _scale(tl.load(col_amax_ptr + cols, mask=cols < K, other=0.0), FMAX, POW2, EPS, PTX)  # along R
     q = _codes(x, row_inv[:, None], FMAX, POW2, OUT, M, MIN_NORMAL, MAGIC, HW_CAST, PTX)
@@ -418,9 +402,8 @@ def _free_grid(r: int, k: int):
 
 
 # The ops' own library, registered at the dispatcher's level: torch.library.custom_op wraps each call in
-# Python checks (aliasing, autograd), 18 us against 5.5 us per call of a trivial op registered this way
-# on a development CPU; a quantize call's whole host cost is in benchmarks/probe_fp8.py host. The ops
-# have no autograd formula: they run inside Float8Linear's autograd.Function.
+# Python checks (aliasing, autograd): 18 us against 5.5 us per call of a trivial op registered this way
+# on a development CPU. The ops have no autograd formula: they run inside Float8Linear's autograd.Function.
 _LIB = torch.library.Library("mixprec", "FRAGMENT")
 
 

@@ -9,7 +9,7 @@ linear layer are
     dgrad     dx = dy  @ W     mm_nt(dy,   W^T)    W^T stored (K, N)
     wgrad     dW = dy^T @ x    mm_nt(dy^T, x^T)    dy^T stored (N, M), x^T stored (K, M)
 
-Scale layouts torch._scaled_mm accepts (torch 2.11, CUDA 13, H100; 128x128 x 128x128 is refused):
+Scale layouts torch._scaled_mm accepts (torch 2.11 with CUDA 13; it refuses 128x128 x 128x128):
 tensorwise x tensorwise, rowwise x rowwise, 1x128 x 128x128, 128x128 x 1x128, 1x128 x 1x128. The
 1x128 scales are passed outer-dim-major (the (M, K/128) scale of A with strides (1, M)); 128x128
 scales row-major with the count of K tiles a multiple of 4 (cuBLAS pads its scale rows to 4), so K is

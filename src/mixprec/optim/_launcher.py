@@ -97,7 +97,7 @@ class FusedAdamLauncher:
             torch._foreach_add_(steps, 1.0)
         else:
             # A list of the same 0-dim tensor, as torch's fused AdamW does: the (list, Tensor) overload
-            # synchronized with the host on the H200 (torch 2.11), caught by the sync-debug test.
+            # synchronizes with the host (torch 2.11; test_optim_kernel's sync-debug test guards this).
             increment = 1.0 - found_inf.to(steps[0].device, torch.float32).reshape(())
             torch._foreach_add_(steps, [increment] * len(steps))
 

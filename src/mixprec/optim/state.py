@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from mixprec.optim.blockwise import dequantize_blockwise, num_blocks, quantize_blockwise
+from mixprec.optim.blockwise import dequantize_blockwise, quantize_blockwise
 from mixprec.optim.codes import StateFormat, get_state_format
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
 # Below this many elements a tensor keeps FP32 state (bitsandbytes and torchao use the same cut):
 # biases and norm weights are a sliver of the memory, and their scales would cost a block each.
 DEFAULT_MIN_QUANT_NUMEL = 4096
@@ -92,7 +91,3 @@ def state_bytes(state: dict) -> int:
     """Bytes of the moments (codes, scales, dense moments) of one parameter's state."""
     return sum(v.numel() * v.element_size() for k, v in state.items()
                if k.startswith("exp_avg") and isinstance(v, torch.Tensor))
-
-
-def expected_num_blocks(numel: int, fmt: StateFormat) -> int:
-    return num_blocks(numel, fmt.block)
