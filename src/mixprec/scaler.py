@@ -37,6 +37,7 @@ iterations, `num_skipped_steps` (updated by update(); read with one sync, when a
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -261,14 +262,24 @@ class LossScaler:
         if not found and new_scale is None:
             raise RuntimeError("update() found no inf checks since the last update(); call scaler.step(optimizer) "
                                "(or unscale_) for each optimizer first")
-        overflow = torch.stack(found).sum() > 0 if found else torch.zeros((), dtype=torch.bool,
-                                                                              device=self._scale.device)
+        if not found:
+            found_inf = torch.zeros_like(self._scale)
+        else:   # 1.0 where some optimizer overflowed (max: one backoff however many did)
+            found_inf = found[0] if len(found) == 1 else torch.stack(found).amax()
+        overflow = found_inf > 0
         # The scale can no longer back off: dynamic at min_scale, or static. Those overflows are counted apart.
         stuck = overflow & (self._scale <= self._min_scale) if self._dynamic else overflow
         self._num_skipped += overflow
         self._num_at_min += stuck
         if new_scale is not None:
             self._set_scale(new_scale)
+        elif self._dynamic and self._hysteresis == 1 and not self._consecutive_hysteresis:
+            # GradScaler's rule: its fused update, then the bounds (a few launches less per step: an eager
+            # loop bound by the host pays for each). With hysteresis 1 the tracker has nothing to absorb.
+            torch._amp_update_scale_(self._scale, self._growth_tracker, found_inf, self._growth_factor,
+                                     self._backoff_factor, self._growth_interval)
+            if self._min_scale > 0 or self._max_scale < math.inf:
+                self._scale.clamp_(min=self._min_scale, max=self._max_scale)
         elif self._dynamic:
             self._update_scale(overflow)
         self._per_optimizer = {}
@@ -403,7 +414,10 @@ class LossScaler:
         """Combine the per-device found_inf onto the scale's device and share it across ranks."""
         found = [f.to(self._scale.device, non_blocking=True) for f in found_inf_per_device.values()]
         # Max, not sum: torch's fused optimizers skip only when found_inf is exactly 1.0.
-        found_inf = torch.stack(found).amax() if found else torch.zeros_like(self._scale)
+        if len(found) == 1:
+            found_inf = found[0]
+        else:
+            found_inf = torch.stack(found).amax() if found else torch.zeros_like(self._scale)
         if self._process_group is not None:
             import torch.distributed as dist
             group = None if self._process_group == "default" else self._process_group
@@ -510,7 +524,12 @@ def _takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     Old-style ones that want a `grad_scaler` argument get the generic path instead."""
     if not getattr(optimizer, "_step_supports_amp_scaling", False):
         return False
-    return "grad_scaler" not in inspect.signature(optimizer.step).parameters
+    return _step_takes_no_grad_scaler(type(optimizer))
+
+
+@functools.cache
+def _step_takes_no_grad_scaler(cls: type) -> bool:
+    return "grad_scaler" not in inspect.signature(cls.step).parameters
 
 
 def _first_tensor(outputs: Any) -> torch.Tensor:
