@@ -106,9 +106,13 @@ class PrecisionMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _apply_rule(self, precision, func, args, kwargs, first, device_type, emulate):
-        if precision is Precision.FP32_IN_KERNEL:   # the kernel computes in FP32 from half inputs: no casts
-            out = _run_without_autocast(device_type, func, args, kwargs)
-            return round_output(out) if emulate and is_logical_fp16(first) else out
+        if precision is Precision.FP32_IN_KERNEL:
+            dtypes = {t.dtype for t in _flat_tensors(args, kwargs) if t.is_floating_point()}
+            if len(dtypes) == 1:   # the kernel computes in FP32 from half inputs: no casts
+                out = _run_without_autocast(device_type, func, args, kwargs)
+                return round_output(out) if emulate and is_logical_fp16(first) else out
+            # half input, FP32 weights: not every kernel takes mixed dtypes (CUDA's layer_norm does not)
+            precision = Precision.FP32_CAST_BACK
         if precision in (Precision.FP32, Precision.FP32_CAST_BACK, Precision.FP32_OUTPUT):
             in_dtype = logical_dtype(first)
             # an op's own FP32 implementation where mixprec.ops has one (cross entropy: one read of the logits)
