@@ -103,7 +103,9 @@ NORM_KERNEL_EVIDENCE = (
     "cpu/layer_norm_kernel.cpp; group_norm: T_ACC in cuda/group_norm_kernel.cu, opmath_t in "
     "cpu/group_norm_kernel.cpp; batch_norm: accscalar_t in cuda/Normalization.cuh, cuDNN's float "
     "statistics, opmath_t in cpu/batch_norm_kernel.cpp; rms_norm: input.to(opmath) in layer_norm.cpp "
-    "(and acc types in the fused CUDA kernel); instance_norm runs batch_norm")
+    "(and acc types in the fused CUDA kernel); instance_norm runs batch_norm. With FP32 parameters (as "
+    "prepare keeps them) on half inputs; CUDA kernels that refuse mixed dtypes are on torch.autocast's FP32 "
+    "list, and mp.autocast's intercept mode upcasts them")
 
 BUILTIN_MODULE_RULES: tuple[ModuleRule, ...] = (
     ModuleRule("LayerNorm, BatchNorm, GroupNorm, InstanceNorm, nn.RMSNorm", _is_instance(*_FP32_KERNEL_NORMS),
