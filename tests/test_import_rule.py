@@ -17,7 +17,7 @@ LAYERS = {
     "formats": 0,
     "rules": 1, "policy": 1, "_tensors": 1,
     "ops": 2,
-    "context": 3, "prepare": 3, "scaler": 3, "masters": 3,
+    "context": 3, "prepare": 3, "scaler": 3, "masters": 3, "_comm": 3,
     "explain": 4, "stability": 4, "diagnostics": 4, "distributed": 4, "compat": 4,
     "integrations": 5,
     "train": 6, "cli": 6, "__main__": 6, "__init__": 6,

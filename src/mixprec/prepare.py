@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from mixprec import rules
+from mixprec import _comm, rules
 from mixprec._tensors import is_logical_fp16, logical_dtype, map_tensors, to_fp16_values, to_fp32
 from mixprec.context import active_policy
 from mixprec.ops import linear_fp32_output
@@ -172,13 +172,22 @@ def prepare(model: nn.Module, policy: Policy | str, *, head: str | None = None) 
     Idempotent: preparing again with the same policy changes nothing. `mp.unprepare` undoes it.
     A model with half parameters (the -true recipes) has half values in its state_dict(); for an FP32
     checkpoint take the master weights (MasterWeights.state_dict()["master_weights"]) or upcast.
+
+    Data parallel: prepare the model, then wrap it. On a DistributedDataParallel module, prepare prepares
+    the wrapped module and registers the comm hook that averages gradients in policy.reduce_dtype where
+    DDP's default would not (half gradients: mp.distributed.fp32_allreduce_hook). Under FSDP2 shard the
+    prepared model with mp.distributed.shard_model(model, policy): it gives every module the table keeps in
+    FP32 its own group and MixedPrecisionPolicy, so each group has one parameter dtype.
     """
     if isinstance(policy, str):
         policy = Policy.from_recipe(policy)
     if not isinstance(policy, Policy):
         raise TypeError(f"prepare takes a mixprec Policy or a recipe name; got {type(policy).__name__}")
+    if _comm.is_ddp(model):
+        return _prepare_ddp(model, policy, head)
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare takes an nn.Module; got {type(model).__name__}")
+    _refuse_sharded(model, policy)
     params = list(model.parameters())
     if not any(p.is_floating_point() for p in params):
         raise ValueError(f"{type(model).__name__} has no floating-point parameters to train in mixed precision "
@@ -221,6 +230,35 @@ def prepare(model: nn.Module, policy: Policy | str, *, head: str | None = None) 
                             rule.why if rule else "", _param_dtype(module)) for name, module, role, rule in plan],
         original_dtypes)
     return model
+
+
+# ---- data parallel wrappers (mixprec.distributed builds on these) ---------------------------------------
+def _prepare_ddp(ddp: nn.Module, policy: Policy, head: str | None) -> nn.Module:
+    inner = ddp.module
+    if preparation(inner) is None:
+        changed = sorted({f"{p.dtype}" for p in inner.parameters() if p.is_floating_point()} - {"torch.float32"})
+        if policy.param_dtype != torch.float32 or changed:
+            raise ValueError(
+                f"mp.prepare on a DistributedDataParallel module whose model is not prepared yet: policy "
+                f"{policy.name or policy.describe()!r} stores parameters in {policy.param_dtype}"
+                + (f" and the model holds {', '.join(changed)} parameters" if changed else "")
+                + ", and DDP built its gradient buckets in the dtypes it found at wrapping time (casting now would "
+                  "leave gradients unsynchronized). Prepare first, then wrap: model = DDP(mp.prepare(model, policy)); "
+                  "then mp.prepare(model, policy) registers the reduction hook.")
+    prepare(inner, policy, head=head)
+    _comm.register_reduce_hook(ddp, policy.reduce_dtype)
+    return ddp
+
+
+def _refuse_sharded(model: nn.Module, policy: Policy) -> None:
+    """prepare after fully_shard would cast or swap FSDP2's sharded parameters behind its back."""
+    if not torch.distributed.is_available() or (policy.param_dtype == torch.float32 and not policy.converters):
+        return
+    from torch.distributed.tensor import DTensor
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError(f"mp.prepare on a model already sharded (its parameters are DTensors): policy "
+                         f"{policy.name or policy.describe()!r} would cast or swap FSDP2's parameters. Prepare first, "
+                         "then shard: mp.distributed.shard_model(mp.prepare(model, policy), policy)")
 
 
 def unprepare(model: nn.Module) -> nn.Module:

@@ -52,12 +52,12 @@ def _code_args(code) -> tuple[int, int, bool, float, float]:
     return 0, 0, False, 1.0, -1.0
 
 
-def _aligned(p: torch.Tensor, state: dict) -> bool:
+def _aligned(p: torch.Tensor, grad: torch.Tensor, state: dict) -> bool:
     """Whether the kernel may use 16-byte vector accesses: numel and every address divisible by 16.
 
     (Tensors of other sizes go to a launch of their own, with element-wise masks.)
     """
-    if p.numel() % 16 or p.data_ptr() % 16 or p.grad.data_ptr() % 16:
+    if p.numel() % 16 or p.data_ptr() % 16 or grad.data_ptr() % 16:
         return False
     return all(t.data_ptr() % 16 == 0 for t in state.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
 
@@ -82,16 +82,20 @@ class FusedAdamLauncher:
         self._prog_cache.clear()
 
     def step(self, params: list[torch.Tensor], states: list[dict], tensor_ids: list[int], hp: AdamHyper, *,
-             grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
-        """Update `params` (all on one CUDA device, with gradients) and their states."""
+             grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+             grads: list[torch.Tensor] | None = None) -> None:
+        """Update `params` (all on one CUDA device) and their states with `grads` (default: each p.grad;
+        a sharded parameter passes its local shard and its gradient's)."""
+        if grads is None:
+            grads = [p.grad for p in params]
         buckets: dict[tuple, list[int]] = {}
-        for i, (p, st) in enumerate(zip(params, states)):
+        for i, (p, g, st) in enumerate(zip(params, grads, states)):
             rounding = hp.rounding if p.dtype != torch.float32 else "nearest"
-            key = (p.device, p.dtype, p.grad.dtype, st["state_dtype"], rounding, _aligned(p, st))
+            key = (p.device, p.dtype, g.dtype, st["state_dtype"], rounding, _aligned(p, g, st))
             buckets.setdefault(key, []).append(i)
         for key, idx in buckets.items():
-            self._launch(key, [params[i] for i in idx], [states[i] for i in idx], [tensor_ids[i] for i in idx],
-                         hp, grad_scale, found_inf)
+            self._launch(key, [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx],
+                         [tensor_ids[i] for i in idx], hp, grad_scale, found_inf)
         steps = [st["step"] for st in states]
         if found_inf is None:
             torch._foreach_add_(steps, 1.0)
@@ -101,16 +105,16 @@ class FusedAdamLauncher:
             increment = 1.0 - found_inf.to(steps[0].device, torch.float32).reshape(())
             torch._foreach_add_(steps, [increment] * len(steps))
 
-    def _tables(self, key, params, states, tensor_ids, seed):
+    def _tables(self, key, params, grads, states, tensor_ids, seed):
         device = params[0].device
         fmt = get_state_format(key[3])
         m_name, v_name = ("exp_avg_codes", "exp_avg_sq_codes") if fmt.quantized else ("exp_avg", "exp_avg_sq")
         rows = []
-        for p, st in zip(params, states):
+        for p, g, st in zip(params, grads, states):
             absmax = ((st["exp_avg_absmax"].data_ptr(), st["exp_avg_sq_absmax"].data_ptr())
                       if fmt.quantized else (0, 0))
             comp = st["kahan_comp"].data_ptr() if "kahan_comp" in st else 0
-            rows.append((p.data_ptr(), p.grad.data_ptr(), st[m_name].data_ptr(), st[v_name].data_ptr(),
+            rows.append((p.data_ptr(), g.data_ptr(), st[m_name].data_ptr(), st[v_name].data_ptr(),
                          *absmax, st["step"].data_ptr(), comp))
         rows_t = tuple(rows)
         cached = self._ptr_cache.get(key)
@@ -132,12 +136,12 @@ class FusedAdamLauncher:
             self._prog_cache[prog_key] = progs
         return cached[1], progs
 
-    def _launch(self, key, params, states, tensor_ids, hp: AdamHyper, grad_scale, found_inf) -> None:
+    def _launch(self, key, params, grads, states, tensor_ids, hp: AdamHyper, grad_scale, found_inf) -> None:
         from mixprec.optim._triton_kernel import (ROUND_KAHAN, ROUND_NEAREST, ROUND_STOCHASTIC, STATE_DENSE_BF16,
                                                 STATE_DENSE_F32, STATE_FP8, STATE_MINIFLOAT, fused_adam_kernel)
         device, p_dtype, g_dtype, state_dtype, rounding, aligned = key
         fmt = get_state_format(state_dtype)
-        ptrs, (numels, bases, prog_tensor, prog_start) = self._tables(key, params, states, tensor_ids, hp.seed)
+        ptrs, (numels, bases, prog_tensor, prog_start) = self._tables(key, params, grads, states, tensor_ids, hp.seed)
         if fmt.quantized:
             state = STATE_FP8 if isinstance(fmt.m_code, NativeFloat8) else STATE_MINIFLOAT
             m_dtype = states[0]["exp_avg_codes"].dtype

@@ -10,6 +10,10 @@ by the pure-PyTorch reference (reference.py), which the kernel matches. Like tor
 optimizers it takes a loss scaler's `grad_scale` and `found_inf` device tensors (keyword arguments of
 `step`, or the attributes torch.amp.GradScaler sets): gradients are divided by the scale inside the
 update, and when found_inf is non-zero nothing is written, with no host sync.
+
+Sharded parameters (FSDP2's DTensors) are stepped through their local shards, and their state dict holds
+DTensors that torch.distributed.checkpoint reshards (sharded.py); `materialize_state()` creates the state
+a checkpoint loads into, so loading needs no optimizer step first.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Any, Iterable, Literal
 import torch
 
 from mixprec.optim import _launcher as kernels
+from mixprec.optim import sharded
 from mixprec.optim.codes import STATE_FORMATS
 from mixprec.optim.reference import AdamHyper, reference_step
 from mixprec.optim.state import DEFAULT_MIN_QUANT_NUMEL, convert_state, effective_format, init_state, state_bytes
@@ -136,17 +141,43 @@ class AdamW(torch.optim.Optimizer):
                     raise RuntimeError("mixprec AdamW does not support sparse gradients; "
                                        "use torch.optim.SparseAdam, or dense gradients (sparse=False)")
                 if p not in self.state or not self.state[p]:
-                    fmt = effective_format(p, group["state_dtype"], group["min_quant_numel"])
-                    self.state[p] = init_state(p, fmt, group["rounding"])
+                    self.state[p] = self._fresh_state(p, group)
+            # A sharded (DTensor) parameter steps through its local shard: no DTensor op in the update.
+            local = {p: (sharded.local(p), sharded.local(p.grad)) for p in params}
             fused = [p for p in params if self._use_kernel(p)]
             if fused:
-                self._launcher.step(fused, [self.state[p] for p in fused], [ids[id(p)] for p in fused], hp,
-                                    grad_scale=grad_scale, found_inf=found_inf)
+                self._launcher.step([local[p][0] for p in fused], [self.state[p] for p in fused],
+                                    [ids[id(p)] for p in fused], hp, grad_scale=grad_scale, found_inf=found_inf,
+                                    grads=[local[p][1] for p in fused])
             for p in params:
                 if not self._use_kernel(p):
-                    reference_step(p, p.grad, self.state[p], hp, tensor_id=ids[id(p)],
+                    reference_step(local[p][0], local[p][1], self.state[p], hp, tensor_id=ids[id(p)],
                                    grad_scale=grad_scale, found_inf=found_inf)
         return loss
+
+    def _fresh_state(self, p: torch.Tensor, group: dict) -> dict:
+        # The layout follows the whole parameter's size (a DTensor's numel is global): every shard, and every
+        # number of shards, chooses the same layout.
+        fmt = effective_format(p, group["state_dtype"], group["min_quant_numel"])
+        return init_state(sharded.local(p), fmt, group["rounding"])
+
+    @torch.no_grad()
+    def materialize_state(self) -> None:
+        """Create the (zero) state of every parameter that has none yet, as the first step would, without
+        stepping: a checkpoint (torch.distributed.checkpoint loads into existing tensors) then loads into it."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p not in self.state or not self.state[p]:
+                    self.state[p] = self._fresh_state(p, group)
+
+    def state_dict(self) -> dict:
+        """torch.optim's state dict; a sharded parameter's state tensors are DTensors (sharded.py's layout)."""
+        sd = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, p in enumerate(params):
+            if index in sd["state"] and sharded.is_dtensor(p):
+                sd["state"][index] = sharded.to_saved(sd["state"][index], p)
+        return sd
 
     def _use_kernel(self, p: torch.Tensor) -> bool:
         if self.backend == "torch" or not p.is_cuda:
@@ -158,7 +189,8 @@ class AdamW(torch.optim.Optimizer):
 
         Tensors keep their saved dtypes (torch's loader would cast them to the parameter's dtype);
         layout choices (state_dtype, rounding, min_quant_numel) stay this optimizer's, and state saved
-        in another layout (e.g. FP32 moments) is converted to it.
+        in another layout (e.g. FP32 moments) is converted to it. A sharded parameter's state, saved on any
+        number of shards, is brought to this parameter's shard (sharded.from_saved).
         """
         saved_state = {k: dict(v) for k, v in state_dict["state"].items()}
         before = [{k: g[k] for k in self.defaults if k in g} for g in self.param_groups]
@@ -168,13 +200,18 @@ class AdamW(torch.optim.Optimizer):
             for k, v in old.items():
                 if k in _LAYOUT_KEYS or k not in group:
                     group[k] = v
-        for index, p in enumerate(params):
-            if index not in saved_state:
+        # Saved states are keyed as the saved groups list their parameters (indices; names under DCP).
+        saved_keys = [key for g in state_dict["param_groups"] for key in g["params"]]
+        for key, p in zip(saved_keys, params):
+            if key not in saved_state:
                 continue
-            state = {k: (v.to(p.device, copy=True) if isinstance(v, torch.Tensor) else v)
-                     for k, v in saved_state[index].items()}
             group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
             fmt = effective_format(p, group["state_dtype"], group["min_quant_numel"])
+            saved = saved_state[key]
+            if sharded.is_dtensor(p) or "shards" in saved or any(sharded.is_dtensor(v) for v in saved.values()):
+                self.state[p] = sharded.from_saved(saved, p, fmt, group["rounding"])
+                continue
+            state = {k: (v.to(p.device, copy=True) if isinstance(v, torch.Tensor) else v) for k, v in saved.items()}
             self.state[p] = convert_state(state, p, fmt, group["rounding"])
         self._launcher.invalidate()
 
