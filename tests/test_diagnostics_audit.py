@@ -72,9 +72,6 @@ def test_emulated_fp16_counts_as_fp16_and_the_head_row_is_checked():
     assert any(r.module == "out" and r.rule.startswith("output head") for r in report.flagged("autocast"))
 
 
-@pytest.mark.xfail(strict=True, reason="core: under mp.autocast's CPU FP16 emulation, _tensors.unmarked's view_as is "
-                                       "intercepted by PrecisionMode and marked FP16 again, so a hand-written norm's "
-                                       "mean of squares runs in emulated FP16 (the audit finds it)")
 def test_hand_written_norm_computes_in_fp32_under_emulated_fp16():
     torch.manual_seed(0)
     report = dg.audit(NormAfterLinear(), _batch(), "fp16-mixed", F.cross_entropy, against_autocast=False)

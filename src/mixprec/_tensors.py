@@ -80,7 +80,17 @@ def is_logical_fp16(x: Any) -> bool:
 
 def unmarked(x: torch.Tensor) -> torch.Tensor:
     """An alias of x without the mark: an explicit upcast to FP32 of a logically-FP16 tensor."""
-    return x.view_as(x) if is_logical_fp16(x) else x
+    if not is_logical_fp16(x):
+        return x
+    with torch._C.DisableTorchFunction():   # inside mp.autocast the emulation would mark the view again
+        return x.view_as(x)
+
+
+def round_in_place(x: torch.Tensor) -> torch.Tensor:
+    """Round a logically-FP16 tensor that an in-place op wrote to FP16 values (its mark stays valid)."""
+    with torch.no_grad():
+        x.data.copy_(fast_round_to(x.data, "fp16"))   # .data: a value fix-up, not a new op for autograd
+    return x
 
 
 def round_output(out: Any) -> Any:

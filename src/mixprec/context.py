@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from mixprec import rules
-from mixprec._tensors import (EXACT_OPS, is_logical_fp16, logical_dtype, map_tensors, mark_output, round_output,
-                              to_fp16_values, to_fp32, unmarked)
+from mixprec._tensors import (EXACT_OPS, is_logical_fp16, logical_dtype, map_tensors, mark_output, round_in_place,
+                              round_output, to_fp16_values, to_fp32, unmarked)
 from mixprec.ops import FP32_IMPLEMENTATIONS
 from mixprec.policy import Policy
 from mixprec.rules import Precision
@@ -145,6 +145,8 @@ class PrecisionMode(TorchFunctionMode):
             return func(*map_tensors(to_half, args), **map_tensors(to_half, kwargs))
         out = func(*args, **kwargs)
         if _inputs_are_logical_fp16(args, kwargs):
+            if args and out is args[0] and is_logical_fp16(out) and func not in EXACT_OPS:
+                return round_in_place(out)   # x += y: the marked input now holds unrounded values
             return mark_output(out) if func in EXACT_OPS else round_output(out)
         return out
 

@@ -137,7 +137,9 @@ def find_roles(model: nn.Module, head: str | None = None) -> dict[str, str]:
 
     Embeddings: every nn.Embedding / nn.EmbeddingBag (token and position). Head: the module the user
     names; else a Linear tied to an embedding's weight; else a Linear named like a head; else the last
-    Linear registered. keep_fp32: modules a Hugging Face model lists in `_keep_in_fp32_modules`.
+    Linear registered. Also "embedding": a module whose own parameters are all embeddings by name
+    (pos_embed, position_embeddings, cls_token: ViT's). keep_fp32: modules a Hugging Face model lists in
+    `_keep_in_fp32_modules`.
     """
     modules = dict(model.named_modules())
     roles = {n: "embedding" for n, m in modules.items() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
@@ -153,6 +155,11 @@ def find_roles(model: nn.Module, head: str | None = None) -> dict[str, str]:
             tied = [n for n, m in linears if id(m.weight) in embedding_weights]
             named = [n for n, m in linears if n.split(".")[-1] in _HEAD_NAMES]
             roles[(tied or named or [linears[-1][0]])[-1]] = "head"
+    # Embeddings held as bare parameters (ViT's position embeddings and class token) make their module one
+    for name, module in modules.items():
+        own = [n for n, p in module.named_parameters(recurse=False) if p.is_floating_point()]
+        if name not in roles and own and all(_is_embedding_parameter(n) for n in own):
+            roles[name] = "embedding"
     # Hugging Face models name modules to keep in FP32 (matched against the parts of a module's name)
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
         getattr(model, "_keep_in_fp32_modules_strict", None) or ())
@@ -160,6 +167,13 @@ def find_roles(model: nn.Module, head: str | None = None) -> dict[str, str]:
         if name and name not in roles and keep.intersection(name.split(".")):
             roles[name] = "keep_fp32"
     return roles
+
+
+_TOKEN_PARAMETERS = ("cls_token", "mask_token", "reg_token", "dist_token", "register_tokens")
+
+
+def _is_embedding_parameter(name: str) -> bool:
+    return "embed" in name or name in _TOKEN_PARAMETERS
 
 
 def prepare(model: nn.Module, policy: Policy | str, *, head: str | None = None) -> nn.Module:
