@@ -10,6 +10,8 @@ TOP_LEVEL = {
     "LossScaler", "MasterWeights", "master_params",
     "initialize", "scale_loss", "compat",
     "fp8", "optim",
+    "diagnose", "diagnostics", "distributed",
+    "convert",
     "__version__",
 }
 
@@ -27,6 +29,8 @@ SUBPACKAGES = {
     "rules": {"BUILTIN_MODULE_RULES", "BUILTIN_OP_RULES", "CUDA_AUTOCAST_EXCEPTIONS", "ModuleRule", "OpRule",
               "Precision", "allow_half", "keep_fp32", "module_rules", "op_rules", "op_table", "register_norm",
               "reset", "rule_for_module", "user_op_rules"},
+    "diagnostics": set(['AuditReport', 'DEFAULT_FORMATS', 'DiagnosisMonitor', 'DiagnosisReport', 'GRANULARITIES', 'HighPrecisionLinear', 'KINDS', 'ModuleDiagnosis', 'ModuleOverrides', 'OpRecord', 'PrecisionAudit', 'RangeShift', 'RecommendedPolicy', 'TensorStats', 'audit', 'describe_range_shifts', 'diagnose', 'edges', 'event_diagnosis', 'fractions', 'load_policy', 'range_shifts', 'recommend', 'run_cli_diagnosis', 'save_policy', 'tensor_counts']),
+    "distributed": set(['DATA_PARALLEL', 'Ranks', 'ShardPlan', 'WireBytes', 'agree', 'allreduce_hook_in', 'check_devices', 'checkpoint_bytes', 'close_ranks', 'fp32_allreduce_hook', 'fsdp_mixed_precision', 'init_ranks', 'launch', 'load_checkpoint', 'loss_scaler', 'measure_wire', 'model_device', 'parallelize', 'per_rank_batch', 'rank_slice', 'require_initialized', 'save_checkpoint', 'shard_model', 'world_size']),
     "formats": {"FORMATS", "Format", "cast_to", "fast_round_to", "get_format", "representable", "round_to"},
 }
 
@@ -51,6 +55,11 @@ def test_subpackage_names_are_frozen():
         assert set(module.__all__) == names, path
         for name in names:
             assert hasattr(module, name), f"{path}.{name}"
+
+
+def test_convert_loads_the_integrations_on_first_use():
+    from mixprec.integrations import convert
+    assert mp.convert is convert
 
 
 def test_the_apex_pair_is_the_same_at_the_top_level():

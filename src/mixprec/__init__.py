@@ -1,7 +1,8 @@
 """mixprec: mixed precision training for PyTorch (FP16, BF16, FP8) made safe and automatic."""
-from mixprec import compat, formats, fp8, ops, optim, rules
+from mixprec import compat, diagnostics, distributed, formats, fp8, ops, optim, rules
 from mixprec.compat.apex import initialize, scale_loss
 from mixprec.context import autocast
+from mixprec.diagnostics import diagnose
 from mixprec.explain import explain
 from mixprec.masters import MasterWeights, master_params
 from mixprec.policy import Policy, recipes
@@ -21,5 +22,16 @@ __all__ = [
     "initialize", "scale_loss", "compat",
     # FP8 training and low-precision optimizers
     "fp8", "optim",
+    # diagnostics and data-parallel training
+    "diagnose", "diagnostics", "distributed",
+    # a model-building step for training scripts (mixprec.integrations.convert, loaded on first use)
+    "convert",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name == "convert":   # lives with the integrations, whose package is imported only when used
+        from mixprec.integrations import convert
+        return convert
+    raise AttributeError(f"module 'mixprec' has no attribute {name!r}")
