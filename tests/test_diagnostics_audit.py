@@ -1,6 +1,5 @@
 """The precision audit: which aten op computed in which precision, per module, and which rows of the table
 ran in half precision (a hand-written RMSNorm under plain torch.autocast) - and not under mp.autocast."""
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

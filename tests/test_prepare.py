@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import mixprec as mp
 from mixprec.prepare import PrecisionForward, find_roles, plan_of
-from helpers import MLP, TinyCNN, TinyGPT, TinyRNNLM
+from helpers import MLP, TinyCNN, TinyGPT
 
 
 def test_true_recipes_cast_params_but_keep_the_table_in_fp32():
