@@ -300,6 +300,23 @@ class LossScaler:
         """The current scale as a 0-dim FP32 device tensor (no sync); None before the first scale()."""
         return self._scale
 
+    def found_inf(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        """This iteration's overflow check for `optimizer`: a 0-dim FP32 device tensor, 1.0 where its gradients
+        held an inf/NaN (no sync); None when unscale_/step has not checked it since the last update(), or when
+        the scaler is disabled."""
+        state = self._per_optimizer.get(id(optimizer))
+        return None if not self._enabled or state is None else state.found_inf
+
+    def device_state(self) -> dict[str, torch.Tensor]:
+        """The live device tensors of the scale schedule (scale, trackers, counters), by name; {} before the first
+        scale() or when disabled. No sync: a caller may copy them to restore them later (mixprec.stability's skip
+        and rollback write back copies they took, in place)."""
+        if not self._enabled or self._scale is None:
+            return {}
+        return {"scale": self._scale, "growth_tracker": self._growth_tracker,
+                "hysteresis_tracker": self._hysteresis_tracker, "num_skipped_steps": self._num_skipped,
+                "num_overflows_at_min_scale": self._num_at_min}
+
     def is_enabled(self) -> bool:
         """Whether the scaler scales (False when built disabled or turned off for BF16)."""
         return self._enabled
