@@ -10,7 +10,7 @@ TOP_LEVEL = {
     "LossScaler", "MasterWeights", "master_params",
     "initialize", "scale_loss", "compat",
     "fp8", "optim",
-    "diagnose", "diagnostics", "distributed",
+    "StabilityGuard", "shrink_embedding_grad", "diagnose", "diagnostics", "distributed",
     "convert",
     "__version__",
 }

@@ -8,6 +8,7 @@ from mixprec.masters import MasterWeights, master_params
 from mixprec.policy import Policy, recipes
 from mixprec.prepare import prepare, unprepare
 from mixprec.scaler import LossScaler
+from mixprec.stability import StabilityGuard, shrink_embedding_grad
 
 __version__ = "0.1.0"
 
@@ -22,8 +23,8 @@ __all__ = [
     "initialize", "scale_loss", "compat",
     # FP8 training and low-precision optimizers
     "fp8", "optim",
-    # diagnostics and data-parallel training
-    "diagnose", "diagnostics", "distributed",
+    # stability for large runs, diagnostics and data-parallel training
+    "StabilityGuard", "shrink_embedding_grad", "diagnose", "diagnostics", "distributed",
     # a model-building step for training scripts (mixprec.integrations.convert, loaded on first use)
     "convert",
     "__version__",
