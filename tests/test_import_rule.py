@@ -23,7 +23,7 @@ LAYERS = {
     "train": 6, "cli": 6, "__main__": 6, "__init__": 6,
 }
 LEAVES = {"fp8", "int8", "optim"}          # import only formats, _tensors and themselves
-CORE_MAY_IMPORT = {"mixprec.fp8.config"}   # a Policy holds a Float8Config
+CORE_MAY_IMPORT = {"mixprec.fp8.config", "mixprec.int8.config"}   # a Policy holds a Float8Config or Int8Config
 
 
 def _unit(module: str) -> str:
@@ -38,7 +38,9 @@ def _imports(path: Path) -> set[str]:
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
-            names.update(f"{node.module}.{a.name}" for a in node.names if node.module == "mixprec")
+            if node.module == "mixprec":   # a sub-module, or a name of the package itself
+                names.update(f"mixprec.{a.name}" if (SRC / a.name).exists() or (SRC / f"{a.name}.py").exists()
+                             else "mixprec.__init__" for a in node.names)
     return {n for n in names if n.startswith("mixprec.")}
 
 
