@@ -1,5 +1,5 @@
 # The README's two commands: `make compare` (set up + main job) and `make test` (set up + tests).
-.PHONY: setup compare test test-cuda bench clean
+.PHONY: setup compare test test-cuda bench-gpu clean
 
 setup:
 	bash scripts/setup.sh
@@ -12,6 +12,9 @@ test: setup
 
 test-cuda:
 	python3 -m pytest tests -m cuda
+
+bench-gpu:
+	bash benchmarks/run_gpu.sh
 
 clean:
 	rm -rf .venv runs .pytest_cache

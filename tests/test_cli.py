@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixprec.train import data
-from mixprec.train.cli import main
+from mixprec.cli import main
 from mixprec.train.report import COLUMNS
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--seq-len", "32", "--batch-size", "4",
@@ -147,7 +147,7 @@ def test_compare_runs_fp8_recipes_and_says_how_much_is_fp8(tmp_path, capsys):
     (["train", "--task", "tiny"], "Unknown task 'tiny'; choose one of: default, small-grad"),
     (["train", "--resume", "/nonexistent/run"], "No checkpoint to resume from: /nonexistent/run/checkpoint.pt"),
     (["train", "--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
-    (["launch"], "invalid choice: 'launch' (choose from 'recipes', 'train', 'compare')"),
+    (["launch"], "invalid choice: 'launch' (choose from 'recipes', 'explain', 'train', 'compare', 'bench')"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2
@@ -189,3 +189,161 @@ def test_recipes_lists_every_recipe(capsys):
     assert main(["recipes"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert listed == recipes()
+
+
+# ---- the command line's layout, --version, explain --------------------------------------------
+def test_version_names_mixprec_and_torch(capsys):
+    import mixprec as mp
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"mixprec {mp.__version__} (torch {torch.__version__})\n"
+
+
+def test_the_console_script_and_python_dash_m_are_mixprec_cli():
+    import tomllib
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"mixprec": "mixprec.cli:main"}
+    assert "from mixprec.cli import main" in (root / "src" / "mixprec" / "__main__.py").read_text()
+
+
+@pytest.mark.parametrize("model, sizes", [("gpt", ["--n-layer", "2", "--d-model", "64", "--head", "separate"]),
+                                          ("cnn", ["--channels", "8"]), ("lstm", ["--hidden", "16"])])
+def test_explain_prints_what_mp_explain_prints_for_the_built_in_model(model, sizes, capsys):
+    import mixprec as mp
+    from mixprec.train.models import build_model, model_config
+    assert main(["explain", "--model", model, "--recipe", "fp16-mixed", *sizes]) == 0
+    keys = {"--n-layer": "n_layer", "--d-model": "d_model", "--head": "head", "--channels": "channels",
+            "--hidden": "hidden"}
+    given = {keys[f]: (v if f == "--head" else int(v)) for f, v in zip(sizes[::2], sizes[1::2])}
+    expected = mp.explain(mp.Policy.from_recipe("fp16-mixed"), build_model(model_config(model, **given)))
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(["explain", "--recipe", "bf16-true"]) == 0
+    assert capsys.readouterr().out == mp.explain("bf16-true") + "\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["explain", "--model", "gpt", "--channels", "8"], "--channels does not apply to --model gpt; its sizes are: "
+                                                       "--n-layer, --n-head, --d-model, --seq-len, --positions"),
+    (["explain", "--hidden", "8"], "--hidden sets a size of a model: give --model (one of: gpt, cnn, lstm, gru)"),
+    (["train", "--model", "cnn", "--n-head", "2"], "--n-head does not apply to --model cnn; its sizes are: --channels"),
+    (["compare", "--model", "lstm", "--positions", "rotary"], "--positions does not apply to --model lstm"),
+    (["train", "--recipe", "bf16-mixed", "--rounding", "stochastic"],
+     "--rounding applies to BF16/FP16 parameters updated in place (bf16-true); recipe bf16-mixed keeps FP32 "
+     "parameters, so its updates are not rounded: drop --rounding"),
+    (["compare", "--recipes", "fp32,fp16-true", "--rounding", "kahan"], "--rounding applies to BF16/FP16 parameters"),
+    (["train", "--optim", "sgd"], "Unknown optim 'sgd'; choose one of: adamw, adamw-bf16, adamw-int8, adamw-int4"),
+    (["compare", "--optims", "adamw,lion"], "Unknown optim 'lion'; choose one of: adamw, adamw-bf16,"),
+    (["compare", "--optims", "adamw,adamw"], "--optims names an optim twice: adamw,adamw"),
+    (["compare", "--optim", "adamw", "--optims", "adamw,adamw-int8"], "give --optim or --optims, not both"),
+    (["compare", "--size", "tpu"], "Unknown size 'tpu'; choose one of: cpu, gpu"),
+    (["compare", "--size", "gpu", "--model", "cnn"], "--size gpu sets the GPT's sizes; --model cnn has one size"),
+    (["train", "--recipe", "fp32", "--allow-no-fp8"], "--allow-no-fp8 applies to FP8 recipes; recipe fp32 has no"),
+    (["bench", "--model", "bert", "--device", "cpu"], "Unknown model 'bert'; choose one of: llama, gpt2, resnet50, "
+                                                      "vit, gpt"),
+    (["bench", "--recipe", "fp8-blockwise", "--device", "cpu"], "Unknown recipe 'fp8-blockwise' for bench; choose "
+                                                                "one of: bf16-mixed, fp16-mixed"),
+    (["bench", "--rounds", "0", "--device", "cpu"], "--rounds must be an integer >= 1; got 0"),
+    (["bench", "--device", "tpu"], "Unknown device 'tpu'; choose one of: cuda, cpu"),
+])
+def test_flags_that_do_not_apply_or_name_nothing_exit_2_with_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+# ---- optimizers --------------------------------------------------------------------------------
+def test_train_with_a_low_bit_optimizer_and_resume_must_match_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "bf16-true", "--optim", "adamw-int8", "--steps", "2", "--out", str(out),
+                 *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert ("optimizer: adamw-int8, mixprec.optim.AdamW (INT8 moments), stochastic rounding of the half parameters"
+            in printed)
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["optim"] == "adamw-int8"
+    assert main(["train", "--resume", str(out), "--steps", "3", "--optim", "adamw", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with optim='adamw-int8'" in err and "asks for optim='adamw'" in err
+    assert main(["train", "--resume", str(out), "--steps", "3", "--rounding", "kahan", "--quiet"]) == 2
+    assert "holds a run with rounding=None" in capsys.readouterr().err
+    # the recipe's default, named: the same run
+    assert main(["train", "--resume", str(out), "--steps", "3", "--rounding", "stochastic", "--quiet"]) == 0
+
+
+def test_compare_puts_optimizers_side_by_side(tmp_path, capsys):
+    out = tmp_path / "optims"
+    assert main(["compare", "--recipes", "bf16-mixed,bf16-true", "--optims", "adamw,adamw-int8", "--steps", "3",
+                 "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    names = ["bf16-mixed+adamw", "bf16-mixed+adamw-int8", "bf16-true+adamw", "bf16-true+adamw-int8"]
+    with (out / "table.csv").open() as f:
+        assert [r["recipe"] for r in csv.DictReader(f)] == names
+    runs = json.loads((out / "curves.json").read_text())["runs"]
+    assert list(runs) == names and all((out / name / "metrics.jsonl").is_file() for name in names)
+    assert runs["bf16-mixed+adamw"]["optimizer"] == "torch.optim.AdamW (FP32 moments)"
+    assert runs["bf16-true+adamw-int8"]["optimizer"] == ("mixprec.optim.AdamW (INT8 moments), stochastic rounding "
+                                                         "of the half parameters")
+    assert runs["bf16-mixed+adamw"]["train_loss"][:1] == runs["bf16-mixed+adamw-int8"]["train_loss"][:1]  # same start
+    assert runs["bf16-mixed+adamw"]["train_loss"] != runs["bf16-mixed+adamw-int8"]["train_loss"]
+    assert "optimizer of bf16-mixed+adamw: torch.optim.AdamW (FP32 moments)" in printed
+    assert "val vs bf16-mixed+adamw" in printed          # no fp32 row: the first row is the reference
+
+
+def test_compare_without_matplotlib_says_how_to_get_the_plot(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)    # import matplotlib raises ImportError
+    out = tmp_path / "noplot"
+    assert main(["compare", "--recipes", "fp32", "--steps", "1", "--out", str(out), *TINY]) == 0
+    assert ("plot: not written: matplotlib is not installed; get it with pip install 'mixprec[plot]'"
+            in capsys.readouterr().out)
+    assert not (out / "loss_curves.png").exists() and (out / "table.md").is_file()
+
+
+# ---- compare's sizes -----------------------------------------------------------------------------
+def test_compare_on_cuda_defaults_to_the_gpu_size_where_fp8_converts(monkeypatch):
+    """--device cuda picks --size gpu: the 12-layer d_model 1024 GPT, FP8 among the recipes, and every block
+    Linear layer in FP8 under the default filter (checked on the meta device); flags override the size."""
+    from mixprec.cli import build_parser
+    from mixprec.fp8.config import Float8Config
+    from mixprec.fp8.convert import default_filter
+    from mixprec.train import commands, memory
+    from mixprec.train.models import build_model
+    monkeypatch.setattr(commands, "require_device", lambda device: None)
+    monkeypatch.setattr(memory, "check_fits", lambda cfg: None)
+    job = commands.setup_compare(build_parser().parse_args(["compare", "--device", "cuda", "--steps", "200"]))
+    cfg = job.base
+    assert job.size == "gpu" and cfg.device == "cuda" and cfg.steps == 200 and cfg.eval_every == 33
+    assert (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.seq_len, cfg.batch_size) == (12, 16, 1024, 1024, 8)
+    assert [r.name for r in job.rows] == ["fp32", "fp16-noscale", "fp16-mixed", "bf16-mixed", "fp8-tensorwise"]
+    with torch.device("meta"):
+        model = build_model(cfg.model_config())
+    rule = default_filter(model, Float8Config(recipe="tensorwise"))
+    converted = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and rule(n, m) is None]
+    assert len(converted) == 4 * 12                             # qkv, proj and the MLP's two, in every block
+    job = commands.setup_compare(build_parser().parse_args(["compare", "--device", "cpu"]))
+    assert job.size == "cpu" and job.base.d_model is None and [r.name for r in job.rows][-1] == "bf16-mixed"
+
+
+# ---- bench ---------------------------------------------------------------------------------------
+def test_bench_runs_on_the_cpu_at_tiny_size_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--model", "gpt", "--device", "cpu", "--tiny", "--steps", "1", "--rounds", "3",
+                 "--warmup", "1", "--json", str(path)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    rounds = [line for line in printed if line.startswith("round ")]
+    assert len(rounds) == 3 and all("torch.autocast" in r and "mixprec" in r and "tokens/s" in r for r in rounds)
+    result = json.loads(path.read_text())
+    assert result["model"] == "gpt" and result["recipe"] == "bf16-mixed" and result["device"] == "cpu"
+    assert len(result["ratios"]) == 3 and result["ratio"] == sorted(result["ratios"])[1]     # the median
+    assert set(result["items_per_s"]) == {"torch.autocast", "mixprec"} and result["peak_memory_ratio"] is None
+    assert result["command"].startswith("mixprec bench --model gpt")
+    assert printed[-2].startswith(f"mixprec / torch.autocast: {result['ratio']:.3f}x tokens/s (median of the 3 "
+                                  f"per-round ratios)")
+    assert printed[-1] == f"json: {path}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_bench_without_a_gpu_exits_2_naming_the_way_out(capsys):
+    assert main(["bench", "--model", "gpt"]) == 2
+    err = capsys.readouterr().err
+    assert "mixprec bench times training on a CUDA GPU" in err and "give --device cpu" in err
+    assert err.count("\n") == 1

@@ -18,14 +18,15 @@ import mixprec as mp
 from mixprec.train import fp8_coverage
 from mixprec.train import trainer as trainer_module
 from mixprec.train.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
-from mixprec.train.cli import main
+from mixprec.cli import main
 from mixprec.train.config import TrainConfig
 from mixprec.train.models import build_model
 from mixprec.train.trainer import Trainer
 
+COMMON = ["--batch-size", "2", "--eval-batches", "1", "--quiet"]        # flags every model takes
 SIZES = ["--batch-size", "2", "--n-layer", "1", "--n-head", "2", "--d-model", "32", "--seq-len", "16",
          "--eval-batches", "1"]
-TINY = [*SIZES, "--quiet"]
+TINY = [*SIZES, "--quiet"]                                                # the GPT's
 
 
 def _one_line(err: str) -> str:
@@ -94,7 +95,8 @@ def test_sigterm_saves_a_checkpoint_says_where_and_exits_143(tmp_path, capsys):
 
 _INTERRUPT_SETUP = """
 import os, signal, sys
-from mixprec.train import cli, trainer
+from mixprec import cli
+from mixprec.train import trainer
 load = trainer.batches_for
 def interrupted(*args, **kwargs):   # the signal arrives while the corpus loads, before training
     os.kill(os.getpid(), signal.{signal})
@@ -254,7 +256,7 @@ def test_resume_checks_the_loaded_state_against_the_saved_one(two_checkpoints, t
 ])
 def test_bad_numbers_exit_2_before_training(tmp_path, flags, message, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--steps", "2", "--out", str(out), *TINY, *flags]) == 2
+    assert main(["train", "--steps", "2", "--out", str(out), *(COMMON if "--model" in flags else TINY), *flags]) == 2
     err = _one_line(capsys.readouterr().err)
     assert message in err
     if "--seq-len" in message:
@@ -340,7 +342,7 @@ def test_fp8_recipe_that_converts_nothing_is_refused_with_a_hint_that_works(tmp_
                                           ("gru", ["--hidden", "16"])])
 def test_fp8_on_models_without_convertible_layers_says_no_size_helps(tmp_path, model, sizes, capsys):
     assert main(["train", "--model", model, "--recipe", "fp8-rowwise", "--steps", "1", *sizes,
-                 "--out", str(tmp_path / "run"), *TINY]) == 2
+                 "--out", str(tmp_path / "run"), *COMMON]) == 2
     err = _one_line(capsys.readouterr().err)
     assert f"fp8-rowwise converted 0 of 1 Linear layers of {model} (1 output head kept in high precision)" in err
     assert f"no size of {model} changes that (its only Linear layer is the output head): FP8 needs --model gpt " \
@@ -350,7 +352,7 @@ def test_fp8_on_models_without_convertible_layers_says_no_size_helps(tmp_path, m
 def test_compare_notes_an_fp8_row_that_computes_as_bf16(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--model", "cnn", "--channels", "4", "--recipes", "bf16-mixed,fp8-tensorwise",
-                 "--steps", "1", "--out", str(out), *TINY]) == 0
+                 "--steps", "1", "--out", str(out), *COMMON]) == 0
     note = ("fp8-tensorwise converted 0 of 1 Linear layers of cnn (1 output head kept in high precision); this row "
             "computes as bf16-mixed; no size of cnn changes that")
     assert note in capsys.readouterr().out and note in (out / "table.md").read_text()

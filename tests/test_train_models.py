@@ -79,9 +79,14 @@ def test_rnn_language_models(cell, rnn_class):
     assert model(torch.randint(0, 256, (3, 16))).shape == (3, 16, 256)
 
 
-def test_sizes_not_applying_to_a_model_are_ignored():
-    assert model_config("cnn", n_layer=7, channels=4).channels == 4
+def test_sizes_not_applying_to_a_model_are_refused_naming_those_that_do():
+    assert model_config("cnn", n_layer=None, channels=4).channels == 4      # None: not given
     assert model_config("gru", d_model=16).cell == "gru"
+    with pytest.raises(ValueError, match="--n-layer does not apply to --model cnn; its sizes are: --channels"):
+        model_config("cnn", n_layer=7, channels=4)
+    with pytest.raises(ValueError, match="--positions does not apply to --model lstm; its sizes are: --n-layer, "
+                                         "--d-model, --seq-len, --hidden"):
+        model_config("lstm", positions="rotary")
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -95,7 +100,33 @@ def test_bad_sizes_name_the_choices(bad, message):
         model_config(**bad)
 
 
-def test_manual_attention_uses_the_core_op_when_present():
-    import mixprec.ops
-    assert models._table_attention is mixprec.ops.attention
-    assert isinstance(build_model(model_config("gpt", **TINY)), GPT)
+def test_manual_attention_is_the_core_op():
+    import mixprec as mp
+    q, k, v = (torch.randn(2, 2, 8, 4) for _ in range(3))
+    assert torch.equal(models.manual_attention(q, k, v), mp.ops.attention(q, k, v, causal=True))
+
+
+@pytest.mark.parametrize("head", ["tied", "separate"])
+def test_gpt_with_targets_returns_the_fused_head_loss(head, monkeypatch):
+    """model(idx, targets) is mp.ops.head_cross_entropy on the final hidden states: in FP32 the same loss
+    (mean and sum) and gradients as cross_entropy on the logits."""
+    import mixprec as mp
+    calls = []
+    fused = mp.ops.head_cross_entropy
+    monkeypatch.setattr(mp.ops, "head_cross_entropy", lambda *a, **k: calls.append(a[1]) or fused(*a, **k))
+    model = build_model(model_config("gpt", head=head, **TINY))
+    idx, targets = torch.randint(0, 256, (3, 16)), torch.randint(0, 256, (3, 16))
+    loss = model(idx, targets)
+    assert calls == [model.lm_head]
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    expected = F.cross_entropy(model(idx).reshape(-1, 256).double(), targets.reshape(-1))
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=FP32_ORDER_RTOL, atol=FP32_ORDER_ATOL)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=FP32_ORDER_RTOL, atol=FP32_ORDER_ATOL, msg=name)
+    with torch.no_grad():
+        total = model(idx, targets, reduction="sum")
+    torch.testing.assert_close(total.double(), expected.detach() * targets.numel(), rtol=FP32_ORDER_RTOL,
+                               atol=FP32_ORDER_ATOL)

@@ -1,4 +1,4 @@
 """`python -m mixprec`: the same command line as `mixprec`."""
-from mixprec.train.cli import main
+from mixprec.cli import main
 
 raise SystemExit(main())

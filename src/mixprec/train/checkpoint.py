@@ -13,7 +13,7 @@ checksums are of the values (dtype, shape and bytes of every tensor), so a resum
 check that the state it loaded is the state that was saved (`checksum`).
 
 During training, CheckpointWriter writes in a background thread: the loop waits only for a copy of
-the state in CPU memory. On the lent H200, a 150M-parameter GPT's 1.8 GB checkpoint took 2.75 s to
+the state in CPU memory. On an H200, a 150M-parameter GPT's 1.8 GB checkpoint took 2.75 s to
 write (14 % of 500 steps, had the loop waited for it); the copy alone, pageable, took 1.03 s.
 """
 from __future__ import annotations
@@ -184,7 +184,7 @@ def snapshot(obj: Any, pinned: dict[tuple, torch.Tensor] | None = None) -> Any:
 
     A tensor that appears twice (a weight tied to another) is copied once, as torch.save would store
     it once. With `pinned` (a dict kept between calls), CUDA tensors are copied into page-locked
-    buffers kept there and reused: pageable device-to-host copies ran at ~1.8 GB/s on the lent H200,
+    buffers kept there and reused: pageable device-to-host copies ran at ~1.8 GB/s on an H200,
     pinned ones run at the link's speed. The caller must synchronize before reading the copy.
     """
     copies: dict[int, torch.Tensor] = {}

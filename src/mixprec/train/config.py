@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from mixprec.policy import recipes
+from mixprec.policy import Policy, recipes
+from mixprec.train import optimizers
 from mixprec.train.models import MODELS, ModelConfig, model_config
 
 DEVICES = ("cpu", "cuda")
@@ -21,8 +22,8 @@ SMALL_GRAD_FACTOR = 2.0 ** -14
 MAX_SEED = 2 ** 32 - 1
 
 # Fields that fix the trajectory or the tensor shapes: a resumed run must match the checkpoint on these.
-RESUME_MUST_MATCH = ("model", "recipe", "seed", "batch_size", "task", "n_layer", "n_head", "d_model", "seq_len",
-                     "positions", "head", "attention", "channels", "hidden")
+RESUME_MUST_MATCH = ("model", "recipe", "optim", "rounding", "seed", "batch_size", "task", "n_layer", "n_head",
+                     "d_model", "seq_len", "positions", "head", "attention", "channels", "hidden")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,7 +35,7 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 16
     lr: float = 2e-3            # AdamW peak LR; small byte-level models tolerate 1e-3..3e-3
-    weight_decay: float = 0.1   # on matrices only; 0.1 also keeps BF16 runs converging (REFERENCE.md 1)
+    weight_decay: float = 0.1   # on matrices only, as GPT-3 and LLaMA train
     grad_clip: float = 1.0      # global norm clip: the usual GPT setting
     warmup: int | None = None   # linear warm-up steps; None: 10 % of steps
     device: Literal["cpu", "cuda"] = "cpu"
@@ -46,7 +47,10 @@ class TrainConfig:
     ckpt_every: int = 100       # checkpoint cadence in steps (also at the end, and on Ctrl-C or SIGTERM); 0: only
                                 # then. 100: a default run of 300 steps loses at most a third of itself
     out: str = "runs/train"
-    compile: bool = False       # torch.compile the model (the loss stays eager, as in REFERENCE.md's loop)
+    compile: bool = False       # torch.compile the model's blocks (the fused head + loss stays eager)
+    optim: str = "adamw"        # one of optimizers.OPTIMS: AdamW and where its moments live
+    rounding: str | None = None  # how half parameters take the update; None: the recipe's default
+                                 # (stochastic for bf16-true; see optimizers.py)
     # model sizes (None: the model's default)
     n_layer: int | None = None
     n_head: int | None = None
@@ -63,6 +67,8 @@ class TrainConfig:
         _choice("recipe", self.recipe, tuple(recipes()))
         _choice("device", self.device, DEVICES)
         _choice("task", self.task, TASKS)
+        _choice("optim", self.optim, optimizers.OPTIMS)
+        optimizers.check_rounding(self.rounding, Policy.from_recipe(self.recipe), self.recipe)
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -91,6 +97,10 @@ class TrainConfig:
         return getattr(self.model_config(), "seq_len", 1)
 
     @property
+    def effective_rounding(self) -> str:
+        return optimizers.effective_rounding(self.rounding, Policy.from_recipe(self.recipe))
+
+    @property
     def warmup_steps(self) -> int:
         return self.warmup if self.warmup is not None else self.steps // 10
 
@@ -109,10 +119,21 @@ def resumed_config(saved: dict[str, Any], overrides: dict[str, Any], resume_dir:
     """The config of a resumed run: the checkpoint's, with the given overrides.
 
     Overrides of the fields in RESUME_MUST_MATCH must equal the checkpoint's (else ValueError naming
-    both); the rest (steps, lr, device, cadences, out) may change.
+    both; a rounding is compared as it acts, the recipe's default included); the rest (steps, lr,
+    device, cadences, out) may change. A checkpoint written before runs recorded their optimizer was
+    trained with torch's AdamW, rounding to nearest.
     """
+    if "optim" not in saved:
+        in_place = saved.get("recipe") in recipes() and optimizers.rounds_in_place(Policy.from_recipe(saved["recipe"]))
+        saved = {**saved, "optim": "adamw", "rounding": "nearest" if in_place else None}
     for name in RESUME_MUST_MATCH:
-        if name in overrides and overrides[name] is not None and overrides[name] != saved.get(name):
+        if name not in overrides or overrides[name] is None:
+            continue
+        if name == "rounding" and saved.get("recipe") in recipes():
+            policy = Policy.from_recipe(saved["recipe"])
+            if optimizers.effective_rounding(saved.get(name), policy) == overrides[name]:
+                continue
+        if overrides[name] != saved.get(name):
             raise ValueError(f"--resume {resume_dir} holds a run with {name}={saved.get(name)!r} "
                              f"(model {saved.get('model')}, recipe {saved.get('recipe')}); this run asks for "
                              f"{name}={overrides[name]!r}: drop that flag, or start a fresh run with --out")

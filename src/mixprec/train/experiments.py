@@ -1,8 +1,13 @@
-"""`mixprec compare`: the same run under several recipes, side by side.
+"""`mixprec compare`: the same run under several recipes (and optimizers), side by side.
 
-Every recipe gets the same seed (so the same initial weights), the same batches in the same order and
-the same number of steps; only the precision differs. After training, a probe step on the next
-(unseen) training batch measures FP16 gradient underflow (see underflow.py).
+Every row gets the same seed (so the same initial weights), the same batches in the same order and
+the same number of steps; only the precision (or the optimizer) differs. After training, a probe step
+on the next (unseen) training batch measures FP16 gradient underflow (see underflow.py).
+
+Two sizes (`--size`): "cpu", the GPT whose defaults train on two CPU cores in about a minute per
+recipe; and "gpu", a GPT large enough that the recipes do on a GPU what they are for: mixed precision
+faster than FP32, and FP8 recipes converting every block's Linear layers (d_model 1024 >= FP8's
+min_features). Flags given beside --size override its values.
 """
 from __future__ import annotations
 
@@ -17,21 +22,75 @@ import torch
 import mixprec as mp
 from mixprec.policy import recipes as known_recipes
 from mixprec.train.config import TrainConfig
-from mixprec.train import fp8_coverage
+from mixprec.train import fp8_coverage, optimizers
 from mixprec.train.trainer import RunSummary, Trainer
 from mixprec.train.underflow import UnderflowCounts, probe_underflow
 
 DEFAULT_RECIPES = ("fp32", "fp16-noscale", "fp16-mixed", "bf16-mixed")
+# On a GPU, FP8 too: tensorwise is the fastest FP8 recipe per GEMM (benchmarks/results/fp8.md).
+DEFAULT_GPU_RECIPES = (*DEFAULT_RECIPES, "fp8-tensorwise")
+COMPARE_STEPS = 300     # a few hundred steps: a loss well below the byte-unigram entropy
+COMPARE_EVALS = 6       # validation points on the curves
+SIZES = ("cpu", "gpu")
+# TrainConfig fields of each --size. "gpu": GPT-2 medium's width at 12 layers (about 150M parameters),
+# 8 x 1024 tokens a step; SDPA attention (its fused kernel keeps the softmax in FP32) and a separate head;
+# lr 6e-4 as nanoGPT trains GPT-2 at this depth (the CPU size's 2e-3 is for d_model 128).
+SIZE_PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {"steps": COMPARE_STEPS},
+    "gpu": {"steps": COMPARE_STEPS, "n_layer": 12, "n_head": 16, "d_model": 1024, "seq_len": 1024, "batch_size": 8,
+            "attention": "sdpa", "head": "separate", "lr": 6e-4},
+}
+
+
+def size_preset(size: str, model: str) -> dict[str, Any]:
+    """The TrainConfig fields of `--size` for `model` (ValueError for an unknown size, or "gpu" on a
+    model other than the GPT)."""
+    if size not in SIZES:
+        raise ValueError(f"Unknown size {size!r}; choose one of: {', '.join(SIZES)}")
+    if size == "gpu" and model != "gpt":
+        raise ValueError(f"--size gpu sets the GPT's sizes; --model {model} has one size: give --size cpu or "
+                         f"--model gpt")
+    return dict(SIZE_PRESETS[size])
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a comparison: a recipe with an optimizer (and its rounding), under a name."""
+
+    name: str
+    recipe: str
+    optim: str
+    rounding: str | None = None
+
+
+def comparison_rows(recipe_names: list[str], optims: list[str] | None, optim: str = "adamw",
+                    rounding: str | None = None) -> list[Row]:
+    """Each recipe with each of `optims` (rows named recipe+optim), or with `optim` alone (rows named by
+    recipe). `rounding` goes to the rows whose recipe updates half parameters in place; ValueError
+    naming the recipes when none does."""
+    rows = [Row(f"{recipe}+{o}" if optims else recipe, recipe, o) for recipe in recipe_names for o in (optims or [optim])]
+    if rounding is None:
+        return rows
+    rounded = [r for r in rows if optimizers.rounds_in_place(mp.Policy.from_recipe(r.recipe))]
+    if not rounded:
+        optimizers.check_rounding(rounding, mp.Policy.from_recipe(recipe_names[0]), ", ".join(recipe_names))
+    names = {r.name for r in rounded}
+    return [Row(r.name, r.recipe, r.optim, rounding if r.name in names else None) for r in rows]
 
 
 @dataclass
 class RecipeResult:
     recipe: str
+    name: str = ""                # the row's name: the recipe, or recipe+optim when optimizers are compared
     summary: RunSummary | None = None
     underflow: UnderflowCounts | None = None
-    error: str | None = None      # a recipe that could not run (e.g. FP8 on hardware without it)
+    error: str | None = None      # a row that could not run (e.g. FP8 on hardware without it)
     fp8_layers: tuple[int, int] | None = None   # FP8 recipes: (Linear layers in FP8, Linear layers)
     fp8_note: str | None = None                 # FP8 recipes: what the recipe did to the model, in a line
+    optimizer: str = ""                         # the optimizer, in a line (optimizers.describe)
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.recipe
 
 
 @dataclass
@@ -44,7 +103,7 @@ class Comparison:
 
     @property
     def reference(self) -> RecipeResult | None:
-        """The row others are compared with: fp32 when it ran, else the first recipe that ran."""
+        """The row others are compared with: the first fp32 row that ran, else the first row that ran."""
         ran = [r for r in self.results if r.summary is not None]
         return next((r for r in ran if r.recipe == "fp32"), ran[0] if ran else None)
 
@@ -56,14 +115,23 @@ def computes_in_fp16(policy: mp.Policy) -> bool:
 
 def parse_recipes(text: str) -> list[str]:
     """'fp32,bf16-mixed' -> ['fp32', 'bf16-mixed']; unknown names raise ValueError naming the choices."""
+    return _parse_names(text, "--recipes", "recipe", tuple(known_recipes()))
+
+
+def parse_optims(text: str) -> list[str]:
+    """'adamw,adamw-int8' -> ['adamw', 'adamw-int8']; unknown names raise ValueError naming the choices."""
+    return _parse_names(text, "--optims", "optim", optimizers.OPTIMS)
+
+
+def _parse_names(text: str, flag: str, what: str, choices: tuple[str, ...]) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise ValueError(f"--recipes is empty; give a comma-separated list from: {', '.join(known_recipes())}")
+        raise ValueError(f"{flag} is empty; give a comma-separated list from: {', '.join(choices)}")
     for name in names:
-        if name not in known_recipes():
-            raise ValueError(f"Unknown recipe {name!r}; choose one of: {', '.join(known_recipes())}")
+        if name not in choices:
+            raise ValueError(f"Unknown {what} {name!r}; choose one of: {', '.join(choices)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"--recipes names a recipe twice: {text}")
+        raise ValueError(f"{flag} names a{'n' if what[0] in 'aeiou' else ''} {what} twice: {text}")
     return names
 
 
@@ -78,19 +146,22 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def run_comparison(base: TrainConfig, recipe_names: list[str], out: Path | str, *, progress: bool = True) -> Comparison:
-    """Train `base` once per recipe into out/<recipe>/ (metrics only, no checkpoints) and probe underflow.
-    A recipe whose run diverges trains on to the end: its NaN losses are the comparison's result."""
+def run_comparison(base: TrainConfig, rows: list[Row] | list[str], out: Path | str, *,
+                   progress: bool = True) -> Comparison:
+    """Train `base` once per row (or recipe name) into out/<row>/ (metrics only, no checkpoints) and probe
+    underflow. A row whose run diverges trains on to the end: its NaN losses are the comparison's result."""
     out = Path(out)
+    rows = [r if isinstance(r, Row) else Row(r, r, base.optim, base.rounding) for r in rows]
     results = []
     meta: dict[str, Any] = {}
-    for recipe in recipe_names:
-        cfg = base.replace(recipe=recipe, out=str(out / recipe))
-        result = RecipeResult(recipe)
+    for row in rows:
+        cfg = base.replace(recipe=row.recipe, optim=row.optim, rounding=row.rounding, out=str(out / row.name))
+        result = RecipeResult(row.recipe, row.name,
+                              optimizer=optimizers.describe(row.optim, row.rounding, mp.Policy.from_recipe(row.recipe)))
         try:
             trainer = Trainer(cfg, progress=progress, save_checkpoints=False, stop_on_divergence=False)
         except (RuntimeError, NotImplementedError) as e:  # the recipe cannot run here (hardware, kernels)
-            result.error = _record_error(out / recipe, e)
+            result.error = _record_error(out / row.name, e)
             results.append(result)
             continue
         if not meta:
@@ -104,7 +175,7 @@ def run_comparison(base: TrainConfig, recipe_names: list[str], out: Path | str, 
                 result.fp8_layers = fp8_coverage.fp8_coverage(trainer.model)
                 result.fp8_note = fp8_coverage.describe(cfg, trainer.policy.fp8, trainer.model, "this row computes")
         except (RuntimeError, NotImplementedError) as e:
-            result.error = _record_error(out / recipe, e)
+            result.error = _record_error(out / row.name, e)
         results.append(result)
         del trainer
         gc.collect()

@@ -2,10 +2,12 @@
 
 They are written plainly, as a user would write them, so that mixprec's rules (mp.prepare, mp.autocast)
 are what keeps them numerically safe: the RMSNorm below does not upcast by itself, the GRU is not
-pinned to FP32 here, and the attention path leaves its softmax to the rules (or to mixprec.ops).
+pinned to FP32 here, and the attention goes through mixprec.ops.attention (FP32 softmax) or SDPA.
 
-Every model maps a batch `x` to logits whose last dimension is the class count; the loss is always
-`cross_entropy(logits.reshape(-1, C), y.reshape(-1))`, for text (C = 256 bytes) and images alike.
+Every model maps a batch `x` to logits whose last dimension is the class count. The GPT also takes the
+targets, nanoGPT style: `model(idx, targets) -> loss`, computed by mp.ops.head_cross_entropy (the FP32
+head and loss fused, without materialising half logits). The CNN and the RNNs leave the loss to the
+caller: `mp.ops.cross_entropy(logits.reshape(-1, C), y.reshape(-1))`.
 """
 from __future__ import annotations
 
@@ -17,10 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # the precision-table attention (softmax and scores @ V in FP32), when the core provides it
-    from mixprec.ops import attention as _table_attention
-except ImportError:  # pragma: no cover - depends on what the core has landed
-    _table_attention = None
+import mixprec as mp
 
 MODELS = ("gpt", "cnn", "lstm", "gru")
 BYTE_VOCAB = 256          # byte-level text: every file is a sequence of bytes 0..255
@@ -72,18 +71,9 @@ class RMSNorm(nn.Module):
 
 
 def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v, written out; q, k, v are (batch, heads, time, head_dim).
-
-    Uses mixprec.ops.attention (FP32 softmax and scores @ V) when the core provides it.
-    """
-    if _table_attention is not None:
-        return _table_attention(q, k, v, causal=causal)
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
-    if causal:
-        t = q.size(-2)
-        future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+    """softmax(q k^T / sqrt(d)) v with q, k, v of shape (batch, heads, time, head_dim): mixprec.ops.attention,
+    which keeps the scores, the softmax and scores @ V in FP32 (the table's attention row)."""
+    return mp.ops.attention(q, k, v, causal=causal)
 
 
 class Rotary(nn.Module):
@@ -157,7 +147,10 @@ class GPT(nn.Module):
         if cfg.head == "tied":
             self.lm_head.weight = self.tok_emb.weight
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+        """Logits (batch, time, vocab) of the next byte; with `targets` (batch, time), the cross-entropy
+        instead (mean or sum over the positions), from the fused head + loss."""
         if idx.size(1) > self.cfg.seq_len:
             raise ValueError(f"sequence of {idx.size(1)} tokens is longer than seq_len={self.cfg.seq_len}")
         x = self.tok_emb(idx)
@@ -165,7 +158,16 @@ class GPT(nn.Module):
             x = x + self.pos_emb(torch.arange(idx.size(1), device=idx.device))
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.norm(x))
+        hidden = self.norm(x)
+        if targets is None:
+            return self.lm_head(hidden)
+        return _head_loss(hidden, self.lm_head, targets, reduction)   # lm_head.weight is the embedding's when tied
+
+
+# Eager under torch.compile: a graph break after the blocks, and the fused op runs its own kernels.
+@torch.compiler.disable
+def _head_loss(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    return mp.ops.head_cross_entropy(hidden, head, targets, reduction=reduction)
 
 
 def _init_gpt_weights(module: nn.Module) -> None:
@@ -243,15 +245,27 @@ class RNNLM(nn.Module):
 ModelConfig = GPTConfig | CNNConfig | RNNConfig
 
 
-def model_config(name: str, **sizes) -> ModelConfig:
-    """The config for model `name` (one of MODELS), with the size fields that apply to it.
+# The size fields (command-line flags) each model takes.
+MODEL_SIZES = {"gpt": ("n_layer", "n_head", "d_model", "seq_len", "positions", "head", "attention"),
+               "cnn": ("channels",),
+               "lstm": ("n_layer", "d_model", "seq_len", "hidden"),
+               "gru": ("n_layer", "d_model", "seq_len", "hidden")}
 
-    Sizes that do not apply to the model (e.g. `channels` for the GPT) are ignored; None means default.
+
+def model_config(name: str, **sizes) -> ModelConfig:
+    """The config for model `name` (one of MODELS) with the given sizes; None means the default.
+
+    A size that does not apply to the model (e.g. `channels` for the GPT) raises ValueError naming the
+    sizes that do: a flag that changes nothing is refused, not ignored.
     """
     _choice("model", name, MODELS)
     cls = {"gpt": GPTConfig, "cnn": CNNConfig, "lstm": RNNConfig, "gru": RNNConfig}[name]
-    fields = set(cls.__dataclass_fields__)
-    kwargs = {k: v for k, v in sizes.items() if k in fields and v is not None}
+    given = {k: v for k, v in sizes.items() if v is not None}
+    for key in given:
+        if key not in MODEL_SIZES[name]:
+            raise ValueError(f"{_flag(key)} does not apply to --model {name}; its sizes are: "
+                             f"{', '.join(map(_flag, MODEL_SIZES[name]))}")
+    kwargs = dict(given)
     if cls is RNNConfig:
         kwargs["cell"] = name
     return cls(**kwargs)
@@ -266,6 +280,10 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if isinstance(cfg, RNNConfig):
         return RNNLM(cfg)
     raise TypeError(f"expected GPTConfig, CNNConfig or RNNConfig; got {type(cfg).__name__}")
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 def _choice(field: str, value: object, choices: tuple[str, ...]) -> None:

@@ -16,7 +16,7 @@ COLUMNS = ("recipe", "train loss", "val loss", "val vs ref", "{items}/s", "peak 
 
 def columns(comparison: Comparison) -> list[str]:
     items = comparison.results[0].summary.item_name if comparison.results and comparison.results[0].summary else "tokens"
-    ref = comparison.reference.recipe if comparison.reference else "fp32"
+    ref = comparison.reference.name if comparison.reference else "fp32"
     return [c.format(items=items).replace("ref", ref) for c in COLUMNS]
 
 
@@ -24,17 +24,17 @@ def _row_values(result: RecipeResult, reference: RecipeResult | None) -> list[An
     """Raw values (floats, ints, None) for CSV; None where the recipe did not produce one."""
     s, u = result.summary, result.underflow
     if s is None:
-        return [result.recipe] + [None] * (len(COLUMNS) - 1)
+        return [result.name] + [None] * (len(COLUMNS) - 1)
     ref_val = reference.summary.final_val_loss if reference is not None and reference.summary else float("nan")
     rel = (s.final_val_loss - ref_val) / ref_val if ref_val else float("nan")
-    return [result.recipe, s.final_train_loss, s.final_val_loss, rel, s.items_per_s, s.peak_memory_bytes,
+    return [result.name, s.final_train_loss, s.final_val_loss, rel, s.items_per_s, s.peak_memory_bytes,
             s.skipped_steps, s.final_scale, u.activation_grads if u else None,
             u.activation_grads_scaled if u else None]
 
 
 def _fmt_row(values: list[Any], result: RecipeResult) -> list[str]:
     if result.summary is None:
-        return [result.recipe, f"failed: {result.error}"] + [""] * (len(values) - 2)
+        return [result.name, f"failed: {result.error}"] + [""] * (len(values) - 2)
     recipe, train, val, rel, rate, mem, skipped, scale, under, under_scaled = values
     # '-': the recipe has no loss scale, or does not compute in FP16 (nothing of its own to lose)
     scaled = "n/a" if result.underflow is None else "-" if under_scaled is None else _percent(under_scaled)
@@ -66,7 +66,8 @@ def describe(comparison: Comparison, seeds: list[int] | None = None) -> str:
     else:
         text += f"\ndata: {m['corpus']}"
     ref = comparison.reference
-    text += (f"\nlosses in nats (train: mean of the last 10 steps); 'val vs {ref.recipe if ref else 'ref'}': relative "
+    text += "".join(f"\n{line}" for line in _optimizer_lines(comparison))
+    text += (f"\nlosses in nats (train: mean of the last 10 steps); 'val vs {ref.name if ref else 'ref'}': relative "
              f"difference of the final validation loss")
     memory = next((r.summary.memory_measure for r in comparison.results if r.summary), None)
     if memory:
@@ -76,6 +77,17 @@ def describe(comparison: Comparison, seeds: list[int] | None = None) -> str:
              "\"recipe's scale\" at the recipe's final loss scale (1 for fp16-noscale); '-': the recipe does not "
              "compute in FP16")
     return text
+
+
+def _optimizer_lines(comparison: Comparison) -> list[str]:
+    """'optimizer: ...' when every row has the same one, else one line per optimizer naming its rows."""
+    rows: dict[str, list[str]] = {}
+    for r in comparison.results:
+        if r.optimizer:
+            rows.setdefault(r.optimizer, []).append(r.name)
+    if len(rows) == 1:
+        return [f"optimizer: {next(iter(rows))}"]
+    return [f"optimizer of {', '.join(names)}: {optimizer}" for optimizer, names in rows.items()]
 
 
 def notes(comparison: Comparison) -> list[str]:
@@ -88,7 +100,7 @@ def notes(comparison: Comparison) -> list[str]:
         if fp8 == 0 and r.fp8_note:   # the recipe did nothing: say what the row is and what would change it
             lines.append(r.fp8_note)
         else:
-            lines.append(f"{r.recipe}: {fp8} of {total} Linear layers in FP8")
+            lines.append(f"{r.name}: {fp8} of {total} Linear layers in FP8")
     return lines
 
 
@@ -116,17 +128,17 @@ def seed_differences(comparisons: dict[int, Comparison]) -> dict[str, Any]:
     mean, standard deviation and the standard error of the mean over the seeds that ran."""
     first = next(iter(comparisons.values()))
     recipes = {}
-    for recipe in (r.recipe for r in first.results):
+    for recipe in (r.name for r in first.results):
         by_seed = {}
         for seed, comparison in comparisons.items():
-            result = next(r for r in comparison.results if r.recipe == recipe)
+            result = next(r for r in comparison.results if r.name == recipe)
             if result.summary is not None and comparison.reference is not None:
                 by_seed[seed] = _row_values(result, comparison.reference)[3]
         n = len(by_seed)
         std = statistics.stdev(by_seed.values()) if n >= 2 else float("nan")
         recipes[recipe] = {"by_seed": by_seed, "mean": statistics.fmean(by_seed.values()) if n else float("nan"),
                            "std": std, "std_error": std / math.sqrt(n) if n >= 2 else float("nan")}
-    reference = first.reference.recipe if first.reference else None
+    reference = first.reference.name if first.reference else None
     return {"reference": reference, "seeds": list(comparisons), "recipes": recipes}
 
 
@@ -161,11 +173,11 @@ def _curves(comparison: Comparison) -> dict[str, Any]:
     runs = {}
     for r in comparison.results:
         if r.summary is None:
-            runs[r.recipe] = {"error": r.error}
+            runs[r.name] = {"error": r.error}
             continue
         s = r.summary
-        runs[r.recipe] = {
-            "train_loss": s.train_losses, "val_loss": s.val_curve,
+        runs[r.name] = {
+            "recipe": r.recipe, "optimizer": r.optimizer, "train_loss": s.train_losses, "val_loss": s.val_curve,
             "final_train_loss": s.final_train_loss, "final_val_loss": s.final_val_loss,
             f"{s.item_name}_per_s": s.items_per_s, "peak_memory_bytes": s.peak_memory_bytes,
             "memory_measure": s.memory_measure, "skipped_steps": s.skipped_steps, "final_loss_scale": s.final_scale,
@@ -190,7 +202,7 @@ def plot_curves(comparison: Comparison, path: Path) -> Path | None:
     styles = ("-", "--", "-.", ":")  # curves that coincide stay visible under one another
     ref_smooth = _smooth(ref.summary.train_losses) if ref is not None else []
     for i, r in enumerate(ran):
-        style = dict(label=r.recipe, linestyle=styles[i % len(styles)], linewidth=1.4)
+        style = dict(label=r.name, linestyle=styles[i % len(styles)], linewidth=1.4)
         smooth = _smooth(r.summary.train_losses)
         steps = range(1, len(smooth) + 1)
         ax_train.plot(steps, smooth, **style)
@@ -202,7 +214,7 @@ def plot_curves(comparison: Comparison, path: Path) -> Path | None:
     if entropy:
         ax_train.axhline(entropy, color="grey", linestyle="--", linewidth=0.8, label="byte-unigram entropy")
     ax_diff.axhline(0.0, color="grey", linewidth=0.8)
-    ref_name = ref.recipe if ref is not None else "reference"
+    ref_name = ref.name if ref is not None else "reference"
     for ax, title, ylabel in ((ax_train, "training loss (EMA 0.9)", "cross-entropy (nats)"),
                               (ax_val, "validation loss", "cross-entropy (nats)"),
                               (ax_diff, f"training loss minus {ref_name}'s (EMA 0.9)", "difference (nats)")):

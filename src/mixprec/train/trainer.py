@@ -3,7 +3,8 @@
 One iteration, in the precision a mixprec Policy asks for:
 
     x, y = batch(seed, step)                      # the data position is the step
-    with mp.autocast(policy):  loss = CE(model(x), y)
+    with mp.autocast(policy):  loss = model(x, y)  # GPT: mp.ops.head_cross_entropy (head + loss fused)
+                                                  # CNN, RNNs: mp.ops.cross_entropy(model(x), y)
     scaler.scale(loss * task_factor).backward()
     scaler.unscale_(opt); clip_grad_norm_(masters); scaler.step(opt); scaler.update()
 
@@ -27,11 +28,11 @@ from typing import Any, Callable
 import torch
 
 import mixprec as mp
-from mixprec.train import checkpoint, memory
+from mixprec.train import checkpoint, memory, optimizers
 from mixprec.train.config import TrainConfig
 from mixprec.train.data import batches_for
 from mixprec.train.metrics import MetricsLog
-from mixprec.train.models import build_model
+from mixprec.train.models import GPT, build_model
 from mixprec.train.progress import Progress
 from mixprec.train.stops import Diverged, Interrupted, StopRequests
 
@@ -87,8 +88,8 @@ class Trainer:
         self.device = torch.device(cfg.device)
         self.policy = mp.Policy.from_recipe(cfg.recipe)
         # On CUDA the table's op rows ride on torch.autocast's own lists: the models here use none of
-        # mp.autocast's CUDA_AUTOCAST_EXCEPTIONS (the loss is mp.ops.cross_entropy), and the function
-        # mode's Python per op costs host time an eager GPU loop can be bound by (benchmarks/results/train.md).
+        # mp.autocast's CUDA_AUTOCAST_EXCEPTIONS (the losses are mixprec.ops'), and the function mode's
+        # Python per op costs host time an eager GPU loop can be bound by (benchmarks/results/train.md).
         self.op_rules = "autocast" if self.device.type == "cuda" and not mp.rules.user_op_rules() else "intercept"
         model_cfg = cfg.model_config()
         self.data = batches_for(cfg.model, batch_size=cfg.batch_size, seq_len=getattr(model_cfg, "seq_len", 1),
@@ -124,10 +125,9 @@ class Trainer:
         # weight decay on matrices (and embeddings), not on norm gains and biases (GPT-2, LLaMA)
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        # fused AdamW on CUDA: one kernel, and it skips overflowed steps on the device (no sync)
-        optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=BETAS, eps=ADAM_EPS * self.cfg.loss_factor,
-                                      fused=self.device.type == "cuda")
-        return mp.MasterWeights(optimizer) if self.policy.master_weights else optimizer
+        return optimizers.build_optimizer(groups, optim=self.cfg.optim, rounding=self.cfg.rounding,
+                                          policy=self.policy, device=self.device, lr=self.cfg.lr, betas=BETAS,
+                                          eps=ADAM_EPS * self.cfg.loss_factor, seed=self.cfg.seed)
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to MIN_LR_FRACTION of the peak."""
@@ -141,11 +141,14 @@ class Trainer:
     def autocast(self):
         return mp.autocast(self.policy, device_type=self.device.type, op_rules=self.op_rules)
 
-    def loss_on(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of a batch under the policy's autocast (the loss itself in FP32)."""
+    def loss_on(self, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of a batch (mean or sum over its targets) under the policy's autocast, in FP32:
+        the GPT's fused head + loss, or mp.ops.cross_entropy on the other models' logits."""
         with self.autocast():
+            if isinstance(self.model, GPT):
+                return self.forward_model(x, y, reduction=reduction)
             logits = self.forward_model(x)
-            return mp.ops.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+            return mp.ops.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction=reduction)
 
     def train_step(self, step: int, *, count_memory: bool = False) -> torch.Tensor:
         """One optimizer step on batch `step`; returns the (unscaled) loss as a device tensor."""
@@ -187,9 +190,7 @@ class Trainer:
         self.model.eval()
         total, count = torch.zeros((), device=self.device), 0
         for x, y in self.val_batches:
-            with self.autocast():
-                logits = self.forward_model(x)
-                total += mp.ops.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+            total += self.loss_on(x, y, reduction="sum")
             count += y.numel()
         self.model.train()
         return float(total) / count

@@ -1,0 +1,312 @@
+"""What each `mixprec` subcommand does, for mixprec.cli to dispatch to.
+
+Every command is a pair: `setup_<command>(args)` checks everything that can be checked before work
+starts, writes nothing, and raises ValueError, TypeError or FileNotFoundError (one line naming the bad
+value and the valid choices) for a mistake the user can fix; `<command>(job, args)` does the work,
+prints, and returns the exit code. `args` is the parsed command line (argparse.Namespace).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import mixprec as mp
+from mixprec.policy import Policy, recipes as known_recipes
+from mixprec.train.config import TrainConfig, resumed_config
+from mixprec.train.models import MODEL_SIZES, build_model, model_config
+from mixprec.train.stops import Diverged, Interrupted
+
+EXIT_DIVERGED = 3
+EXIT_SIGNAL_BASE = 128     # a signal ends the command with 128 + its number, the shell's convention (130, 143)
+PLOT_HINT = "pip install 'mixprec[plot]'"
+SIZE_FLAGS = tuple(sorted({f for sizes in MODEL_SIZES.values() for f in sizes}))
+# TrainConfig fields that train and compare take from flags of the same name
+CONFIG_FLAGS = ("model", "steps", "batch_size", "lr", "device", "seed", "task", "eval_every", "eval_batches",
+                "log_every", "weight_decay", "grad_clip", "warmup", "compile", "optim", "rounding", *SIZE_FLAGS)
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line (flags left out are None)."""
+    return {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k, None) is not None}
+
+
+def require_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda needs a CUDA GPU, but torch {torch.__version__} sees none "
+                         f"(torch.cuda.is_available() is False); use --device cpu")
+
+
+def _same_dir(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+# ---- recipes, explain ----------------------------------------------------------------------------
+def recipes(job: None, args: argparse.Namespace) -> int:
+    width = max(len(name) for name in known_recipes())
+    for name in known_recipes():
+        print(f"{name:<{width}}  {Policy.from_recipe(name).describe()}")
+    return 0
+
+
+def setup_explain(args: argparse.Namespace) -> str:
+    """What mp.explain prints for the recipe, and for the built-in model at the given sizes if --model."""
+    policy = Policy.from_recipe(args.recipe or "bf16-mixed")
+    sizes = {k: getattr(args, k) for k in SIZE_FLAGS if getattr(args, k, None) is not None}
+    if args.model is None:
+        if sizes:
+            raise ValueError(f"--{next(iter(sizes)).replace('_', '-')} sets a size of a model: give --model "
+                             f"(one of: {', '.join(MODEL_SIZES)})")
+        return mp.explain(policy)
+    return mp.explain(policy, build_model(model_config(args.model, **sizes)))
+
+
+def explain(text: str, args: argparse.Namespace) -> int:
+    print(text)
+    return 0
+
+
+# ---- train ---------------------------------------------------------------------------------------
+def setup_train(args: argparse.Namespace):
+    """The Trainer of `mixprec train`, after every check that fails fast; writes nothing."""
+    from mixprec.train.checkpoint import DamagedCheckpoint, load_checkpoint
+    from mixprec.train.fp8_coverage import describe, fp8_coverage
+    from mixprec.train.memory import check_fits
+    from mixprec.train.outputs import check_writable, refuse_existing_run
+    from mixprec.train.trainer import Trainer
+
+    overrides = config_overrides(args)
+    if args.recipe is not None:
+        overrides["recipe"] = args.recipe
+    if args.ckpt_every is not None:
+        overrides["ckpt_every"] = args.ckpt_every
+    state = None
+    if args.resume is not None:
+        overrides["out"] = args.out or args.resume
+        if args.overwrite and _same_dir(overrides["out"], args.resume):
+            raise ValueError(f"--overwrite would delete the run that --resume {args.resume} continues; give one "
+                             f"of them (or another --out)")
+        state = load_checkpoint(args.resume, warn=lambda line: print(f"mixprec train: warning: {line}",
+                                                                     file=sys.stderr, flush=True))
+        cfg = resumed_config(state["config"], overrides, args.resume)
+        if cfg.steps <= state["step"]:
+            raise ValueError(f"--resume {args.resume} is at step {state['step']} of {cfg.steps}: nothing to do; "
+                             f"give --steps larger than {state['step']} to train on")
+    else:
+        model, recipe = overrides.get("model", "gpt"), overrides.get("recipe", "bf16-mixed")
+        overrides["out"] = args.out or str(Path("runs") / f"{model}-{recipe}")
+        cfg = TrainConfig(**overrides)
+    if args.allow_no_fp8 and Policy.from_recipe(cfg.recipe).fp8 is None:
+        raise ValueError(f"--allow-no-fp8 applies to FP8 recipes; recipe {cfg.recipe} has no FP8 layers: drop "
+                         f"--allow-no-fp8")
+    check_writable(cfg.out)
+    if not args.overwrite and not (args.resume is not None and _same_dir(cfg.out, args.resume)):
+        refuse_existing_run(cfg.out, resumable=True)
+    require_device(cfg.device)
+    check_fits(cfg)
+    try:
+        trainer = Trainer(cfg, resume=state, progress=not args.quiet)
+    except DamagedCheckpoint as e:   # the state loaded is not the state saved
+        raise ValueError(f"--resume {args.resume}: {e}") from e
+    fp8 = trainer.policy.fp8
+    if fp8 is not None and fp8_coverage(trainer.model)[0] == 0 and state is None and not args.allow_no_fp8:
+        raise ValueError(describe(cfg, fp8, trainer.model, "this run would compute") + "; or give --recipe "
+                         "bf16-mixed (the same computation), or --allow-no-fp8 to train it anyway")
+    return trainer
+
+
+def train(trainer, args: argparse.Namespace) -> int:
+    from mixprec.train import optimizers
+    from mixprec.train.fp8_coverage import describe
+    from mixprec.train.outputs import clear_run
+
+    cfg, out = trainer.cfg, Path(trainer.cfg.out)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    print(f"mixprec train: {cfg.model} ({n_params:,} parameters), recipe {cfg.recipe} "
+          f"({trainer.policy.describe()}), {cfg.steps} steps on {cfg.device}" + (", compiled" if cfg.compile else "")
+          + (f", resuming at step {trainer.step}" if trainer.step else "") + f"; output in {cfg.out}", flush=True)
+    print(f"optimizer: {cfg.optim}, {optimizers.describe(cfg.optim, cfg.rounding, trainer.policy)}", flush=True)
+    if trainer.policy.fp8 is not None:
+        print(f"FP8: {describe(cfg, trainer.policy.fp8, trainer.model)}", flush=True)
+    if args.overwrite:
+        clear_run(out)
+    try:
+        summary = trainer.run()
+    except Interrupted as stop:
+        print(f"mixprec train: {_stopped_message(stop, out)}", file=sys.stderr, flush=True)
+        return EXIT_SIGNAL_BASE + stop.signum
+    except Diverged as diverged:
+        kept = (f"the last good checkpoint, {diverged.checkpoint} (step {diverged.checkpoint_step}), is kept as it was"
+                if diverged.checkpoint else "no checkpoint was saved before it")
+        print(f"mixprec train: the run diverged at step {diverged.step}: {diverged.reason}; {kept}; metrics: "
+              f"{out / 'metrics.jsonl'}. Try a lower --lr (this run's: {cfg.lr:g})", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
+    scale = "-" if summary.final_scale is None else f"{summary.final_scale:g}"
+    print(f"done: step {summary.steps_done}, train loss {summary.final_train_loss:.4f}, validation loss "
+          f"{summary.final_val_loss:.4f}, {summary.items_per_s:,.0f} {summary.item_name}/s, "
+          f"{summary.skipped_steps} steps skipped, loss scale {scale}")
+    print(f"checkpoint: {out / 'checkpoint.pt'}; metrics: {out / 'metrics.jsonl'}")
+    return 0
+
+
+def _stopped_message(stop: Interrupted, out: Path) -> str:
+    """One line: what a signal interrupted, what is on disk, and how to go on."""
+    resume = f"; continue with: mixprec train --resume {out}"
+    if stop.saved_now:
+        return f"interrupted by {stop.name} at step {stop.step}: checkpoint saved to {stop.checkpoint}{resume}"
+    at_once = f"stopped at once by a second {stop.name} after step {stop.step}"   # steps done; the next one is lost
+    if stop.checkpoint is not None:
+        return f"{at_once}: the last checkpoint is {stop.checkpoint} (step {stop.checkpoint_step}){resume}"
+    return f"{at_once}: no checkpoint was saved"
+
+
+# ---- compare -------------------------------------------------------------------------------------
+@dataclass
+class CompareJob:
+    base: TrainConfig             # the first row's config; each row replaces recipe, optim and rounding
+    rows: list                    # experiments.Row
+    out: Path
+    seeds: list[int] | None
+    size: str
+
+
+def setup_compare(args: argparse.Namespace) -> CompareJob:
+    from mixprec.train import experiments
+    from mixprec.train.data import batches_for
+    from mixprec.train.memory import check_fits
+    from mixprec.train.outputs import check_writable, refuse_existing_run
+
+    seeds = None
+    if args.seeds is not None:
+        if args.seed is not None:
+            raise ValueError(f"give --seed or --seeds, not both (got --seed {args.seed} and --seeds {args.seeds})")
+        seeds = experiments.parse_seeds(args.seeds)
+    optims = None
+    if args.optims is not None:
+        if args.optim is not None:
+            raise ValueError(f"give --optim or --optims, not both (got --optim {args.optim} and --optims "
+                             f"{args.optims})")
+        optims = experiments.parse_optims(args.optims)
+    given = config_overrides(args)
+    model, task = given.get("model", "gpt"), given.get("task", "default")
+    size = args.size or ("gpu" if given.get("device") == "cuda" else "cpu")
+    overrides = {**experiments.size_preset(size, model), **given}
+    default_recipes = experiments.DEFAULT_GPU_RECIPES if size == "gpu" else experiments.DEFAULT_RECIPES
+    names = experiments.parse_recipes(args.recipes) if args.recipes is not None else list(default_recipes)
+    overrides.setdefault("eval_every", max(1, overrides["steps"] // experiments.COMPARE_EVALS))
+    rows = experiments.comparison_rows(names, optims, overrides.pop("optim", "adamw"), overrides.pop("rounding", None))
+    out = Path(args.out or Path("runs") / ("compare-" + model + ("" if task == "default" else f"-{task}")))
+    first = rows[0]
+    base = TrainConfig(**overrides, recipe=first.recipe, optim=first.optim, rounding=first.rounding, out=str(out),
+                       ckpt_every=0)
+    for row in rows[1:]:   # every row is valid before the first one trains
+        base.replace(recipe=row.recipe, optim=row.optim, rounding=row.rounding)
+    for seed in seeds or ():
+        base.replace(seed=seed)
+    check_writable(out)
+    if not args.overwrite:
+        refuse_existing_run(out, resumable=False)
+    require_device(base.device)
+    check_fits(base)
+    batches_for(base.model, batch_size=base.batch_size, seq_len=base.seq_len_or_default, seed=base.seed)  # data present?
+    return CompareJob(base, rows, out, seeds, size)
+
+
+def compare(job: CompareJob, args: argparse.Namespace) -> int:
+    from mixprec.train.experiments import run_comparison
+    from mixprec.train.outputs import clear_run
+    from mixprec.train.report import describe, markdown_table, notes, write_outputs
+
+    base, out, seeds = job.base, job.out, job.seeds
+    print(f"mixprec compare: {base.model} ({job.size} size), {', '.join(r.name for r in job.rows)}, {base.steps} "
+          f"steps each on {base.device}" + (f", seeds {', '.join(map(str, seeds))}" if seeds else "")
+          + f"; output in {out}", flush=True)
+    if args.overwrite:
+        clear_run(out)
+    try:
+        if seeds:
+            return _compare_over_seeds(job, progress=not args.quiet)
+        comparison = run_comparison(base, job.rows, out, progress=not args.quiet)
+    except Interrupted as stop:
+        print(f"mixprec compare: interrupted by {stop.name}: no table was written; the rows trained so far "
+              f"have their metrics in {out}", file=sys.stderr, flush=True)
+        return EXIT_SIGNAL_BASE + stop.signum
+    paths = write_outputs(comparison, out)
+    print()
+    print(describe(comparison))
+    print()
+    print(markdown_table(comparison))
+    for line in notes(comparison):
+        print(line)
+    print()
+    print(f"table: {paths['table_md']} and {paths['table_csv']}; curves: {paths['curves']}")
+    print(f"plot: {paths['plot']}" if paths["plot"] else
+          f"plot: not written: matplotlib is not installed; get it with {PLOT_HINT}")
+    return 0
+
+
+def _compare_over_seeds(job: CompareJob, *, progress: bool) -> int:
+    """The comparison once per seed into out/seed-<s>/, then each row's difference to the reference
+    over the seeds (out/seeds.md, seeds.json)."""
+    from mixprec.train.experiments import run_comparison
+    from mixprec.train.report import markdown_table, write_outputs, write_seed_summary
+
+    comparisons = {}
+    for seed in job.seeds:
+        seed_out = job.out / f"seed-{seed}"
+        comparisons[seed] = run_comparison(job.base.replace(seed=seed, out=str(seed_out)), job.rows, seed_out,
+                                           progress=progress)
+        write_outputs(comparisons[seed], seed_out)
+        print(f"\nseed {seed}:\n{markdown_table(comparisons[seed])}", flush=True)
+    paths = write_seed_summary(comparisons, job.out)
+    print()
+    print(paths["seeds_md"].read_text())
+    print(f"summary: {paths['seeds_md']} and {paths['seeds_json']}; each seed's table, curves and plot in "
+          f"{job.out / 'seed-<s>'}")
+    return 0
+
+
+# ---- bench ---------------------------------------------------------------------------------------
+def setup_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """run_bench's arguments and the JSON path, checked: the device first (no GPU: exit 2 at once)."""
+    from mixprec.train import bench
+    from mixprec.train.outputs import check_writable
+
+    kwargs = dict(model=args.model, recipe=args.recipe, compile=args.compile, steps=args.steps, rounds=args.rounds,
+                  warmup=args.warmup, device=args.device, tiny=args.tiny)
+    bench.check_arguments(**{k: v for k, v in kwargs.items() if k != "compile"})
+    mode = "compiled" if args.compile else "eager"
+    path = Path(args.json or Path("runs") / f"bench-{args.model}-{args.recipe}-{mode}{'-tiny' if args.tiny else ''}.json")
+    if path.is_dir():
+        raise ValueError(f"--json {path} is a directory; give a file path")
+    check_writable(path.parent, "--json's directory")
+    return {"kwargs": kwargs, "json": path}
+
+
+def bench(job: dict[str, Any], args: argparse.Namespace) -> int:
+    from mixprec.train.bench import run_bench
+
+    k = job["kwargs"]
+    print(f"mixprec bench: {k['model']}{' (tiny)' if k['tiny'] else ''}, {k['recipe']}, "
+          f"{'compiled' if k['compile'] else 'eager'}, on {k['device']}: {k['rounds']} interleaved rounds of "
+          f"{k['steps']} steps after {k['warmup']} warm-up steps, mixprec against torch.autocast", flush=True)
+    try:
+        result = run_bench(**k, progress=lambda line: print(line, flush=True))
+    except Interrupted as stop:
+        print(f"mixprec bench: interrupted by {stop.name}: nothing was written", file=sys.stderr, flush=True)
+        return EXIT_SIGNAL_BASE + stop.signum
+    memory = (f"peak memory {result['peak_memory_ratio']:.3f}x" if result["peak_memory_ratio"] is not None
+              else "peak memory: measured on CUDA only")
+    print(f"mixprec / torch.autocast: {result['ratio']:.3f}x {result['item_name']}/s (median of the "
+          f"{len(result['ratios'])} per-round ratios); {memory}")
+    path: Path = job["json"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    command = "mixprec " + " ".join(getattr(args, "argv", sys.argv[1:]))
+    path.write_text(json.dumps({**result, "command": command}, indent=1) + "\n")
+    print(f"json: {path}")
+    return 0
