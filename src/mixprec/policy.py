@@ -8,6 +8,7 @@ from typing import Callable, Literal, Union
 import torch
 
 from mixprec.fp8.config import Float8Config
+from mixprec.int8.config import Int8Config
 
 LossScale = Union[Literal["dynamic", "none"], float]
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -28,6 +29,7 @@ class Policy:
     master_weights: keep FP32 copies of half parameters for the optimizer step (apex O2).
     loss_scale:     "dynamic", "none", or a fixed float (static scaling).
     fp8:            a Float8Config to run large Linear layers' GEMMs in FP8, or None.
+    int8:           an Int8Config to run large Linear layers' matmuls in INT8, or None (not with fp8).
     fp32_rules:     enforce the precision table (norms, softmax, losses, embeddings, head, RNN in FP32);
                     False only for apex O3's "pure half".
     cpu_fp16:       FP16 on the CPU: "emulate" (round to FP16 values, compute in FP32: fast and exact
@@ -41,6 +43,7 @@ class Policy:
     master_weights: bool = False
     loss_scale: LossScale = "none"
     fp8: Float8Config | None = None
+    int8: Int8Config | None = None
     fp32_rules: bool = True
     cpu_fp16: Literal["emulate", "native"] = "emulate"
     name: str | None = None
@@ -62,6 +65,10 @@ class Policy:
             object.__setattr__(self, "loss_scale", float(self.loss_scale))
         if self.fp8 is not None and not isinstance(self.fp8, Float8Config):
             raise TypeError(f"fp8 must be a mixprec.fp8.Float8Config or None; got {type(self.fp8).__name__}")
+        if self.int8 is not None and not isinstance(self.int8, Int8Config):
+            raise TypeError(f"int8 must be a mixprec.int8.Int8Config or None; got {type(self.int8).__name__}")
+        if self.fp8 is not None and self.int8 is not None:
+            raise ValueError("fp8 and int8 are both set; a Linear layer runs in one of them: set fp8=None or int8=None")
         if self.cpu_fp16 not in ("emulate", "native"):
             raise ValueError(f"cpu_fp16 must be 'emulate' or 'native'; got {self.cpu_fp16!r}")
 
@@ -69,6 +76,8 @@ class Policy:
     @property
     def autocast_enabled(self) -> bool:
         """Whether compute runs below the parameters' precision (autocast casts on the fly)."""
+        # INT8 layers quantize whatever autocast says (they need none): Policy(int8=...) with FP32 compute
+        # runs INT8 matmuls and everything else in FP32
         return self.compute_dtype in _HALF or self.fp8 is not None
 
     def emulates_fp16(self, device_type: str) -> bool:
@@ -77,8 +86,8 @@ class Policy:
 
     @property
     def converters(self) -> tuple:
-        """The model converters this policy applies in prepare() (its FP8 config), in order."""
-        return tuple(c for c in (self.fp8,) if c is not None)
+        """The model converters this policy applies in prepare() (its FP8 or INT8 config), in order."""
+        return tuple(c for c in (self.fp8, self.int8) if c is not None)
 
     def replace(self, **changes) -> "Policy":
         """A copy with some fields changed (validated again)."""
@@ -92,6 +101,8 @@ class Policy:
             parts.append("FP32 master weights")
         if self.fp8 is not None:
             parts.append(f"FP8 {self.fp8.recipe} ({self.fp8.backend})")
+        if self.int8 is not None:
+            parts.append(self.int8.describe())
         if not self.fp32_rules:
             parts.append("precision table off (pure half)")
         return ", ".join(parts)
@@ -127,6 +138,11 @@ def _fp8(recipe: str) -> Callable[[], Policy]:
     return lambda: Policy(compute_dtype=torch.bfloat16, fp8=Float8Config(recipe=recipe), name=f"fp8-{recipe}")
 
 
+def _int8(recipe: str) -> Callable[[], Policy]:
+    # INT8 matmuls for large Linear layers; the rest of the model computes in BF16 with FP32 weights.
+    return lambda: Policy(compute_dtype=torch.bfloat16, int8=Int8Config(recipe=recipe), name=f"int8-{recipe}")
+
+
 _RECIPES: dict[str, Callable[[], Policy]] = {
     "fp32": lambda: Policy(name="fp32"),
     "fp16-mixed": lambda: Policy(compute_dtype=torch.float16, loss_scale="dynamic", name="fp16-mixed"),
@@ -141,6 +157,8 @@ _RECIPES: dict[str, Callable[[], Policy]] = {
     "fp8-tensorwise": _fp8("tensorwise"),
     "fp8-rowwise": _fp8("rowwise"),
     "fp8-blockwise": _fp8("blockwise"),
+    "int8-rowwise": _int8("rowwise"),
+    "int8-switchback": _int8("switchback"),
 }
 
 _OPT_LEVELS: dict[str, Callable[[torch.dtype], Policy]] = {

@@ -1,0 +1,76 @@
+"""Which backend runs an Int8Linear's integer GEMMs, and why.
+
+    emulate  any device: the integer products of the INT8 codes summed exactly (in FP32 over chunks of
+             1024 terms, where every partial sum is an integer below 2**24, and the chunks in float64),
+             then the result rounded to FP32 as the int32 accumulator's conversion does. The same
+             numbers as int_mm, bit for bit; the CPU path, and the reference.
+    int_mm   torch._int_mm (cuBLASLt INT8 tensor cores, int32 accumulation) on CUDA GPUs of compute
+             capability 8.0+ (Ampere, Ada, Hopper, newer); operands are zero-padded to its shape rules
+             (M > 16, K and N multiples of 8), which adds nothing to the sums. Quantization and the
+             scaling after the GEMM are PyTorch ops (torch.compile fuses them).
+    auto     int_mm where the device supports it, emulate elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+
+from mixprec.int8.config import BACKENDS
+
+_DESCRIPTIONS = {
+    "emulate": "INT8 codes and int32 sums emulated exactly (FP32/float64 integer arithmetic), then scaled in FP32",
+    "int_mm": "INT8 GEMMs through torch._int_mm (int32 accumulation), scaled in FP32",
+}
+# torch._int_mm runs cuBLASLt's INT8 kernels; PyTorch tests them on Ampere and newer
+MIN_CAPABILITY = (8, 0)
+
+
+def _cuda_capability(index: int | None) -> tuple[int, int]:
+    if not torch.cuda.is_available():
+        return (0, 0)
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def int8_gemm_supported(device: torch.device | str) -> bool:
+    """Whether `device` runs torch._int_mm's INT8 tensor-core GEMMs (CUDA, capability >= 8.0)."""
+    device = torch.device(device)
+    return device.type == "cuda" and _cuda_capability(device.index) >= MIN_CAPABILITY
+
+
+def _device_name(device: torch.device) -> str:
+    major, minor = _cuda_capability(device.index) if device.type == "cuda" else (0, 0)
+    if (major, minor) != (0, 0):
+        return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    return str(device)
+
+
+def resolve_backend(backend: str, device: torch.device | str, *, int8_capable: bool | None = None) -> str:
+    """The concrete backend ("emulate" or "int_mm") that `backend` means on `device`.
+
+    int8_capable: whether `device` runs INT8 GEMMs, when the caller already knows (Int8Linear looks it
+    up when its weight moves, so torch.compile traces no CUDA query); None: ask.
+    Raises ValueError for an unknown name, and for int_mm where the device cannot run it, naming
+    backend="emulate" as the way out.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown INT8 backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend == "emulate":
+        return "emulate"
+    device = torch.device(device)
+    capable = int8_gemm_supported(device) if int8_capable is None else int8_capable
+    if backend == "auto":
+        return "int_mm" if capable else "emulate"
+    if not capable:
+        raise ValueError(f"INT8 backend 'int_mm' needs a CUDA GPU of compute capability "
+                         f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+ for torch._int_mm, but the tensors are on "
+                         f"{_device_name(device)}; use backend='emulate' (the same numbers, exactly) on this device")
+    return backend
+
+
+def backend_info(backend: str = "auto", device: torch.device | str | None = None) -> str:
+    """Which backend `backend` resolves to on `device` (default: the current CUDA device or the CPU)."""
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    chosen = resolve_backend(backend, device)
+    picked = f"{backend} -> {chosen}" if backend != chosen else chosen
+    return f"INT8 backend {picked} on {_device_name(device)}: {_DESCRIPTIONS[chosen]}"

@@ -1,0 +1,90 @@
+"""INT8 on a GPU of compute capability 8.0+: torch._int_mm (int32 accumulation) equals the emulation bit
+for bit, padding included; Int8Linear's int_mm backend equals emulate on the GPU and the CPU emulation,
+exactly (the same IEEE FP32 quantization and scaling everywhere), eager and under inductor."""
+import pytest
+import torch
+from torch import nn
+
+from mixprec.int8 import Int8Config, Int8Linear, accumulate, quantize, resolve_backend
+from mixprec.int8.backends import MIN_CAPABILITY
+from test_int8_gemm import extreme_pair, int32_reference
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(autouse=True)
+def _needs_int8():
+    if torch.cuda.get_device_capability() < MIN_CAPABILITY:
+        pytest.skip("torch._int_mm's INT8 GEMMs: compute capability 8.0+")
+
+
+def test_auto_picks_int_mm():
+    assert resolve_backend("auto", "cuda") == "int_mm"
+
+
+@pytest.mark.parametrize("m,k,n", [(17, 8, 8), (5, 13, 7), (64, 256, 72), (300, 2500, 40), (2048, 1024, 768)])
+def test_int_mm_equals_emulation_exactly(m, k, n):
+    a, b = (t.cuda() for t in extreme_pair(m, k, n))
+    ref = int32_reference(a.cpu(), b.cpu()).float() if m * n * k <= 2 ** 26 else None
+    got = accumulate(a, b, backend="int_mm")
+    emulated = accumulate(a, b, backend="emulate")          # FP32 GEMMs on the GPU (TF32 keeps codes exact)
+    assert torch.equal(got, emulated)
+    assert torch.equal(got.cpu(), accumulate(a.cpu(), b.cpu(), backend="emulate"))
+    if ref is not None:
+        assert torch.equal(got.cpu(), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantization_equals_the_cpu_bit_for_bit(dtype):
+    x = (torch.randn(300, 520) * torch.exp(torch.randn(300, 1))).to(dtype)
+    for gran in ("rowwise", "tensorwise"):
+        q_cpu, s_cpu = quantize(x, gran)
+        q_gpu, s_gpu = quantize(x.cuda(), gran)
+        assert torch.equal(q_gpu.cpu(), q_cpu) and torch.equal(s_gpu.cpu(), s_cpu)
+
+
+def run(layer, x, dy, autocast):
+    x = x.clone().requires_grad_()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    y.backward(dy.to(y.dtype))
+    grads = [x.grad] + [p.grad.clone() for p in layer.parameters()]
+    for p in layer.parameters():
+        p.grad = None
+    return [y.detach()] + grads
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "switchback"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_int8_linear_int_mm_equals_emulate_on_gpu_and_cpu(recipe, autocast):
+    torch.manual_seed(0)
+    linear = nn.Linear(512, 264)
+    x, dy = torch.randn(3, 40, 512) * 2, torch.randn(3, 40, 264)
+    fast = Int8Linear.from_linear(linear.cuda(), Int8Config(recipe=recipe, backend="int_mm"))
+    outs = run(fast, x.cuda(), dy.cuda(), autocast)
+    emulated = run(Int8Linear.from_linear(linear, Int8Config(recipe=recipe, backend="emulate")), x.cuda(), dy.cuda(),
+                   autocast)
+    for name, a, b in zip(("y", "dx", "dW", "db"), outs, emulated):
+        if recipe == "switchback" and name == "dW":
+            continue   # 16-bit GEMM on the GPU: the same call on both, but not an INT8 product
+        assert torch.equal(a, b), name
+    # the CPU emulation: the same codes, sums and FP32 scaling (the bias add and BF16 casts are IEEE too)
+    linear_cpu = nn.Linear(512, 264)
+    with torch.no_grad():
+        linear_cpu.weight.copy_(linear.weight.cpu())
+        linear_cpu.bias.copy_(linear.bias.cpu())
+    on_cpu = run(Int8Linear.from_linear(linear_cpu, Int8Config(recipe=recipe, backend="emulate")), x, dy, autocast)
+    for name, a, b in zip(("y", "dx", "dW"), outs, on_cpu):
+        if recipe == "switchback" and name == "dW":
+            continue
+        assert torch.equal(a.cpu(), b), name
+
+
+def test_compiled_equals_eager():
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(512, 256).cuda(), Int8Config(backend="int_mm"))
+    x, dy = torch.randn(128, 512, device="cuda"), torch.randn(128, 256, device="cuda")
+    eager = run(layer, x, dy, True)
+    compiled = run(torch.compile(layer), x, dy, True)
+    for name, a, b in zip(("y", "dx", "dW", "db"), eager, compiled):
+        assert torch.equal(a, b), name
