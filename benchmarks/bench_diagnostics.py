@@ -1,0 +1,98 @@
+"""What mp.diagnose costs: one diagnosis of the 12-layer d=1024 GPT (benchmarks/_gpt_loop.py), and the
+DiagnosisMonitor running every 100 steps of training.
+
+  diagnose        mp.diagnose(model, batch, None, policy=recipe): the FP32 forward and backward with hooks,
+                  every format, FP8 what-if scaling and the SQNR run under the policy; timed cold (first
+                  call) and warm (second), and with audit=True (the precision audit) once
+  monitor         training windows of 100 steps (compiled model, fused AdamW) with a DiagnosisMonitor(every=100)
+                  against the same loop without it (two models, interleaved rounds): one sampled step per
+                  window, so the ratio is the amortised cost at that cadence
+
+    PYTHONPATH=src python3 benchmarks/bench_diagnostics.py [--json FILE] [--eager] [--rounds 3]
+    PYTHONPATH=src python3 benchmarks/bench_diagnostics.py --dry-run     # tiny model on the CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import mixprec as mp
+from _gpt_loop import GPTSetup, environment, interleaved, median_ratio
+from mixprec.diagnostics.monitor import DiagnosisMonitor
+
+WINDOW = 100
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="runs/bench_diagnostics.json")
+    parser.add_argument("--recipe", default="bf16-mixed")
+    parser.add_argument("--eager", action="store_true", help="no torch.compile in the monitor's loop")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script only")
+    args = parser.parse_args()
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_diagnostics.py measures on a CUDA GPU; --dry-run checks the script on the CPU")
+    setup = GPTSetup(device=device, recipe=args.recipe, compile=not args.eager and not args.dry_run,
+                     dry_run=args.dry_run)
+    window = 4 if args.dry_run else WINDOW
+
+    model, policy = setup.model()
+    x, y = setup.batch_at(0)
+    diagnose_s = {}
+    for label, audit in (("cold", False), ("warm", False), ("with_audit", True)):
+        setup.sync()
+        t0 = time.perf_counter()
+        report = mp.diagnose(model, ((x, y), y), None, policy=policy, audit=audit)
+        setup.sync()
+        diagnose_s[label] = time.perf_counter() - t0
+        print(f"diagnose ({label}): {diagnose_s[label]:.2f} s, {len(report.layers)} modules", flush=True)
+    del model, report
+
+    loops = {}
+    for name in ("plain", "monitor"):
+        model, policy = setup.model()
+        monitor = DiagnosisMonitor(model, every=window) if name == "monitor" else None   # hooks before compile
+        optimizer = setup.optimizer(model)
+        loss_fn = setup.loss_fn(model, policy)
+
+        def step(i: int, model=model, optimizer=optimizer, loss_fn=loss_fn, monitor=monitor) -> None:
+            loss = loss_fn(*setup.batch_at(i))
+            loss.backward()
+            if monitor is not None:
+                monitor.step()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loops[name] = (step, monitor)
+    print("warm-up (compiles both models, sampled and not)", flush=True)
+    for step, _ in loops.values():
+        setup.window(step, window)   # a full window: the monitor's sampled step compiles too
+
+    offset = [window]
+
+    def timed(step):
+        def run(_round: int) -> float:
+            offset[0] += window
+            return setup.window(step, window, start=offset[0])
+        return run
+
+    times = interleaved({name: timed(step) for name, (step, _) in loops.items()}, args.rounds)
+    samples = loops["monitor"][1].samples
+    result = {**environment(device), "recipe": args.recipe, "compiled": setup.compile, "sizes": setup.sizes,
+              "batch": setup.batch, "diagnose_seconds": diagnose_s, "monitor_every": window,
+              "monitor_samples": samples, "window_steps": window, "rounds": args.rounds, "seconds": times,
+              "ms_per_step_plain": min(times["plain"]) / window * 1e3,
+              "monitor_overhead": median_ratio(times["monitor"], times["plain"]) - 1}
+    print(json.dumps({k: result[k] for k in ("device", "diagnose_seconds", "ms_per_step_plain",
+                                             "monitor_overhead", "monitor_samples")}, indent=1))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
