@@ -1,0 +1,95 @@
+"""What the Lightning plugin costs a training step: `lightning.Fabric(plugins=[MixprecPrecision(recipe)])`
+against the same loop written by hand with mixprec, on the 12-layer d=1024 GPT (benchmarks/_gpt_loop.py),
+eager, fused AdamW, gradient clipping at 1.0, in the same process (interleaved rounds of 50 steps).
+
+  hand     mp.prepare + mp.autocast, LossScaler: scale, backward, unscale_, clip_grad_norm_, step, update
+  fabric   Fabric.setup(model, optimizer) with MixprecPrecision: fabric.backward, fabric.clip_gradients,
+           optimizer.step (the plugin scales, unscales, skips and updates)
+
+Fabric is Lightning's thin loop: the Trainer adds its own logging and callbacks, which are not the plugin's.
+
+    PYTHONPATH=src python3 benchmarks/bench_integrations.py [--json FILE] [--recipe fp16-mixed]
+    PYTHONPATH=src python3 benchmarks/bench_integrations.py --dry-run     # tiny model on the CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import mixprec as mp
+from _gpt_loop import GPTSetup, environment, interleaved, median_ratio
+from mixprec.train.models import build_model, model_config
+
+WINDOW = 50
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="runs/bench_integrations.json")
+    parser.add_argument("--recipe", default="bf16-mixed")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script only")
+    args = parser.parse_args()
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_integrations.py measures on a CUDA GPU; --dry-run checks the script on the CPU")
+    import lightning
+
+    from mixprec.integrations.lightning import MixprecPrecision
+
+    setup = GPTSetup(device=device, recipe=args.recipe, dry_run=args.dry_run)
+    window = 4 if args.dry_run else WINDOW
+
+    model, policy = setup.model()
+    optimizer = setup.optimizer(model)
+    scaler = mp.LossScaler.for_policy(policy)
+    loss_fn = setup.loss_fn(model, policy)
+
+    def hand(i: int) -> None:
+        loss = loss_fn(*setup.batch_at(i))
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    fabric = lightning.Fabric(accelerator=device, devices=1, plugins=[MixprecPrecision(args.recipe)])
+    torch.manual_seed(0)
+    f_model = build_model(model_config("gpt", **setup.sizes))
+    f_model, f_optimizer = fabric.setup(f_model, setup.optimizer(f_model.to(device)))
+
+    def with_fabric(i: int) -> None:
+        loss = f_model(*setup.batch_at(i))
+        fabric.backward(loss)
+        fabric.clip_gradients(f_model, f_optimizer, max_norm=1.0)
+        f_optimizer.step()
+        f_optimizer.zero_grad(set_to_none=True)
+
+    steps = {"hand": hand, "fabric": with_fabric}
+    for step in steps.values():
+        setup.window(step, 3 if args.dry_run else 10)
+    offset = [0]
+
+    def timed(step):
+        def run(_round: int) -> float:
+            offset[0] += window
+            return setup.window(step, window, start=offset[0])
+        return run
+
+    times = interleaved({name: timed(step) for name, step in steps.items()}, args.rounds)
+    result = {**environment(device), "recipe": args.recipe, "lightning": lightning.__version__,
+              "sizes": setup.sizes, "batch": setup.batch, "window_steps": window, "rounds": args.rounds,
+              "seconds": times, "ms_per_step_hand": min(times["hand"]) / window * 1e3,
+              "fabric_plugin_overhead": median_ratio(times["fabric"], times["hand"]) - 1}
+    print(json.dumps({k: result[k] for k in ("device", "recipe", "ms_per_step_hand", "fabric_plugin_overhead")},
+                     indent=1))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
