@@ -147,7 +147,7 @@ def test_compare_runs_fp8_recipes_and_says_how_much_is_fp8(tmp_path, capsys):
     (["train", "--task", "tiny"], "Unknown task 'tiny'; choose one of: default, small-grad"),
     (["train", "--resume", "/nonexistent/run"], "No checkpoint to resume from: /nonexistent/run/checkpoint.pt"),
     (["train", "--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
-    (["launch"], "invalid choice: 'launch' (choose from 'recipes', 'explain', 'train', 'compare', 'bench')"),
+    (["launch"], "invalid choice: 'launch' (choose from 'recipes', 'explain', 'train', 'compare', 'bench', 'diagnose')"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2

@@ -7,6 +7,7 @@ mixprec.train (commands.py and the modules it calls).
     mixprec train    --model M --recipe R --steps N [--optim O] [--rounding nearest|stochastic|kahan] ...
     mixprec compare  --recipes R1,R2 [--optims O1,O2] [--size cpu|gpu] ...
     mixprec bench    --model llama|gpt2|resnet50|vit|gpt --recipe bf16-mixed|fp16-mixed [--compile] ...
+    mixprec diagnose [--model gpt|cnn|lstm|gru] [--recipe R] [--loss-scale S] [--batch-size B] --out DIR
 
 Mistakes a user can make (an unknown model, recipe, optimizer or device, --device cuda without a GPU,
 --steps 0, --lr inf, a flag that does not apply to the model or recipe, a --seq-len that cannot fit,
@@ -29,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 
 from mixprec import __version__
-from mixprec.train import commands
+from mixprec.train import commands, diagnose_command
 from mixprec.train.bench import BENCH_DEVICES, BENCH_MODELS, BENCH_RECIPES
 from mixprec.train.config import DEVICES, TASKS
 from mixprec.train.experiments import DEFAULT_GPU_RECIPES, DEFAULT_RECIPES, SIZES
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Train a model on embedded data (the Python standard library's "
                                              "source for gpt/lstm/gru, the UCI digits for cnn) under a recipe.")
     train.add_argument("--recipe", help="a recipe from `mixprec recipes` (default bf16-mixed)")
+    train.add_argument("--policy", metavar="FILE", help="train under the policy in a JSON file (e.g. the "
+                                                        "recommended_policy.json of `mixprec diagnose`) instead "
+                                                        "of a --recipe; the run keeps it for --resume")
     _add_run_arguments(train)
     train.add_argument("--ckpt-every", type=int, help="checkpoint every N steps; 0: only at the end (default 100); "
                                                       "always at the end and on Ctrl-C or SIGTERM")
@@ -138,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(in OUT/seed-<s>/), then each row's difference to the reference "
                                          "as mean and spread over the seeds (OUT/seeds.md): one run's "
                                          "difference is partly run-to-run noise")
+    compare.add_argument("--batch-sizes", help="comma-separated batch sizes, e.g. 16,64,256: the comparison once "
+                                               "per batch size (rows named recipe@b, in OUT/bs-<b>/), each row "
+                                               "against the reference at its batch size (OUT/batch_sizes.md), and "
+                                               "the ops whose FP32 ranges the batch size moves. Without --steps "
+                                               "every batch size trains as many samples as the smallest does")
     compare.add_argument("--out", help="output directory (default runs/compare-<model>[-<task>]); one holding a "
                                        "run is refused unless --overwrite")
     compare.add_argument("--overwrite", action="store_true", help="replace the comparison already in --out")
@@ -160,7 +169,29 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "that the command runs, measures nothing")
     bench.add_argument("--json", metavar="FILE", help="where to write the result (default "
                                                       "runs/bench-<model>-<recipe>-<eager|compiled>.json)")
+    _add_diagnose_parser(commands_)
     return parser
+
+
+def _add_diagnose_parser(commands_: argparse._SubParsersAction) -> None:
+    diagnose = commands_.add_parser("diagnose", help="where a built-in model's values under- and overflow, and the "
+                                                     "policy that follows",
+                                    description="mp.diagnose on a built-in model at its initial weights and one "
+                                                "batch of its embedded data: a table sorted by risk (printed and "
+                                                "report.txt), report.html with PNG figures, report.json and "
+                                                "recommended_policy.json (for `mixprec train --policy`).")
+    diagnose.add_argument("--model", help=f"one of: {', '.join(MODELS)} (default gpt)")
+    diagnose.add_argument("--recipe", help="a recipe to measure against FP32: SQNR per module and the precision "
+                                           "audit (default: none, the FP32 ranges alone)")
+    diagnose.add_argument("--loss-scale", type=float, help="diagnose the gradients of loss x S, what a scaled FP16 "
+                                                           "backward holds (default: unscaled)")
+    diagnose.add_argument("--batch-size", type=int, help="sequences (or images) in the batch (default 16)")
+    diagnose.add_argument("--seed", type=int, help="initial weights and the batch, as `train --seed` (default 0)")
+    diagnose.add_argument("--device", help=f"one of: {', '.join(DEVICES)} (default cpu)")
+    diagnose.add_argument("--out", help="output directory (default runs/diagnose-<model>[-<recipe>]); one holding "
+                                        "files is refused unless --overwrite")
+    diagnose.add_argument("--overwrite", action="store_true", help="replace the diagnosis already in --out")
+    _add_size_arguments(diagnose)
 
 
 # command -> (set-up that checks and writes nothing, or None; the work)
@@ -170,6 +201,7 @@ _COMMANDS: dict[str, tuple[Callable | None, Callable]] = {
     "train": (commands.setup_train, commands.train),
     "compare": (commands.setup_compare, commands.compare),
     "bench": (commands.setup_bench, commands.bench),
+    "diagnose": (diagnose_command.setup_diagnose, diagnose_command.diagnose),
 }
 
 

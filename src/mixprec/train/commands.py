@@ -83,6 +83,8 @@ def setup_train(args: argparse.Namespace):
     overrides = config_overrides(args)
     if args.recipe is not None:
         overrides["recipe"] = args.recipe
+    if getattr(args, "policy", None) is not None:
+        overrides.update(policy_file_overrides(args.policy, args.recipe))
     if args.ckpt_every is not None:
         overrides["ckpt_every"] = args.ckpt_every
     state = None
@@ -99,9 +101,11 @@ def setup_train(args: argparse.Namespace):
                              f"give --steps larger than {state['step']} to train on")
     else:
         model, recipe = overrides.get("model", "gpt"), overrides.get("recipe", "bf16-mixed")
+        if getattr(args, "policy", None) is not None:   # not the recipe's name: a run of that recipe may be there
+            recipe = Path(args.policy).stem
         overrides["out"] = args.out or str(Path("runs") / f"{model}-{recipe}")
         cfg = TrainConfig(**overrides)
-    if args.allow_no_fp8 and Policy.from_recipe(cfg.recipe).fp8 is None:
+    if args.allow_no_fp8 and cfg.precision_policy().fp8 is None:
         raise ValueError(f"--allow-no-fp8 applies to FP8 recipes; recipe {cfg.recipe} has no FP8 layers: drop "
                          f"--allow-no-fp8")
     check_writable(cfg.out)
@@ -120,6 +124,19 @@ def setup_train(args: argparse.Namespace):
     return trainer
 
 
+def policy_file_overrides(path: str, recipe: str | None) -> dict[str, Any]:
+    """The TrainConfig fields of `train --policy FILE`: the policy as plain values, and its name as the
+    run's recipe label. ValueError (one line) for a missing or malformed file, or a --recipe beside it."""
+    from mixprec.diagnostics.recommend import load_policy, policy_to_dict
+
+    if recipe is not None:
+        raise ValueError(f"give --recipe or --policy, not both (got --recipe {recipe} and --policy {path}): the "
+                         f"policy file sets everything a recipe does")
+    policy = load_policy(path)
+    # stored as read back, so that the same policy written differently (key order, defaults left out) matches on --resume
+    return {"policy": policy_to_dict(policy), "recipe": policy.name or "policy"}
+
+
 def train(trainer, args: argparse.Namespace) -> int:
     from mixprec.train import optimizers
     from mixprec.train.fp8_coverage import describe
@@ -127,7 +144,8 @@ def train(trainer, args: argparse.Namespace) -> int:
 
     cfg, out = trainer.cfg, Path(trainer.cfg.out)
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    print(f"mixprec train: {cfg.model} ({n_params:,} parameters), recipe {cfg.recipe} "
+    precision = f"recipe {cfg.recipe}" if cfg.policy is None else f"policy {cfg.recipe} from a file"
+    print(f"mixprec train: {cfg.model} ({n_params:,} parameters), {precision} "
           f"({trainer.policy.describe()}), {cfg.steps} steps on {cfg.device}" + (", compiled" if cfg.compile else "")
           + (f", resuming at step {trainer.step}" if trainer.step else "") + f"; output in {cfg.out}", flush=True)
     print(f"optimizer: {cfg.optim}, {optimizers.describe(cfg.optim, cfg.rounding, trainer.policy)}", flush=True)
@@ -173,6 +191,7 @@ class CompareJob:
     out: Path
     seeds: list[int] | None
     size: str
+    by_batch_size: dict[int, TrainConfig] | None = None   # --batch-sizes: each batch size's base config
 
 
 def setup_compare(args: argparse.Namespace) -> CompareJob:
@@ -192,6 +211,7 @@ def setup_compare(args: argparse.Namespace) -> CompareJob:
             raise ValueError(f"give --optim or --optims, not both (got --optim {args.optim} and --optims "
                              f"{args.optims})")
         optims = experiments.parse_optims(args.optims)
+    batch_sizes = _parse_batch_sizes(args)
     given = config_overrides(args)
     model, task = given.get("model", "gpt"), given.get("task", "default")
     size = args.size or ("gpu" if given.get("device") == "cuda" else "cpu")
@@ -208,13 +228,15 @@ def setup_compare(args: argparse.Namespace) -> CompareJob:
         base.replace(recipe=row.recipe, optim=row.optim, rounding=row.rounding)
     for seed in seeds or ():
         base.replace(seed=seed)
+    by_batch_size = _batch_size_configs(base, batch_sizes, given, out) if batch_sizes else None
     check_writable(out)
     if not args.overwrite:
         refuse_existing_run(out, resumable=False)
     require_device(base.device)
-    check_fits(base)
+    for cfg in (by_batch_size or {0: base}).values():
+        check_fits(cfg)
     batches_for(base.model, batch_size=base.batch_size, seq_len=base.seq_len_or_default, seed=base.seed)  # data present?
-    return CompareJob(base, rows, out, seeds, size)
+    return CompareJob(base, rows, out, seeds, size, by_batch_size)
 
 
 def compare(job: CompareJob, args: argparse.Namespace) -> int:
@@ -223,14 +245,18 @@ def compare(job: CompareJob, args: argparse.Namespace) -> int:
     from mixprec.train.report import describe, markdown_table, notes, write_outputs
 
     base, out, seeds = job.base, job.out, job.seeds
-    print(f"mixprec compare: {base.model} ({job.size} size), {', '.join(r.name for r in job.rows)}, {base.steps} "
-          f"steps each on {base.device}" + (f", seeds {', '.join(map(str, seeds))}" if seeds else "")
-          + f"; output in {out}", flush=True)
+    steps = (", ".join(f"{c.steps} steps at batch size {b}" for b, c in job.by_batch_size.items())
+             if job.by_batch_size else f"{base.steps} steps each")
+    print(f"mixprec compare: {base.model} ({job.size} size), {', '.join(r.name for r in job.rows)}, {steps} on "
+          f"{base.device}" + (f", seeds {', '.join(map(str, seeds))}" if seeds else "") + f"; output in {out}",
+          flush=True)
     if args.overwrite:
         clear_run(out)
     try:
         if seeds:
             return _compare_over_seeds(job, progress=not args.quiet)
+        if job.by_batch_size:
+            return _compare_over_batch_sizes(job, progress=not args.quiet)
         comparison = run_comparison(base, job.rows, out, progress=not args.quiet)
     except Interrupted as stop:
         print(f"mixprec compare: interrupted by {stop.name}: no table was written; the rows trained so far "
@@ -268,6 +294,58 @@ def _compare_over_seeds(job: CompareJob, *, progress: bool) -> int:
     print(paths["seeds_md"].read_text())
     print(f"summary: {paths['seeds_md']} and {paths['seeds_json']}; each seed's table, curves and plot in "
           f"{job.out / 'seed-<s>'}")
+    return 0
+
+
+# ---- compare --batch-sizes -----------------------------------------------------------------------
+def _parse_batch_sizes(args: argparse.Namespace) -> list[int] | None:
+    from mixprec.train import experiments
+
+    if getattr(args, "batch_sizes", None) is None:
+        return None
+    for flag, value in (("--batch-size", args.batch_size), ("--seeds", args.seeds)):
+        if value is not None:
+            raise ValueError(f"give {flag} or --batch-sizes, not both (got {flag} {value} and --batch-sizes "
+                             f"{args.batch_sizes})")
+    return experiments.parse_batch_sizes(args.batch_sizes)
+
+
+def _batch_size_configs(base: TrainConfig, batch_sizes: list[int], given: dict[str, Any],
+                        out: Path) -> dict[int, TrainConfig]:
+    """Each batch size's base config, into out/bs-<b>/. Without --steps, each trains as many samples as
+    the size's steps at the smallest batch size (experiments.batch_size_steps)."""
+    from mixprec.train import experiments
+
+    configs = {}
+    for b in batch_sizes:
+        steps = given.get("steps") or experiments.batch_size_steps(base.steps, batch_sizes, b)
+        eval_every = given.get("eval_every") or max(1, steps // experiments.COMPARE_EVALS)
+        configs[b] = base.replace(batch_size=b, steps=steps, eval_every=eval_every, out=str(out / f"bs-{b}"))
+    return configs
+
+
+def _compare_over_batch_sizes(job: CompareJob, *, progress: bool) -> int:
+    """The comparison once per batch size into out/bs-<b>/ (rows named recipe@b), each row against the
+    reference at its own batch size (out/batch_sizes.md, .json); and the FP32 ranges at each batch size,
+    with the ops whose ranges moved."""
+    from mixprec.diagnostics import describe_range_shifts
+    from mixprec.train.diagnose_command import diagnose_batch_sizes
+    from mixprec.train.experiments import Row, run_comparison
+    from mixprec.train.report import markdown_table, write_batch_size_summary, write_outputs
+
+    print("diagnosing the initial model at each batch size ...", flush=True)
+    shifts = describe_range_shifts(diagnose_batch_sizes(job.base, list(job.by_batch_size)))
+    comparisons = {}
+    for b, cfg in job.by_batch_size.items():
+        rows = [Row(f"{r.name}@{b}", r.recipe, r.optim, r.rounding) for r in job.rows]
+        comparisons[b] = run_comparison(cfg, rows, Path(cfg.out), progress=progress)
+        write_outputs(comparisons[b], cfg.out)
+        print(f"\nbatch size {b}:\n{markdown_table(comparisons[b])}", flush=True)
+    paths = write_batch_size_summary(comparisons, shifts, job.out)
+    print()
+    print(paths["batch_sizes_md"].read_text())
+    print(f"summary: {paths['batch_sizes_md']} and {paths['batch_sizes_json']}; each batch size's table, curves "
+          f"and plot in {job.out / 'bs-<b>'}")
     return 0
 
 

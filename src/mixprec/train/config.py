@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
+from mixprec.diagnostics.recommend import policy_from_dict
 from mixprec.policy import Policy, recipes
 from mixprec.train import optimizers
 from mixprec.train.models import MODELS, ModelConfig, model_config
@@ -22,7 +23,7 @@ SMALL_GRAD_FACTOR = 2.0 ** -14
 MAX_SEED = 2 ** 32 - 1
 
 # Fields that fix the trajectory or the tensor shapes: a resumed run must match the checkpoint on these.
-RESUME_MUST_MATCH = ("model", "recipe", "optim", "rounding", "seed", "batch_size", "task", "n_layer", "n_head",
+RESUME_MUST_MATCH = ("model", "policy", "recipe", "optim", "rounding", "seed", "batch_size", "task", "n_layer", "n_head",
                      "d_model", "seq_len", "positions", "head", "attention", "channels", "hidden")
 
 
@@ -51,6 +52,9 @@ class TrainConfig:
     optim: str = "adamw"        # one of optimizers.OPTIMS: AdamW and where its moments live
     rounding: str | None = None  # how half parameters take the update; None: the recipe's default
                                  # (stochastic for bf16-true; see optimizers.py)
+    # A policy read from a file (`train --policy`), as policy_to_dict writes it; None: the named recipe's.
+    # With one, `recipe` only labels the run (the policy's name): the policy itself travels in the config.
+    policy: dict[str, Any] | None = None
     # model sizes (None: the model's default)
     n_layer: int | None = None
     n_head: int | None = None
@@ -64,11 +68,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice("model", self.model, MODELS)
-        _choice("recipe", self.recipe, tuple(recipes()))
+        if self.policy is None:
+            _choice("recipe", self.recipe, tuple(recipes()))
+        elif not isinstance(self.recipe, str) or not self.recipe:
+            raise ValueError(f"recipe must name the policy (a non-empty string); got {self.recipe!r}")
         _choice("device", self.device, DEVICES)
         _choice("task", self.task, TASKS)
         _choice("optim", self.optim, optimizers.OPTIMS)
-        optimizers.check_rounding(self.rounding, Policy.from_recipe(self.recipe), self.recipe)
+        optimizers.check_rounding(self.rounding, self.precision_policy(), self.recipe)
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -92,13 +99,19 @@ class TrainConfig:
                                            ("n_layer", "n_head", "d_model", "seq_len", "positions", "head",
                                             "attention", "channels", "hidden")})
 
+    def precision_policy(self) -> Policy:
+        """The Policy this run trains under: the policy file's, else the named recipe's."""
+        if self.policy is None:
+            return Policy.from_recipe(self.recipe)
+        return policy_from_dict(self.policy, source="the run's policy")
+
     @property
     def seq_len_or_default(self) -> int:
         return getattr(self.model_config(), "seq_len", 1)
 
     @property
     def effective_rounding(self) -> str:
-        return optimizers.effective_rounding(self.rounding, Policy.from_recipe(self.recipe))
+        return optimizers.effective_rounding(self.rounding, self.precision_policy())
 
     @property
     def warmup_steps(self) -> int:
@@ -119,19 +132,26 @@ def resumed_config(saved: dict[str, Any], overrides: dict[str, Any], resume_dir:
     """The config of a resumed run: the checkpoint's, with the given overrides.
 
     Overrides of the fields in RESUME_MUST_MATCH must equal the checkpoint's (else ValueError naming
-    both; a rounding is compared as it acts, the recipe's default included); the rest (steps, lr,
-    device, cadences, out) may change. A checkpoint written before runs recorded their optimizer was
-    trained with torch's AdamW, rounding to nearest.
+    both; a rounding is compared as it acts, the recipe's default included; a policy from a file as the
+    Policy it reads as); the rest (steps, lr, device, cadences, out) may change. A run trained under a
+    policy file resumes under it: a --recipe is refused. A checkpoint written before runs recorded
+    their optimizer was trained with torch's AdamW, rounding to nearest.
     """
+    saved_policy = _saved_policy(saved)
     if "optim" not in saved:
-        in_place = saved.get("recipe") in recipes() and optimizers.rounds_in_place(Policy.from_recipe(saved["recipe"]))
+        in_place = saved_policy is not None and optimizers.rounds_in_place(saved_policy)
         saved = {**saved, "optim": "adamw", "rounding": "nearest" if in_place else None}
+    asked = overrides.get("policy")
+    if (asked is not None and asked != saved.get("policy")) or (
+            asked is None and saved.get("policy") is not None and overrides.get("recipe") is not None):
+        raise ValueError(f"--resume {resume_dir} holds a run under {_describe_policy(saved)}; this run asks for "
+                         f"{_describe_policy(overrides)}: drop --recipe/--policy (the run keeps its own), or start "
+                         f"a fresh run with --out")
     for name in RESUME_MUST_MATCH:
         if name not in overrides or overrides[name] is None:
             continue
-        if name == "rounding" and saved.get("recipe") in recipes():
-            policy = Policy.from_recipe(saved["recipe"])
-            if optimizers.effective_rounding(saved.get(name), policy) == overrides[name]:
+        if name == "rounding" and saved_policy is not None:
+            if optimizers.effective_rounding(saved.get(name), saved_policy) == overrides[name]:
                 continue
         if overrides[name] != saved.get(name):
             raise ValueError(f"--resume {resume_dir} holds a run with {name}={saved.get(name)!r} "
@@ -141,6 +161,19 @@ def resumed_config(saved: dict[str, Any], overrides: dict[str, Any], resume_dir:
     merged = {k: v for k, v in saved.items() if k in fields}
     merged.update({k: v for k, v in overrides.items() if v is not None and k in fields})
     return TrainConfig(**merged)
+
+
+def _saved_policy(saved: dict[str, Any]) -> Policy | None:
+    """The Policy a saved config trained under (None for an unknown recipe: the config check names it)."""
+    if saved.get("policy") is not None:
+        return policy_from_dict(saved["policy"], source="the checkpoint's policy")
+    return Policy.from_recipe(saved["recipe"]) if saved.get("recipe") in recipes() else None
+
+
+def _describe_policy(config: dict[str, Any]) -> str:
+    if config.get("policy") is None:
+        return f"recipe {config.get('recipe')}"
+    return f"the policy {config.get('recipe')} from a file ({policy_from_dict(config['policy']).describe()})"
 
 
 def _number(field: str, value: object, expected: str, valid: Callable[[float], bool]) -> None:

@@ -146,6 +146,24 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def parse_batch_sizes(text: str) -> list[int]:
+    """'16,64,256' -> [16, 64, 256] (ascending: ranges and differences are read from the smallest up);
+    anything else raises ValueError naming the bad value."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--batch-sizes takes comma-separated positive integers, e.g. 16,64,256; got {text!r}")
+    sizes = [int(p) for p in parts]
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"--batch-sizes names a batch size twice: {text}")
+    return sorted(sizes)
+
+
+def batch_size_steps(steps: int, batch_sizes: list[int], batch_size: int) -> int:
+    """Steps at `batch_size` that see as many samples as `steps` at the smallest of `batch_sizes` (at
+    least one): every batch size then costs about the same time."""
+    return max(1, round(steps * min(batch_sizes) / batch_size))
+
+
 def run_comparison(base: TrainConfig, rows: list[Row] | list[str], out: Path | str, *,
                    progress: bool = True) -> Comparison:
     """Train `base` once per row (or recipe name) into out/<row>/ (metrics only, no checkpoints) and probe

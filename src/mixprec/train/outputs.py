@@ -14,8 +14,9 @@ from pathlib import Path
 
 # what train (checkpoints, metrics, config) and compare (tables, curves, per-recipe errors) write
 RUN_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "config.json", "tensorboard", "error.txt",
-             "table.md", "table.csv", "curves.json", "loss_curves.png", "seeds.md", "seeds.json")
-_DEPTH = 3   # compare --seeds writes OUT/seed-<s>/<recipe>/metrics.jsonl
+             "table.md", "table.csv", "curves.json", "loss_curves.png", "seeds.md", "seeds.json", "batch_sizes.md",
+             "batch_sizes.json")
+_DEPTH = 3   # compare --seeds writes OUT/seed-<s>/<recipe>/metrics.jsonl, --batch-sizes OUT/bs-<b>/<recipe@b>/
 
 
 def check_writable(out: Path | str, flag: str = "--out") -> None:
@@ -75,3 +76,30 @@ def clear_run(out: Path | str) -> None:
     for directory in sorted(emptied, key=lambda p: len(p.parts), reverse=True):  # the deepest first
         if not any(directory.iterdir()):
             directory.rmdir()
+
+
+# ---- diagnose ------------------------------------------------------------------------------------
+# what `mixprec diagnose` writes (DiagnosisReport.save): the table, JSON, the page and its figures, the policy
+DIAGNOSIS_FILES = ("report.txt", "report.json", "report.html", "recommended_policy.json", "hist_*.png", "ranges_*.png")
+
+
+def refuse_nonempty(out: Path | str) -> None:
+    """Raise ValueError naming `out` and the ways out when it holds anything: a diagnosis is read as a
+    whole (a page, its figures, a policy), so it is not written among other files unless asked."""
+    out = Path(out)
+    found = sorted(out.iterdir()) if out.is_dir() else []
+    if not found:
+        return
+    names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+    raise ValueError(f"--out {out} already holds files ({names}); replace the diagnosis there with --overwrite, "
+                     f"or give another --out")
+
+
+def clear_diagnosis(out: Path | str) -> None:
+    """Remove what an earlier diagnosis wrote into `out` (DIAGNOSIS_FILES), so no stale figure or policy
+    stays beside the new report; other files are left as they are."""
+    out = Path(out)
+    for pattern in DIAGNOSIS_FILES:
+        for path in out.glob(pattern):
+            if path.is_file():
+                path.unlink()

@@ -169,6 +169,68 @@ def write_seed_summary(comparisons: dict[int, Comparison], out: Path | str) -> d
     return paths
 
 
+def batch_size_differences(comparisons: dict[int, Comparison]) -> dict[str, Any]:
+    """Each row's relative difference of final validation loss to the reference at the same batch size
+    (rows named recipe@b; keyed here by recipe, then batch size); None where the row did not run."""
+    differences: dict[str, dict[int, float | None]] = {}
+    reference = None
+    for b, comparison in comparisons.items():
+        ref = comparison.reference
+        reference = reference or (_base_name(ref.name) if ref else None)
+        for r in comparison.results:
+            rel = _row_values(r, ref)[3] if r.summary is not None and ref is not None else None
+            differences.setdefault(_base_name(r.name), {})[b] = rel
+    return {"reference": reference, "batch_sizes": list(comparisons), "differences": differences,
+            "steps": {b: c.base.steps for b, c in comparisons.items()}}
+
+
+def batch_size_table(comparisons: dict[int, Comparison]) -> str:
+    """Every row (recipe@b) with the usual columns, 'val vs' against the reference at its own batch size;
+    then each recipe's difference along the batch sizes, where a recipe parting from the reference shows."""
+    first = next(iter(comparisons.values()))
+    summary = batch_size_differences(comparisons)
+    ref, sizes = summary["reference"], summary["batch_sizes"]
+    header = columns(first)
+    header[3] = f"val vs {ref} at its batch size"
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for comparison in comparisons.values():
+        for r in comparison.results:
+            lines.append("| " + " | ".join(_fmt_row(_row_values(r, comparison.reference), r)) + " |")
+    steps = summary["steps"]
+    pivot = ["| recipe | " + " | ".join(f"batch {b} ({steps[b]} steps)" for b in sizes) + " |",
+             "|" + "|".join(" --- " for _ in range(len(sizes) + 1)) + "|"]
+    for name, by_size in summary["differences"].items():
+        cells = [_percent(by_size[b], signed=True) if by_size.get(b) is not None else "failed" for b in sizes]
+        pivot.append(f"| {name} | {' | '.join(cells)} |")
+    return ("\n".join(lines) + f"\n\nrelative difference of the final validation loss to {ref} at the same batch "
+            "size, read along a row: where it grows past run-to-run noise (measure that with --seeds), the recipe "
+            f"parts from {ref}\n\n" + "\n".join(pivot))
+
+
+def write_batch_size_summary(comparisons: dict[int, Comparison], range_shifts: str,
+                             out: Path | str) -> dict[str, Path]:
+    """batch_sizes.md and batch_sizes.json in `out`: the rows of every batch size against the reference at
+    theirs, and the ranges that moved with the batch size (diagnostics.describe_range_shifts)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"batch_sizes_md": out / "batch_sizes.md", "batch_sizes_json": out / "batch_sizes.json"}
+    m = next(iter(comparisons.values())).meta
+    head = (f"{m['model']} ({m['parameters']:,} parameters), batch sizes {', '.join(map(str, comparisons))}, seed "
+            f"{m['seed']}, task {m['task']}; {m['device']}, torch {m['torch']}; what each batch size ran, and how to "
+            f"read the columns: bs-<b>/table.md\n\n") if m else ""
+    paths["batch_sizes_md"].write_text(
+        head + batch_size_table(comparisons) + "\n\nranges of the "
+        "initial FP32 model on the first batch of each size (mixprec diagnose), the moves largest first:\n"
+        + range_shifts + "\n")
+    summary = {**batch_size_differences(comparisons), "range_shifts": range_shifts.splitlines()}
+    paths["batch_sizes_json"].write_text(json.dumps(_clean(summary), indent=1, allow_nan=False))
+    return paths
+
+
+def _base_name(row_name: str) -> str:
+    return row_name.rsplit("@", 1)[0]   # 'fp16-mixed@64' -> 'fp16-mixed'
+
+
 def _curves(comparison: Comparison) -> dict[str, Any]:
     runs = {}
     for r in comparison.results:

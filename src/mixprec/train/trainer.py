@@ -86,7 +86,7 @@ class Trainer:
         self.write_metrics, self.stop_on_divergence = write_metrics, stop_on_divergence
         self.checkpoints = checkpoint.CheckpointWriter(self.out)
         self.device = torch.device(cfg.device)
-        self.policy = mp.Policy.from_recipe(cfg.recipe)
+        self.policy = cfg.precision_policy()
         # On CUDA the table's op rows ride on torch.autocast's own lists: the models here use none of
         # mp.autocast's CUDA_AUTOCAST_EXCEPTIONS (the losses are mixprec.ops'), and the function mode's
         # Python per op costs host time an eager GPU loop can be bound by (benchmarks/results/train.md).
