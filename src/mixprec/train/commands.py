@@ -101,7 +101,7 @@ def setup_train(args: argparse.Namespace):
         model, recipe = overrides.get("model", "gpt"), overrides.get("recipe", "bf16-mixed")
         overrides["out"] = args.out or str(Path("runs") / f"{model}-{recipe}")
         cfg = TrainConfig(**overrides)
-    if args.allow_no_fp8 and Policy.from_recipe(cfg.recipe).fp8 is None:
+    if args.allow_no_fp8 and not Policy.from_recipe(cfg.recipe).converters:
         raise ValueError(f"--allow-no-fp8 applies to FP8 recipes; recipe {cfg.recipe} has no FP8 layers: drop "
                          f"--allow-no-fp8")
     check_writable(cfg.out)
@@ -113,7 +113,7 @@ def setup_train(args: argparse.Namespace):
         trainer = Trainer(cfg, resume=state, progress=not args.quiet)
     except DamagedCheckpoint as e:   # the state loaded is not the state saved
         raise ValueError(f"--resume {args.resume}: {e}") from e
-    fp8 = trainer.policy.fp8
+    fp8 = trainer.policy.fp8 or trainer.policy.int8   # INT8 recipes convert with FP8's filter: the same check
     if fp8 is not None and fp8_coverage(trainer.model)[0] == 0 and state is None and not args.allow_no_fp8:
         raise ValueError(describe(cfg, fp8, trainer.model, "this run would compute") + "; or give --recipe "
                          "bf16-mixed (the same computation), or --allow-no-fp8 to train it anyway")
@@ -131,8 +131,9 @@ def train(trainer, args: argparse.Namespace) -> int:
           f"({trainer.policy.describe()}), {cfg.steps} steps on {cfg.device}" + (", compiled" if cfg.compile else "")
           + (f", resuming at step {trainer.step}" if trainer.step else "") + f"; output in {cfg.out}", flush=True)
     print(f"optimizer: {cfg.optim}, {optimizers.describe(cfg.optim, cfg.rounding, trainer.policy)}", flush=True)
-    if trainer.policy.fp8 is not None:
-        print(f"FP8: {describe(cfg, trainer.policy.fp8, trainer.model)}", flush=True)
+    for label, config in (("FP8", trainer.policy.fp8), ("INT8", trainer.policy.int8)):
+        if config is not None:
+            print(f"{label}: {describe(cfg, config, trainer.model)}", flush=True)
     if args.overwrite:
         clear_run(out)
     try:
