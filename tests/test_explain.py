@@ -33,7 +33,10 @@ def test_int8_layers_are_listed():
     model = TinyGPT(dim=256)
     text = mp.explain("int8-switchback", model)
     assert "INT8 switchback (INT8 matmuls: output/grad_input; auto)" in text
-    classes = {line.split()[0]: line.split()[1] for line in text.splitlines() if line.startswith("blocks.0.")}
+    classes = {}   # the module table's class column (convert's table, after it, repeats the names)
+    for line in text.splitlines():
+        if line.startswith("blocks.0."):
+            classes.setdefault(line.split()[0], line.split()[1])
     assert classes["blocks.0.qkv"] == "Int8Linear" and classes["blocks.0.fc2"] == "Int8Linear"
     assert "8 of 9 Linear layers in INT8" in text
     assert "converted (switchback; INT8 output/grad_input)" in text and "output head (named 'lm_head')" in text
