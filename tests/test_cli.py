@@ -238,7 +238,7 @@ def test_explain_prints_what_mp_explain_prints_for_the_built_in_model(model, siz
     (["compare", "--optim", "adamw", "--optims", "adamw,adamw-int8"], "give --optim or --optims, not both"),
     (["compare", "--size", "tpu"], "Unknown size 'tpu'; choose one of: cpu, gpu"),
     (["compare", "--size", "gpu", "--model", "cnn"], "--size gpu sets the GPT's sizes; --model cnn has one size"),
-    (["train", "--recipe", "fp32", "--allow-no-fp8"], "--allow-no-fp8 applies to FP8 recipes; recipe fp32 has no"),
+    (["train", "--recipe", "fp32", "--allow-no-fp8"], "--allow-no-fp8 applies to FP8 and INT8 recipes; recipe fp32 converts no"),
     (["bench", "--model", "bert", "--device", "cpu"], "Unknown model 'bert'; choose one of: llama, gpt2, resnet50, "
                                                       "vit, gpt"),
     (["bench", "--recipe", "fp8-blockwise", "--device", "cpu"], "Unknown recipe 'fp8-blockwise' for bench; choose "

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import mixprec as mp
 from helpers import MLP, regression_task
 from mixprec import diagnostics as dg
-from mixprec.diagnostics.stats import fp8_whatif, fractions, tensor_counts
+from mixprec.diagnostics.stats import INT8_GRANULARITIES, fp8_whatif, fractions, int8_whatif, tensor_counts
 from mixprec.formats import get_format, round_to
 
 FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
@@ -78,6 +78,39 @@ def test_fp8_whatif_matches_the_quantizer():
     assert w[0, 0] > w[2, 0] > 0   # finer scales leave fewer values flushed to zero
 
 
+def int8_reference(x: torch.Tensor, granularity: str) -> tuple[float, float, int]:
+    """(sum x**2, sum (x - x_hat)**2 in FP64, non-zero values quantized to 0) through mixprec.int8 itself."""
+    q, scale = mp.int8.quantize(x, granularity)
+    x_hat = mp.int8.dequantize(q, scale)
+    return (x.double().square().sum().item(), (x_hat.double() - x.double()).square().sum().item(),
+            int(((x != 0) & (q == 0)).sum()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_whatif_matches_the_quantizer(dtype):
+    # the diagnostics write INT8 quantization out themselves (they may not import int8/): the same codes,
+    # so the same zeros exactly and the same error sums up to FP64 summation order (1e-12 relative)
+    g = torch.Generator().manual_seed(4)
+    rows = torch.exp2(torch.empty(3, 64, 1).uniform_(-30, 10, generator=g))
+    x = (torch.randn(3, 64, 300, generator=g) * rows)
+    x[..., :7] *= 2.0**-9                                      # values below half a step in every row
+    x = x.to(dtype)
+    w = int8_whatif(x)
+    for i, gran in enumerate(INT8_GRANULARITIES):
+        signal, noise, zero = int8_reference(x, gran)
+        assert w[i, 2].item() == zero and zero > 0, gran
+        assert w[i, 0].item() == pytest.approx(signal, rel=1e-12) and w[i, 1].item() == pytest.approx(noise, rel=1e-12)
+    # rows over 40 binades: one scale for the tensor sends the small rows to zero, one per row keeps them
+    # (the SQNR of the whole tensor is dominated by its largest rows either way)
+    assert w[1, 2] > 0.5 * x.numel() and w[0, 2] < 0.05 * x.numel()
+    assert 10 * math.log10(w[0, 0].item() / w[0, 1].item()) > 35
+    # a non-finite value is left out (its scale would be NaN)
+    y = x.float().clone()
+    y[0, 0, 0] = math.inf
+    z = int8_whatif(y)
+    assert torch.isfinite(z).all()
+
+
 class Identity(nn.Module):
     def __init__(self, n):
         super().__init__()
@@ -111,6 +144,38 @@ def test_diagnose_counts_each_tensor_kind_exactly():
     assert model.lin.weight.grad is None   # the model itself is left alone
     hist = acts.histogram()
     assert sum(hist["counts"]) + hist["zero"] == x.numel()
+
+
+def test_diagnose_reports_the_int8_whatif(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 64, generator=g) * torch.exp2(torch.empty(32, 1).uniform_(-12, 4, generator=g))
+    target = torch.randn(32, 64, generator=g)
+    loss_fn = lambda out, t: (out * t).sum()   # noqa: E731
+    report = dg.diagnose(Identity(64), (x, target), loss_fn, formats=("bf16", "int8"))
+    assert report.formats == ("bf16",) and report.int8
+    acts = report.layers["lin"].activations.int8_scaling
+    for gran in INT8_GRANULARITIES:
+        signal, noise, zero = int8_reference(x, gran)
+        assert acts[gran]["sqnr_db"] == pytest.approx(10 * math.log10(signal / noise), abs=1e-9)
+        assert acts[gran]["zero"] == zero / x.numel()
+    assert acts["tensorwise"]["zero"] > 10 * acts["rowwise"]["zero"]   # rows over 16 binades
+    weights = report.layers["lin"].weights.int8_scaling   # the identity: 0 and 1 are exact codes
+    assert weights["rowwise"]["sqnr_db"] == math.inf and weights["rowwise"]["zero"] == 0
+    text = report.table(top=None)
+    assert "int8 SQNR r/t" in text and "int8@row 0%" in text
+    data = json.loads(report.to_json())
+    kinds = {k: v for layer in data["layers"] if layer["name"] == "lin" for k, v in layer["kinds"].items()}
+    assert kinds["weights"]["int8_scaling"]["rowwise"]["sqnr_db"] == "inf"
+    assert kinds["activations"]["int8_scaling"]["tensorwise"]["zero"] == acts["tensorwise"]["zero"]
+    # without "int8" nothing is computed; an INT8 policy asks for it by itself
+    assert not dg.diagnose(Identity(64), (x, target), loss_fn, formats=("bf16",)).int8
+    with_policy = dg.diagnose(Identity(64), (x, target), loss_fn, formats=("bf16",), policy="int8-rowwise")
+    assert with_policy.int8 and with_policy.layers["lin"].activations.int8_scaling == acts
+    assert "INT8 what-if" in with_policy.save_html(tmp_path).read_text()
+    monitor = dg.DiagnosisMonitor(Identity(64), every=1, formats=("fp16", "int8"))
+    loss_fn(monitor.model(x), target).backward()
+    monitor.step()
+    assert monitor.report().layers["lin"].activations.int8_scaling == acts
 
 
 def _small_grad_loss(out, y):

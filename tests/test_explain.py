@@ -3,6 +3,7 @@ import torch
 
 import mixprec as mp
 from helpers import MLP, TinyGPT, TinyRNNLM
+from mixprec.int8 import Int8Linear
 
 
 def test_explain_lists_rules_and_modules():
@@ -24,6 +25,22 @@ def test_fp8_layers_are_listed():
     torch.manual_seed(0)
     text = mp.explain("fp8-blockwise", TinyGPT(dim=256))
     assert "Linear layers in FP8" in text and "output head" in text
+
+
+def test_int8_layers_are_listed():
+    # through the Policy.converters seam: the module table names Int8Linear, then convert's decisions
+    torch.manual_seed(0)
+    model = TinyGPT(dim=256)
+    text = mp.explain("int8-switchback", model)
+    assert "INT8 switchback (INT8 matmuls: output/grad_input; auto)" in text
+    classes = {}   # the module table's class column (convert's table, after it, repeats the names)
+    for line in text.splitlines():
+        if line.startswith("blocks.0."):
+            classes.setdefault(line.split()[0], line.split()[1])
+    assert classes["blocks.0.qkv"] == "Int8Linear" and classes["blocks.0.fc2"] == "Int8Linear"
+    assert "8 of 9 Linear layers in INT8" in text
+    assert "converted (switchback; INT8 output/grad_input)" in text and "output head (named 'lm_head')" in text
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())   # explained on a copy
 
 
 def test_params_column_shows_the_casts():

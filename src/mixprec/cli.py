@@ -122,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "recipe, optimizer and sizes)")
     train.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its "
                                                                 "checkpoints, metrics and config are deleted)")
-    train.add_argument("--allow-no-fp8", action="store_true", help="train an FP8 recipe even when it converts no "
-                                                                   "Linear layer of the model (it then computes "
-                                                                   "as bf16-mixed)")
+    train.add_argument("--allow-no-fp8", action="store_true", help="train an FP8 or INT8 recipe even when it "
+                                                                   "converts no Linear layer of the model (it then "
+                                                                   "computes as bf16-mixed)")
 
     compare = commands_.add_parser("compare", help="the same run under several recipes (or optimizers), side by side",
                                    description="Train the same model, seed, data order and steps under each "

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
-from mixprec.diagnostics.stats import GRANULARITIES, KINDS, N_BINS, RangeAccumulator, fractions
+from mixprec.diagnostics.stats import GRANULARITIES, INT8_GRANULARITIES, KINDS, N_BINS, RangeAccumulator, fractions, int8_entry
 from mixprec.formats import FORMATS
 
 __all__ = ["Collector", "TensorStats", "module_names", "plain"]
@@ -54,6 +54,9 @@ class TensorStats:
                  values' own.
     fp8_scaling: per granularity, the FP8 what-if: {"scale_spread_bits", "<fp8 format>": {"underflow",
                  "subnormal"}} (fractions of all values), or None when not computed.
+    int8_scaling: the INT8 what-if (mixprec.diagnostics.stats), per granularity ("rowwise",
+                 "tensorwise"): {"sqnr_db": SQNR of the quantized tensor against it, "zero": fraction of
+                 all values that are non-zero but quantize to code 0}, or None when not computed.
     """
 
     module: str
@@ -64,6 +67,7 @@ class TensorStats:
     formats: dict[str, dict[str, float]]
     fp8_scaling: dict[str, dict[str, Any]] | None
     counts: list[int]          # the bucket counts (mixprec.diagnostics.stats), for histograms
+    int8_scaling: dict[str, dict[str, float]] | None = None
 
     @property
     def log2_range(self) -> tuple[float, float] | None:
@@ -80,7 +84,7 @@ class TensorStats:
         h = self.histogram()
         return {"module": self.module, "kind": self.kind, "numel": self.numel, "amax": self.amax,
                 "min_nonzero": self.min_nonzero, "formats": self.formats, "fp8_scaling": self.fp8_scaling,
-                "log2_histogram": {str(e): c for e, c in zip(h["exponents"], h["counts"]) if c},
+                "int8_scaling": _finite(self.int8_scaling), "log2_histogram": {str(e): c for e, c in zip(h["exponents"], h["counts"]) if c},
                 "zeros": h["zero"], "inf": h["inf"], "nan": h["nan"]}
 
 
@@ -88,7 +92,7 @@ class Collector:
     """Range statistics of a model's modules, gathered by hooks on the device.
 
     kinds: which of KINDS to gather; fp8_formats / whatif: the FP8 what-if scaling statistics (a few
-    passes per tensor: for mp.diagnose, off by default in the monitor); modules: which modules (a
+    passes per tensor: for mp.diagnose, off by default in the monitor); int8: the INT8 what-if; modules: which modules (a
     predicate on (name, module); default every module). `active` switches the hooks on and off
     without removing them. preallocate: the buffers of every (module, kind) on the model's device at
     attach(), so that the hooks only update them in place (what torch.compile traces into a graph).
@@ -96,7 +100,7 @@ class Collector:
 
     def __init__(self, model: nn.Module, *, kinds: tuple[str, ...] = KINDS, fp8_formats: tuple[str, ...] = (),
                  whatif: bool = False, modules: Callable[[str, nn.Module], bool] | None = None,
-                 preallocate: bool = False) -> None:
+                 preallocate: bool = False, int8: bool = False) -> None:
         unknown = set(kinds) - set(KINDS)
         if unknown:
             raise ValueError(f"Unknown tensor kinds {sorted(unknown)}; choose from: {', '.join(KINDS)}")
@@ -104,6 +108,7 @@ class Collector:
         self.kinds = tuple(kinds)
         self.fp8_formats = tuple(fp8_formats)
         self.whatif = whatif
+        self.int8 = int8
         self.preallocate = preallocate
         self.select = modules or (lambda name, module: True)
         self.acc: dict[tuple[str, str], RangeAccumulator] = {}
@@ -134,7 +139,7 @@ class Collector:
                 for kind in self.kinds:
                     if kind.startswith("weight") and not own:
                         continue
-                    self.acc[(name, kind)] = RangeAccumulator(self.fp8_formats, self.whatif, device)
+                    self.acc[(name, kind)] = RangeAccumulator(self.fp8_formats, self.whatif, device, int8=self.int8)
             if "activations" in self.kinds or "activation_grads" in self.kinds:
                 acts = self._accumulator(name, "activations") if "activations" in self.kinds else None
                 grads = self._accumulator(name, "activation_grads") if "activation_grads" in self.kinds else None
@@ -155,7 +160,7 @@ class Collector:
     def _accumulator(self, name: str, kind: str) -> RangeAccumulator:
         acc = self.acc.get((name, kind))
         if acc is None:
-            acc = self.acc[(name, kind)] = RangeAccumulator(self.fp8_formats, self.whatif)
+            acc = self.acc[(name, kind)] = RangeAccumulator(self.fp8_formats, self.whatif, int8=self.int8)
         return acc
 
     def _forward_hook(self, acts: RangeAccumulator | None, grads: RangeAccumulator | None) -> Callable:
@@ -214,20 +219,31 @@ class Collector:
                 counts = [int(v) for v in flat[pos:pos + N_BINS]]
                 amax, mn = flat[pos + N_BINS], flat[pos + N_BINS + 1]
                 pos += N_BINS + 2
-                fp8 = None
-                if len(values) == 4:
+                fp8 = int8 = None
+                acc = self.acc[key]
+                if acc.fp8 is not None:
                     width = 2 * nf + 2
                     cells = flat[pos:pos + len(GRANULARITIES) * width]
                     pos += len(GRANULARITIES) * width
                     fp8 = _fp8_entry(cells, width, self.fp8_formats, max(sum(counts), 1))
+                if acc.int8 is not None:
+                    int8 = int8_entry(flat[pos:pos + 3 * len(INT8_GRANULARITIES)], sum(counts))
+                    pos += 3 * len(INT8_GRANULARITIES)
                 if sum(counts) == 0:
                     continue
                 out[key] = TensorStats(
                     module=key[0], kind=key[1], numel=sum(counts), amax=amax,
                     min_nonzero=None if not math.isfinite(mn) else mn,
                     formats={f: fractions(counts, f) for f in FORMATS if f != "fp32"},
-                    fp8_scaling=fp8, counts=counts)
+                    fp8_scaling=fp8, counts=counts, int8_scaling=int8)
         return out
+
+
+def _finite(int8: dict[str, dict[str, float]] | None) -> dict[str, dict[str, Any]] | None:
+    """JSON has no inf or NaN: an SQNR that is one is written as a string."""
+    if int8 is None:
+        return None
+    return {g: {k: (v if math.isfinite(v) else str(v)) for k, v in e.items()} for g, e in int8.items()}
 
 
 def _add_plain(acc: RangeAccumulator, grad: torch.Tensor) -> None:

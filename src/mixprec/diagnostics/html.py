@@ -186,6 +186,20 @@ def _fp8_rows(report: "DiagnosisReport") -> tuple[list[str], list[list[str]]] | 
     return header, rows
 
 
+def _int8_rows(report: "DiagnosisReport") -> tuple[list[str], list[list[str]]] | None:
+    from mixprec.diagnostics.report import KIND_LABELS, _db, _pct
+    if not report.int8:
+        return None
+    header = ["module", "kind", "SQNR dB rowwise", "SQNR dB tensorwise", "zero % rowwise", "zero % tensorwise"]
+    rows = []
+    for r in report.rows():
+        w = r.stats.int8_scaling
+        if w:
+            rows.append([r.module.display_name, KIND_LABELS[r.kind], _db(w["rowwise"]["sqnr_db"]),
+                         _db(w["tensorwise"]["sqnr_db"]), _pct(w["rowwise"]["zero"]), _pct(w["tensorwise"]["zero"])])
+    return header, rows
+
+
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;
 font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td:first-child,th:first-child{
 text-align:left}img{max-width:100%;border:1px solid #eee;margin:4px 0}code{background:#f4f4f4}.note{color:#a40}"""
@@ -232,6 +246,11 @@ def save_html(report: "DiagnosisReport", directory: str | Path) -> Path:
         parts.append("<h2>FP8 what-if scaling</h2><p>% of values still flushing to zero with each group's amax "
                      "scaled to the format's max; spread: log2 of the largest over the smallest group scale</p>"
                      + _table_html(*fp8))
+    int8 = _int8_rows(report)
+    if int8 is not None and int8[1]:
+        parts.append("<h2>INT8 what-if</h2><p>each tensor quantized to symmetric INT8 (absmax/127 per row along "
+                     "the last dimension, or per tensor): SQNR against the tensor, and % of values that are "
+                     "non-zero but quantize to 0</p>" + _table_html(*int8))
     if report.audit is not None:
         parts.append("<h2>Precision audit</h2><pre>" + html.escape(str(report.audit)) + "</pre>")
     parts.append("</body></html>")

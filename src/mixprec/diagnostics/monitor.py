@@ -26,7 +26,7 @@ import torch.nn as nn
 from mixprec.diagnostics.collect import Collector
 from mixprec.diagnostics.report import DiagnosisReport, ModuleDiagnosis
 from mixprec.diagnostics.run import DEFAULT_FORMATS
-from mixprec.diagnostics.stats import KINDS
+from mixprec.diagnostics.stats import KINDS, split_formats
 from mixprec.formats import get_format
 
 __all__ = ["DiagnosisMonitor"]
@@ -35,8 +35,8 @@ __all__ = ["DiagnosisMonitor"]
 class DiagnosisMonitor:
     """Range statistics of `model`'s modules every `every` training steps (see the module docstring).
 
-    formats: the formats reported; kinds: which tensor kinds to gather; fp8_scaling: the FP8 what-if
-    (costs a few passes per tensor); modules: a predicate (name, module) choosing modules (default all);
+    formats: the formats reported ("int8" adds the INT8 what-if, a few passes per tensor); kinds: which
+    tensor kinds to gather; fp8_scaling: the FP8 what-if (costs a few passes per tensor); modules: a predicate (name, module) choosing modules (default all);
     loss_scale: the scale gradients carry when step() runs (for the report's header and recommend()).
     """
 
@@ -47,11 +47,13 @@ class DiagnosisMonitor:
             raise ValueError(f"every must be a positive number of steps; got {every!r}")
         self.model = getattr(model, "_orig_mod", model)
         self.every = every
+        formats, int8 = split_formats(formats)
         self.formats = tuple(get_format(f).name for f in formats)
         self.loss_scale = loss_scale
         self.collector = Collector(self.model, kinds=kinds, fp8_formats=tuple(f for f in self.formats
                                                                                if f.startswith("fp8")),
-                                   whatif=fp8_scaling, modules=modules, preallocate=True).attach()
+                                   whatif=fp8_scaling, modules=modules, preallocate=True,
+                                   int8=int8).attach()
         self.steps = 0
         self.samples = 0
         self.collector.active = True    # the first step is sampled

@@ -49,14 +49,17 @@ def _nominal_sqnr_db(mantissa_bits: int) -> float:
 # A module's own SQNR is flagged 15 dB (5.6x in RMS error) below what rounding one operand to its compute
 # format gives (~3 dB more for two rounded operands, the rest a margin for cancellation in sums).
 SQNR_MARGIN_DB = 15.0
+# INT8 rowwise: 10 log10(12 * 127**2) = 52.9 dB less a Gaussian row's crest factor (~4, 12 dB), as for one
+# operand of a floating-point format above, less the same margin: ~25.9 dB
 SQNR_THRESHOLDS_DB = {"fp8": _nominal_sqnr_db(3) - SQNR_MARGIN_DB,       # E4M3: ~13.9 dB
+                      "int8": 10 * math.log10(12 * 127 ** 2) - 20 * math.log10(4) - SQNR_MARGIN_DB,
                       "bf16": _nominal_sqnr_db(7) - SQNR_MARGIN_DB,      # ~37.9 dB
                       "fp16": _nominal_sqnr_db(10) - SQNR_MARGIN_DB}     # ~56 dB
 BF16_UNDERFLOW_TOLERANCE = 1e-3   # a fraction of gradient values flushing to zero in BF16 worth a warning
 
 
 def sqnr_threshold(compute: str | None) -> float | None:
-    """The SQNR (dB) below which a module computing in `compute` ("fp8", "bf16", "fp16") is flagged."""
+    """The SQNR (dB) below which a module computing in `compute` ("fp8", "int8", "bf16", "fp16") is flagged."""
     return SQNR_THRESHOLDS_DB.get(compute or "")
 
 

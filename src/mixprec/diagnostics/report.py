@@ -6,6 +6,7 @@ Risk of a row (one module, one tensor kind), the table's sort key:
     risk = 1000 * (inf/NaN in FP32)
          + max over the non-FP8 formats of (100 * overflow + underflow)       (fractions of all values)
          + max over the FP8 formats of the underflow left after 1x128 what-if scaling
+         + the fraction of values an INT8 rowwise what-if quantizes to zero (when computed)
          + (SQNR threshold - local SQNR) / 10 where a module's own SQNR falls below its threshold
 """
 from __future__ import annotations
@@ -88,6 +89,10 @@ def _pct(v: float) -> str:
     return f"{p:.2g}" if p < 10 else f"{p:.0f}"
 
 
+def _db(v: float) -> str:
+    return f"{v:.0f}" if math.isfinite(v) else ("inf" if v > 0 else "-")
+
+
 def _short(fmt: str) -> str:
     return fmt.replace("fp8_", "")
 
@@ -126,6 +131,11 @@ def _risk(layer: ModuleDiagnosis, kind: str, s: TensorStats, formats: tuple[str,
             if u:
                 score += u
                 why.append(f"{_short(f)} 1x128 underflow {_pct(u)}%")
+    if s.int8_scaling:
+        z = s.int8_scaling["rowwise"]["zero"]
+        if z:
+            score += z
+            why.append(f"int8 rowwise zero {_pct(z)}%")
     if kind == "activations" and layer.sqnr_below_threshold():
         limit = sqnr_threshold(layer.compute)
         score += (limit - layer.sqnr_local_db) / 10
@@ -138,7 +148,8 @@ class DiagnosisReport:
     """The result of mp.diagnose (or of a DiagnosisMonitor).
 
     layers:     module name -> ModuleDiagnosis, in the model's order ("" is the model itself).
-    formats:    the formats reported; loss_scale: the scale the gradients carry (None: 1);
+    formats:    the floating-point formats reported (the INT8 what-if, when computed, is in each
+                TensorStats.int8_scaling: see `int8`); loss_scale: the scale the gradients carry (None: 1);
     policy:     the policy SQNR was measured under (None: none); loss: the FP32 loss of the batch.
     audit:      the precision audit (mixprec.diagnostics.audit.AuditReport), when asked for.
     """
@@ -175,6 +186,11 @@ class DiagnosisReport:
             total = list(s.counts) if total is None else [a + b for a, b in zip(total, s.counts)]
         return total
 
+    @property
+    def int8(self) -> bool:
+        """Whether the INT8 what-if was computed (formats with "int8", or an INT8 policy)."""
+        return any(s.int8_scaling for layer in self.layers.values() for s in layer.kinds().values())
+
     def __iter__(self) -> Iterator[ModuleDiagnosis]:
         return iter(self.layers.values())
 
@@ -193,13 +209,17 @@ class DiagnosisReport:
 
     def table(self, top: int | None = 30) -> str:
         """The rows sorted by risk: amax, smallest non-zero, under/subnormal/overflow % per format, FP8
-        what-if (1x128 underflow %, spread of the scales in bits), SQNR (end to end / module alone)."""
+        what-if (1x128 underflow %, spread of the scales in bits), INT8 what-if (SQNR rowwise/tensorwise,
+        % quantized to zero rowwise), SQNR (end to end / module alone)."""
         rows = self.rows()
         shown = rows if top is None else rows[:top]
         fp8 = [f for f in self.formats if f.startswith("fp8")]
         header = ["module", "kind", "amax", "min>0"] + [f"{_short(f)} u/s/o%" for f in self.formats]
         if fp8:
             header += [f"{_short(f)}@1x128 u%" for f in fp8] + ["spread"]
+        int8 = self.int8
+        if int8:
+            header += ["int8 SQNR r/t", "int8@row 0%"]
         header += ["SQNR dB", "risk"]
         body = []
         for r in shown:
@@ -213,6 +233,10 @@ class DiagnosisReport:
                 w = s.fp8_scaling
                 cells += [_pct(w["1x128"][f]["underflow"]) if w else "-" for f in fp8]
                 cells.append(f"{w['1x128']['scale_spread_bits']:.0f}b" if w else "-")
+            if int8:
+                i8 = s.int8_scaling
+                cells += [f"{_db(i8['rowwise']['sqnr_db'])}/{_db(i8['tensorwise']['sqnr_db'])}" if i8 else "-",
+                          _pct(i8["rowwise"]["zero"]) if i8 else "-"]
             sq = ""
             if r.kind == "activations" and r.module.sqnr_db is not None:
                 sq = f"{r.module.sqnr_db:.1f}"
@@ -225,6 +249,9 @@ class DiagnosisReport:
             lines.append(f"... {len(rows) - top} more rows (report.table(top=None), or the HTML/JSON report)")
         lines.append("u/s/o: % of values that flush to zero / become subnormal / overflow; spread: log2 of the "
                      "largest over the smallest 1x128 scale; SQNR: end to end / module alone")
+        if int8:
+            lines.append("int8 SQNR r/t: dB of the tensor quantized to INT8 per row / per tensor (absmax/127); "
+                         "int8@row 0%: % of values that are non-zero but get rowwise INT8 code 0")
         if self.audit is not None:
             flagged = self.audit.flagged("mixprec")
             lines.append(f"precision audit: {len(flagged)} op(s) of the table ran in half precision under "

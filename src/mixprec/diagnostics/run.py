@@ -31,7 +31,7 @@ from mixprec._tensors import is_logical_fp16, map_tensors, to_fp16_values
 from mixprec.context import autocast as mp_autocast
 from mixprec.diagnostics.collect import Collector, floating_leaves, plain
 from mixprec.diagnostics.report import DiagnosisReport, ModuleDiagnosis
-from mixprec.diagnostics.stats import KINDS
+from mixprec.diagnostics.stats import KINDS, split_formats
 from mixprec.formats import get_format
 from mixprec.policy import Policy
 from mixprec.prepare import plan_of, preparation, prepare, unprepare
@@ -252,7 +252,9 @@ def diagnose(model: nn.Module, batch: Any, loss_fn: Callable | None, formats: tu
     model:       any nn.Module (prepared, FP8-converted or compiled ones too); it is not modified.
     batch:       (inputs, target), a dict or a tensor: see `forward_and_loss`.
     loss_fn:     the loss (see `forward_and_loss`); None when the model returns it.
-    formats:     formats to report (mixprec.formats names); the FP8 ones get what-if scaling statistics.
+    formats:     formats to report (mixprec.formats names); the FP8 ones get what-if scaling statistics;
+                 "int8" adds the INT8 what-if (SQNR and values quantized to zero, rowwise and tensorwise),
+                 which an INT8 policy (int8-rowwise, int8-switchback) adds by itself.
     loss_scale:  gradients are those of loss * loss_scale (what a scaled FP16 backward holds).
     policy:      a Policy or recipe name to compare with FP32 (SQNR per module); default the policy the
                  model was prepared with, else none.
@@ -262,6 +264,7 @@ def diagnose(model: nn.Module, batch: Any, loss_fn: Callable | None, formats: tu
     modules:     a predicate (name, module) -> bool choosing the modules to gather (default all).
     Returns a DiagnosisReport: print it, .layers, .recommend(), .save_html(dir), .to_json().
     """
+    formats, int8 = split_formats(formats)
     formats = tuple(get_format(f).name for f in formats)
     if loss_scale is not None and not (isinstance(loss_scale, (int, float)) and 0 < loss_scale < math.inf):
         raise ValueError(f"loss_scale must be a positive finite number or None; got {loss_scale!r}")
@@ -271,11 +274,12 @@ def diagnose(model: nn.Module, batch: Any, loss_fn: Callable | None, formats: tu
         policy = policy_of(model)
     if policy is not None and not isinstance(policy, Policy):
         raise TypeError(f"policy must be a mixprec Policy, a recipe name or None; got {type(policy).__name__}")
+    int8 = int8 or (policy is not None and policy.int8 is not None)
     device = _device_of(model, batch)
     ref = fp32_copy(model)
     was_training = ref.training
     fp8_formats = tuple(f for f in formats if f.startswith("fp8"))
-    collector = Collector(ref, fp8_formats=fp8_formats, whatif=fp8_scaling, modules=modules)
+    collector = Collector(ref, fp8_formats=fp8_formats, whatif=fp8_scaling, modules=modules, int8=int8)
     want_sqnr = sqnr and policy is not None
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):

@@ -18,6 +18,16 @@ rowwise, 1x128 tiles, 128x128 blocks; groups padded with zeros, as mixprec.fp8 q
 of non-zero values that would still flush to zero or land among the subnormals, and the spread of the
 group scales (log2 of the largest over the smallest non-zero group amax). Overflow cannot happen: the
 amax maps to max. Computed here from the formats' ranges (diagnostics does not import the FP8 kernels).
+
+INT8 what-if ("int8" among the formats): each tensor quantized as mixprec.int8.quantize defines it,
+symmetric absmax, per row along the last dimension and with one scale for the tensor:
+
+    scale = float32(amax / 127), inv = float32(1 / scale), q = round_half_even(float32(x * inv)), x_hat = q * scale
+
+giving the SQNR sum(x**2) / sum((x - x_hat)**2) and the fraction of non-zero values whose code is 0
+(those below half a step, amax / 254, of their group). Written out here for the same reason as FP8's
+(diagnostics does not import int8/); tests/test_diagnostics.py checks it against mixprec.int8.quantize.
+Per row, INT8 gives up what a row's crest factor takes: about 52.9 dB - 20*log10(amax / rms).
 """
 from __future__ import annotations
 
@@ -29,12 +39,23 @@ import torch.nn.functional as F
 
 from mixprec.formats import FORMATS, Format, get_format
 
-__all__ = ["GRANULARITIES", "KINDS", "FormatEdges", "RangeAccumulator", "edges", "fp8_whatif", "fractions",
-           "histogram", "tensor_counts"]
+__all__ = ["GRANULARITIES", "INT8", "INT8_GRANULARITIES", "KINDS", "FormatEdges", "RangeAccumulator", "edges",
+           "fp8_whatif", "fractions", "histogram", "int8_entry", "int8_whatif", "split_formats", "tensor_counts"]
 
 KINDS = ("activations", "activation_grads", "weights", "weight_grads")
 GRANULARITIES = ("tensorwise", "rowwise", "1x128", "128x128")
 BLOCK = 128   # DeepSeek-V3's tile and block size (mixprec.fp8's default)
+INT8 = "int8"   # the what-if format name (not a floating-point format of mixprec.formats)
+INT8_GRANULARITIES = ("rowwise", "tensorwise")
+_INT8_QMAX = 127
+_INT8_AMAX_EPS = 1e-12   # mixprec.int8.quantize's floor on amax: an all-zero group keeps a finite scale
+
+
+def split_formats(formats: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+    """(the floating-point formats, whether "int8" is among them): "int8" is a what-if format only."""
+    fmts = tuple(formats)
+    return tuple(f for f in fmts if not (isinstance(f, str) and f.lower() == INT8)), \
+        any(isinstance(f, str) and f.lower() == INT8 for f in fmts)
 
 
 def _f32(v: float) -> float:
@@ -190,17 +211,52 @@ def fp8_whatif(x: torch.Tensor, fp8_formats: tuple[str, ...]) -> torch.Tensor:
     return torch.stack(rows)
 
 
+# ---- INT8 what-if quantization ----------------------------------------------------------------------------
+def int8_whatif(x: torch.Tensor) -> torch.Tensor:
+    """Per INT8 granularity (INT8_GRANULARITIES order): [sum x**2, sum (x - x_hat)**2, non-zero values
+    quantized to 0] as one FP64 tensor (2, 3) on x's device, no synchronisation; non-finite values are
+    left out. Quantization is symmetric, so |x| quantizes to |q|: it works on magnitudes."""
+    a = _as_2d(x.detach().float().abs())
+    a = torch.where(torch.isfinite(a), a, torch.zeros((), device=a.device))
+    signal = a.double().square().sum()
+    rows = []
+    for gran in INT8_GRANULARITIES:
+        amax = a.amax(dim=-1, keepdim=True) if gran == "rowwise" else a.amax()
+        # scale and its reciprocal rounded once each, through float64, as mixprec.int8.quantize does
+        scale = (amax.clamp(min=_INT8_AMAX_EPS).double() / _INT8_QMAX).float()
+        inv = (1.0 / scale.double()).float()
+        q = (a * inv).round()
+        noise = ((q * scale).double() - a.double()).square().sum()   # x_hat = q * scale in FP32, as dequantize
+        rows.append(torch.stack([signal, noise, ((a > 0) & (q == 0)).sum().double()]))
+    return torch.stack(rows)
+
+
+def int8_entry(cells: list[float], numel: int) -> dict[str, dict[str, float]]:
+    """The host-side INT8 what-if of one tensor kind: per granularity {"sqnr_db", "zero"} from the
+    accumulated int8_whatif cells (sqnr inf where quantization is exact, nan for an all-zero tensor)."""
+    out = {}
+    for g, gran in enumerate(INT8_GRANULARITIES):
+        signal, noise, zero = cells[3 * g:3 * g + 3]
+        if noise == 0:
+            sqnr = math.inf if signal > 0 else math.nan
+        else:
+            sqnr = 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+        out[gran] = {"sqnr_db": sqnr, "zero": zero / max(numel, 1)}
+    return out
+
+
 # ---- accumulation over tensors and calls ------------------------------------------------------------------
 class RangeAccumulator:
     """Device-side statistics of one (module, kind): bucket counts, amax and smallest non-zero magnitude
-    over every tensor it saw, and FP8 what-if counts. `add` updates buffers in place and never
+    over every tensor it saw, and FP8 and INT8 what-if counts. `add` updates buffers in place and never
     synchronises (under torch.compile it traces into the graph: allocate() the buffers beforehand);
     `values()` lists them for one batched copy to the host."""
 
     def __init__(self, fp8_formats: tuple[str, ...] = (), whatif: bool = False,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, *, int8: bool = False) -> None:
         self.fp8_formats = fp8_formats
         self.whatif = whatif and bool(fp8_formats)
+        self.want_int8 = int8
         self.counts: torch.Tensor | None = None
         if device is not None:
             self.allocate(device)
@@ -216,6 +272,9 @@ class RangeAccumulator:
             self.fp8 = torch.zeros(len(GRANULARITIES), n + 2, dtype=torch.float64, device=device)
             self.fp8[:, n] = math.inf
             self.fp8[:, n + 1] = -math.inf
+        self.int8 = None
+        if self.want_int8:   # per INT8 granularity: signal, noise, values quantized to zero
+            self.int8 = torch.zeros(len(INT8_GRANULARITIES), 3, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor) -> None:
         if self.counts is None:
@@ -231,6 +290,8 @@ class RangeAccumulator:
             self.fp8[:, :n].add_(w[:, :n])
             self.fp8[:, n].copy_(torch.minimum(self.fp8[:, n], w[:, n]))
             self.fp8[:, n + 1].copy_(torch.maximum(self.fp8[:, n + 1], w[:, n + 1]))
+        if self.int8 is not None:
+            self.int8.add_(int8_whatif(a))
 
     def reset(self) -> None:
         if self.counts is not None:
@@ -241,8 +302,10 @@ class RangeAccumulator:
         return self.counts is not None
 
     def values(self) -> list[torch.Tensor]:
-        """[counts, amax, min_nonzero(, fp8)] flattened to FP64, for one copy to the host."""
+        """[counts, amax, min_nonzero(, fp8)(, int8)] flattened to FP64, for one copy to the host."""
         out = [self.counts.double(), self.amax.double().reshape(1), self.min_nonzero.double().reshape(1)]
         if self.fp8 is not None:
             out.append(self.fp8.reshape(-1))
+        if self.int8 is not None:
+            out.append(self.int8.reshape(-1))
         return out

@@ -105,9 +105,9 @@ def setup_train(args: argparse.Namespace):
             recipe = Path(args.policy).stem
         overrides["out"] = args.out or str(Path("runs") / f"{model}-{recipe}")
         cfg = TrainConfig(**overrides)
-    if args.allow_no_fp8 and cfg.precision_policy().fp8 is None:
-        raise ValueError(f"--allow-no-fp8 applies to FP8 recipes; recipe {cfg.recipe} has no FP8 layers: drop "
-                         f"--allow-no-fp8")
+    if args.allow_no_fp8 and not cfg.precision_policy().converters:
+        raise ValueError(f"--allow-no-fp8 applies to FP8 and INT8 recipes; recipe {cfg.recipe} converts no layers: "
+                         f"drop --allow-no-fp8")
     check_writable(cfg.out)
     if not args.overwrite and not (args.resume is not None and _same_dir(cfg.out, args.resume)):
         refuse_existing_run(cfg.out, resumable=True)
@@ -117,7 +117,7 @@ def setup_train(args: argparse.Namespace):
         trainer = Trainer(cfg, resume=state, progress=not args.quiet)
     except DamagedCheckpoint as e:   # the state loaded is not the state saved
         raise ValueError(f"--resume {args.resume}: {e}") from e
-    fp8 = trainer.policy.fp8
+    fp8 = trainer.policy.fp8 or trainer.policy.int8   # INT8 recipes convert with FP8's filter: the same check
     if fp8 is not None and fp8_coverage(trainer.model)[0] == 0 and state is None and not args.allow_no_fp8:
         raise ValueError(describe(cfg, fp8, trainer.model, "this run would compute") + "; or give --recipe "
                          "bf16-mixed (the same computation), or --allow-no-fp8 to train it anyway")
@@ -149,8 +149,9 @@ def train(trainer, args: argparse.Namespace) -> int:
           f"({trainer.policy.describe()}), {cfg.steps} steps on {cfg.device}" + (", compiled" if cfg.compile else "")
           + (f", resuming at step {trainer.step}" if trainer.step else "") + f"; output in {cfg.out}", flush=True)
     print(f"optimizer: {cfg.optim}, {optimizers.describe(cfg.optim, cfg.rounding, trainer.policy)}", flush=True)
-    if trainer.policy.fp8 is not None:
-        print(f"FP8: {describe(cfg, trainer.policy.fp8, trainer.model)}", flush=True)
+    for label, config in (("FP8", trainer.policy.fp8), ("INT8", trainer.policy.int8)):
+        if config is not None:
+            print(f"{label}: {describe(cfg, config, trainer.model)}", flush=True)
     if args.overwrite:
         clear_run(out)
     try:

@@ -85,8 +85,8 @@ class RecipeResult:
     summary: RunSummary | None = None
     underflow: UnderflowCounts | None = None
     error: str | None = None      # a row that could not run (e.g. FP8 on hardware without it)
-    fp8_layers: tuple[int, int] | None = None   # FP8 recipes: (Linear layers in FP8, Linear layers)
-    fp8_note: str | None = None                 # FP8 recipes: what the recipe did to the model, in a line
+    fp8_layers: tuple[int, int] | None = None   # FP8/INT8 recipes: (Linear layers in FP8/INT8, Linear layers)
+    fp8_note: str | None = None                 # FP8/INT8 recipes: what the recipe did to the model, in a line
     optimizer: str = ""                         # the optimizer, in a line (optimizers.describe)
 
     def __post_init__(self) -> None:
@@ -189,9 +189,10 @@ def run_comparison(base: TrainConfig, rows: list[Row] | list[str], out: Path | s
             x, y = (t.to(trainer.device) for t in trainer.data.train_batch(cfg.steps))
             fp16_scale = (result.summary.final_scale or 1.0) if computes_in_fp16(trainer.policy) else None
             result.underflow = probe_underflow(trainer.model, x, y, loss_factor=cfg.loss_factor, scale=fp16_scale)
-            if trainer.policy.fp8 is not None:
+            converter = trainer.policy.fp8 or trainer.policy.int8
+            if converter is not None:
                 result.fp8_layers = fp8_coverage.fp8_coverage(trainer.model)
-                result.fp8_note = fp8_coverage.describe(cfg, trainer.policy.fp8, trainer.model, "this row computes")
+                result.fp8_note = fp8_coverage.describe(cfg, converter, trainer.model, "this row computes")
         except (RuntimeError, NotImplementedError) as e:
             result.error = _record_error(out / row.name, e)
         results.append(result)

@@ -1,5 +1,7 @@
-"""What an FP8 recipe did to a model: how many Linear layers run in FP8, and, when none does, why and
-which size would change that (checked with mixprec.fp8.convert's default filter, not guessed)."""
+"""What an FP8 or INT8 recipe did to a model: how many Linear layers run in FP8 (INT8), and, when none
+does, why and which size would change that (checked with the convert module's default filter, not
+guessed). INT8 converts with FP8's filter, so the same layers stay in high precision; only the shape
+rule differs (multiples of 8 for INT8 GEMMs, 16 for FP8's)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +12,12 @@ import torch
 from torch import nn
 
 from mixprec.fp8.config import Float8Config
-from mixprec.fp8.convert import default_filter, report
+from mixprec.fp8.convert import default_filter as fp8_filter
+from mixprec.fp8.convert import report as fp8_report
+from mixprec.int8.config import Int8Config
+from mixprec.int8.convert import SHAPE_MULTIPLE as INT8_MULTIPLE
+from mixprec.int8.convert import default_filter as int8_filter
+from mixprec.int8.convert import report as int8_report
 from mixprec.train.config import TrainConfig
 from mixprec.train.models import build_model
 
@@ -23,20 +30,28 @@ _KIND_TEXT = {"small": "below min_features={min_features}", "output head": "outp
 class Fp8Coverage:
     """What convert did to a model's Linear layers."""
 
-    fp8: int                # Linear layers that mp.prepare put in FP8
+    fp8: int                # Linear layers that mp.prepare put in FP8 (in INT8, for an INT8 recipe)
     total: int              # Linear layers of the model
     kept: dict[str, int]    # why the others stay in high precision: count per kind of reason
 
 
+def _kind(config: Float8Config | Int8Config | None):
+    """(label, default filter, shape multiple of the GEMMs) of a converter config."""
+    if isinstance(config, Int8Config):
+        return "INT8", int8_filter, INT8_MULTIPLE
+    return "FP8", fp8_filter, 16
+
+
 def coverage(model: nn.Module) -> Fp8Coverage:
-    decisions = report(model)
-    kept = Counter(_reason_kind(d.reason) for d in decisions if not d.fp8)
-    return Fp8Coverage(sum(d.fp8 for d in decisions), len(decisions), dict(kept))
+    """What convert did (read from the FP8 report, else the INT8 one: a Policy has at most one)."""
+    decisions = [(d, d.fp8) for d in fp8_report(model)] or [(d, d.int8) for d in int8_report(model)]
+    kept = Counter(_reason_kind(d.reason) for d, low in decisions if not low)
+    return Fp8Coverage(sum(low for _, low in decisions), len(decisions), dict(kept))
 
 
 def fp8_coverage(model: nn.Module) -> tuple[int, int]:
-    """(Linear layers that mp.prepare put in FP8, Linear layers): FP8 recipes leave small layers,
-    the head and the attention scores in high precision (mixprec.fp8.convert's default filter)."""
+    """(Linear layers that mp.prepare put in FP8 or INT8, Linear layers): FP8 and INT8 recipes leave small
+    layers, the head and the attention scores in high precision (the convert modules' default filter)."""
     cov = coverage(model)
     return cov.fp8, cov.total
 
@@ -47,9 +62,11 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":")[0].split(" (")[0]
 
 
-def describe(cfg: TrainConfig, config: Float8Config, model: nn.Module, computes: str = "this run computes") -> str:
+def describe(cfg: TrainConfig, config: Float8Config | Int8Config, model: nn.Module,
+             computes: str = "this run computes") -> str:
     """One line: what recipe cfg.recipe did to this model; when it converted nothing, what the run
-    `computes` as and the --d-model (GPT) that gives FP8 layers, or that no size does."""
+    `computes` as and the --d-model (GPT) that gives FP8 (INT8) layers, or that no size does."""
+    label, _, multiple = _kind(config)
     cov = coverage(model)
     why = ", ".join(f"{n} {_KIND_TEXT.get(kind, kind).format(min_features=config.min_features)}"
                     for kind, n in cov.kept.items())
@@ -61,21 +78,22 @@ def describe(cfg: TrainConfig, config: Float8Config, model: nn.Module, computes:
     text += f"; {computes} as bf16-mixed"
     d_model = convertible_d_model(cfg, config)
     if d_model is not None:
-        return text + f"; --d-model {d_model} (or a larger multiple of 16) puts its block layers in FP8"
+        return text + f"; --d-model {d_model} (or a larger multiple of {multiple}) puts its block layers in {label}"
     gpt_d_model = convertible_d_model(TrainConfig(model="gpt"), config)
     why = " (its only Linear layer is the output head)" if set(cov.kept) == {"output head"} else ""
-    return text + f"; no size of {cfg.model} changes that{why}: FP8 needs --model gpt --d-model {gpt_d_model}"
+    return text + f"; no size of {cfg.model} changes that{why}: {label} needs --model gpt --d-model {gpt_d_model}"
 
 
-def convertible_d_model(cfg: TrainConfig, config: Float8Config) -> int | None:
+def convertible_d_model(cfg: TrainConfig, config: Float8Config | Int8Config) -> int | None:
     """The smallest --d-model above cfg's at which the default filter puts some Linear layer of the GPT in
-    FP8 (None for other models). Candidates are multiples of 16 (FP8 GEMMs) and of --n-head, from
-    min_features up (smaller layers are never converted); each is checked on a model built on the meta
-    device (no memory)."""
+    FP8 or INT8 (None for other models). Candidates are multiples of 16 (FP8 GEMMs; 8 for INT8) and of
+    --n-head, from min_features up (smaller layers are never converted); each is checked on a model built
+    on the meta device (no memory)."""
     if cfg.model != "gpt":
         return None
+    _, default_filter, multiple = _kind(config)
     m = cfg.model_config()
-    step = math.lcm(16, m.n_head * (2 if m.positions == "rotary" else 1))   # rotary needs even head sizes
+    step = math.lcm(multiple, m.n_head * (2 if m.positions == "rotary" else 1))   # rotary needs even head sizes
     start = max(m.d_model + 1, config.min_features)
     for d_model in range(-(-start // step) * step, _D_MODEL_LIMIT + 1, step):
         with torch.device("meta"):

@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from mixprec.policy import Policy
 from mixprec.train.experiments import Comparison, RecipeResult
 
 COLUMNS = ("recipe", "train loss", "val loss", "val vs ref", "{items}/s", "peak memory", "skipped steps",
@@ -91,7 +92,7 @@ def _optimizer_lines(comparison: Comparison) -> list[str]:
 
 
 def notes(comparison: Comparison) -> list[str]:
-    """Lines for under the table: how much of each FP8 recipe's model actually ran in FP8."""
+    """Lines for under the table: how much of each FP8 (INT8) recipe's model actually ran in FP8 (INT8)."""
     lines = []
     for r in comparison.results:
         if r.fp8_layers is None:
@@ -100,7 +101,8 @@ def notes(comparison: Comparison) -> list[str]:
         if fp8 == 0 and r.fp8_note:   # the recipe did nothing: say what the row is and what would change it
             lines.append(r.fp8_note)
         else:
-            lines.append(f"{r.name}: {fp8} of {total} Linear layers in FP8")
+            lines.append(f"{r.name}: {fp8} of {total} Linear layers in "
+                         f"{'INT8' if Policy.from_recipe(r.recipe).int8 is not None else 'FP8'}")
     return lines
 
 
