@@ -86,5 +86,8 @@ def test_compiled_equals_eager():
     x, dy = torch.randn(128, 512, device="cuda"), torch.randn(128, 256, device="cuda")
     eager = run(layer, x, dy, True)
     compiled = run(torch.compile(layer), x, dy, True)
+    # Inductor fuses the FP32 scaling and the bias add (an FMA rounds once where eager rounds twice), so a
+    # value may land one rounding of its output dtype away; the integer sums themselves are exact in both
     for name, a, b in zip(("y", "dx", "dW", "db"), eager, compiled):
-        assert torch.equal(a, b), name
+        ulp = 2.0 ** -7 if a.dtype == torch.bfloat16 else 2.0 ** -22
+        torch.testing.assert_close(b, a, rtol=ulp, atol=ulp * a.abs().max().item(), msg=name)

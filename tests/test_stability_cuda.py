@@ -29,7 +29,7 @@ def test_guarded_steps_add_no_host_sync(kind):
         loss = F.mse_loss(model(x * f), y * f)
         scaler.scale(loss).backward()
         if nan:
-            model.fc2.weight.grad[3, 5] = math.nan
+            model.fc2.weight.grad[3, 5].fill_(math.nan)   # a kernel: assigning a Python scalar would copy from the host
         guard.step(loss, scaler=scaler, batch=b)
         opt.zero_grad(set_to_none=False)
 

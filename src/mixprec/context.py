@@ -45,6 +45,9 @@ _CPU_MISSING_GEMMS = frozenset([torch.mv, torch.Tensor.mv, torch.addmv, torch.ad
 # Tensor attributes (.device, .shape, ...) reach the mode as their getters: never emulated.
 _ATTRIBUTES = frozenset(getattr(torch.Tensor, n).__get__ for n in ("device", "shape", "dtype", "is_cuda", "requires_grad")
                         if hasattr(getattr(torch.Tensor, n, None), "__get__"))
+# Norms whose kernels take half inputs with FP32 parameters (CPU and CUDA, cuDNN too), as torch.autocast
+# leaves them; other norms get the same dtype everywhere (CUDA's layer_norm refuses a mix)
+MIXED_DTYPE_NORMS = frozenset([F.batch_norm, F.instance_norm])
 _TO_FP32 = frozenset([torch.Tensor.float, torch.Tensor.double])
 _TO_FP16 = frozenset([torch.Tensor.half])
 
@@ -108,7 +111,7 @@ class PrecisionMode(TorchFunctionMode):
     def _apply_rule(self, precision, func, args, kwargs, first, device_type, emulate):
         if precision is Precision.FP32_IN_KERNEL:
             dtypes = {t.dtype for t in _flat_tensors(args, kwargs) if t.is_floating_point()}
-            if len(dtypes) == 1:   # the kernel computes in FP32 from half inputs: no casts
+            if len(dtypes) == 1 or func in MIXED_DTYPE_NORMS:   # the kernel computes in FP32 from half inputs
                 out = _run_without_autocast(device_type, func, args, kwargs)
                 return round_output(out) if emulate and is_logical_fp16(first) else out
             # half input, FP32 weights: not every kernel takes mixed dtypes (CUDA's layer_norm does not)

@@ -110,6 +110,10 @@ _boundaries_on: dict[torch.device, torch.Tensor] = {}
 
 
 def _boundaries(device: torch.device) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # a constant of the graph: a cached tensor would be a global input that Dynamo fails to clean up
+        # when it restarts a trace (seen on CUDA with the monitor's hooks in a compiled GPT)
+        return torch.tensor(BOUNDARIES, dtype=torch.float32, device=device)
     b = _boundaries_on.get(device)
     if b is None:
         b = _boundaries_on[device] = torch.tensor(BOUNDARIES, dtype=torch.float32, device=device)
