@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from mixprec.train.curves import mark_events
 from mixprec.train.experiments import Comparison, RecipeResult
 
 COLUMNS = ("recipe", "train loss", "val loss", "val vs ref", "{items}/s", "peak memory", "skipped steps",
@@ -91,8 +92,9 @@ def _optimizer_lines(comparison: Comparison) -> list[str]:
 
 
 def notes(comparison: Comparison) -> list[str]:
-    """Lines for under the table: how much of each FP8 recipe's model actually ran in FP8."""
-    lines = []
+    """Lines for under the table: how much of each FP8 recipe's model actually ran in FP8; the faults injected
+    and what each row's stability guard did."""
+    lines = _guard_notes(comparison)
     for r in comparison.results:
         if r.fp8_layers is None:
             continue
@@ -101,6 +103,23 @@ def notes(comparison: Comparison) -> list[str]:
             lines.append(r.fp8_note)
         else:
             lines.append(f"{r.name}: {fp8} of {total} Linear layers in FP8")
+    return lines
+
+
+def _guard_notes(comparison: Comparison) -> list[str]:
+    from mixprec.train.faults import FaultPlan
+    from mixprec.train.guarding import summarize_events
+
+    lines = []
+    if comparison.base.task == "faults":
+        lines.append(FaultPlan.for_steps(comparison.base.steps).describe())
+    for r in comparison.results:
+        s = r.summary
+        guard = s.config.get("guard", "off") if s is not None else "off"
+        if guard != "off":
+            lines.append(f"{r.name}: guard {guard}, {len(s.guard_events)} events: {summarize_events(s.guard_events)}")
+        if s is not None and s.stopped:
+            lines.append(f"{r.name}: {s.stopped}")
     return lines
 
 
@@ -182,7 +201,7 @@ def _curves(comparison: Comparison) -> dict[str, Any]:
             f"{s.item_name}_per_s": s.items_per_s, "peak_memory_bytes": s.peak_memory_bytes,
             "memory_measure": s.memory_measure, "skipped_steps": s.skipped_steps, "final_loss_scale": s.final_scale,
             "seconds": s.seconds, "underflow": vars(r.underflow) if r.underflow else None,
-            "fp8_layers": r.fp8_layers}
+            "fp8_layers": r.fp8_layers, "grad_norm": s.grad_norms, "guard_events": s.guard_events, "stopped": s.stopped}
     return {"meta": comparison.meta, "config": comparison.base.to_dict(), "runs": runs}
 
 
@@ -200,16 +219,21 @@ def plot_curves(comparison: Comparison, path: Path) -> Path | None:
     ref = comparison.reference
     fig, (ax_train, ax_val, ax_diff) = plt.subplots(1, 3, figsize=(15, 4.4))
     styles = ("-", "--", "-.", ":")  # curves that coincide stay visible under one another
-    ref_smooth = _smooth(ref.summary.train_losses) if ref is not None else []
+    # faults: per-step losses, as an average would smear a corrupt batch's 1e3-times loss over the next steps
+    smooth_of = (lambda v: v) if comparison.base.task == "faults" else _smooth
+    ref_smooth = smooth_of(ref.summary.train_losses) if ref is not None else []
     for i, r in enumerate(ran):
         style = dict(label=r.name, linestyle=styles[i % len(styles)], linewidth=1.4)
-        smooth = _smooth(r.summary.train_losses)
+        smooth = smooth_of(r.summary.train_losses)
         steps = range(1, len(smooth) + 1)
-        ax_train.plot(steps, smooth, **style)
+        line, = ax_train.plot(steps, smooth, **style)
+        mark_events(ax_train, r.summary.guard_events, smooth, color=line.get_color(), label=r.name)
         if r.summary.val_curve:
             val_steps, vals = zip(*r.summary.val_curve)
             ax_val.plot(val_steps, vals, marker="o", markersize=3, **style)
         ax_diff.plot(steps, [a - b for a, b in zip(smooth, ref_smooth)], **style)
+    if any(r.summary.guard_events for r in ran) or comparison.base.task == "faults":
+        ax_train.set_yscale("log")   # a corrupt batch's loss is 1e3 times the curve
     entropy = comparison.meta.get("unigram_entropy")
     if entropy:
         ax_train.axhline(entropy, color="grey", linestyle="--", linewidth=0.8, label="byte-unigram entropy")
