@@ -220,7 +220,9 @@ def plot_curves(comparison: Comparison, path: Path) -> Path | None:
     fig, (ax_train, ax_val, ax_diff) = plt.subplots(1, 3, figsize=(15, 4.4))
     styles = ("-", "--", "-.", ":")  # curves that coincide stay visible under one another
     # faults: per-step losses, as an average would smear a corrupt batch's 1e3-times loss over the next steps
-    smooth_of = (lambda v: v) if comparison.base.task == "faults" else _smooth
+    faults = comparison.base.task == "faults"
+    smooth_of = (lambda v: v) if faults else _smooth
+    how = "per step" if faults else "EMA 0.9"
     ref_smooth = smooth_of(ref.summary.train_losses) if ref is not None else []
     for i, r in enumerate(ran):
         style = dict(label=r.name, linestyle=styles[i % len(styles)], linewidth=1.4)
@@ -228,6 +230,9 @@ def plot_curves(comparison: Comparison, path: Path) -> Path | None:
         steps = range(1, len(smooth) + 1)
         line, = ax_train.plot(steps, smooth, **style)
         mark_events(ax_train, r.summary.guard_events, smooth, color=line.get_color(), label=r.name)
+        diverged = next((i for i, v in enumerate(r.summary.train_losses) if not math.isfinite(v)), None)
+        if diverged is not None:   # a NaN curve draws nothing from here on: say where it ended
+            ax_train.axvline(diverged + 1, color=line.get_color(), linestyle=":", label=f"{r.name}: loss NaN")
         if r.summary.val_curve:
             val_steps, vals = zip(*r.summary.val_curve)
             ax_val.plot(val_steps, vals, marker="o", markersize=3, **style)
@@ -238,10 +243,12 @@ def plot_curves(comparison: Comparison, path: Path) -> Path | None:
     if entropy:
         ax_train.axhline(entropy, color="grey", linestyle="--", linewidth=0.8, label="byte-unigram entropy")
     ax_diff.axhline(0.0, color="grey", linewidth=0.8)
+    if faults:
+        ax_diff.set_yscale("symlog", linthresh=0.1)   # the corrupt batch's spike would flatten everything else
     ref_name = ref.name if ref is not None else "reference"
-    for ax, title, ylabel in ((ax_train, "training loss (EMA 0.9)", "cross-entropy (nats)"),
+    for ax, title, ylabel in ((ax_train, f"training loss ({how})", "cross-entropy (nats)"),
                               (ax_val, "validation loss", "cross-entropy (nats)"),
-                              (ax_diff, f"training loss minus {ref_name}'s (EMA 0.9)", "difference (nats)")):
+                              (ax_diff, f"training loss minus {ref_name}'s ({how})", "difference (nats)")):
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=11)
