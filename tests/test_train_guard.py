@@ -180,3 +180,26 @@ def test_compare_faults_the_guard_keeps_the_clean_runs_loss(tmp_path, capsys):
     assert actions[32] == "skip" and actions[48] == "skip" and "restored" in actions.values()
     assert "bf16-mixed+rollback: guard rollback," in printed
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_guard_that_gives_up_stops_train_with_exit_3_and_ends_a_compare_row(tmp_path, monkeypatch, capsys):
+    """StabilityAbort (the ladder's last rung) is a divergence: train exits 3 naming it; compare keeps the row,
+    trained up to there, and says where it stopped."""
+    from mixprec.stability import StabilityAbort, StabilityGuard
+    step = StabilityGuard.step
+
+    def giving_up(self, loss, scaler=None, batch=None):
+        if batch == 3:
+            raise StabilityAbort("StabilityGuard aborted at iteration 3: test")
+        return step(self, loss, scaler=scaler, batch=batch)
+
+    monkeypatch.setattr(StabilityGuard, "step", giving_up)
+    flags = ["--guard", "rollback", "--steps", "6", "--log-every", "2", "--eval-every", "6", *TINY]
+    assert main(["train", "--out", str(tmp_path / "t"), *flags]) == 3
+    err = capsys.readouterr().err
+    assert "the run diverged at step 3: the stability guard gave up: StabilityGuard aborted at iteration 3" in err
+    assert main(["compare", "--recipes", "bf16-mixed", "--out", str(tmp_path / "c"), *flags]) == 0
+    printed = capsys.readouterr().out
+    assert "bf16-mixed: stopped at step 3: the stability guard gave up" in printed
+    curves = json.loads((tmp_path / "c" / "curves.json").read_text())["runs"]["bf16-mixed"]
+    assert len(curves["train_loss"]) == 3 and curves["val_loss"][-1][0] == 3

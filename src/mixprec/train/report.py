@@ -59,7 +59,7 @@ def describe(comparison: Comparison, seeds: list[int] | None = None) -> str:
         return ""
     seed_text = f"seeds {', '.join(map(str, seeds))}" if seeds else f"seed {m['seed']}"
     text = (f"{m['model']} ({m['parameters']:,} parameters), {m['steps']} steps of batch {m['batch_size']}, "
-            f"{seed_text}, task {m['task']}" + (f" (loss x {m['loss_factor']:g})" if m["task"] != "default" else "")
+            f"{seed_text}, task {m['task']}" + (f" (loss x {m['loss_factor']:g})" if m["loss_factor"] != 1 else "")
             + f"; {m['device']}, torch {m['torch']}")
     if "unigram_entropy" in m:
         text += (f"\ndata: {m['corpus']} ({m['train_bytes']:,} train / {m['val_bytes']:,} validation bytes); "
