@@ -203,3 +203,20 @@ def test_a_guard_that_gives_up_stops_train_with_exit_3_and_ends_a_compare_row(tm
     assert "bf16-mixed: stopped at step 3: the stability guard gave up" in printed
     curves = json.loads((tmp_path / "c" / "curves.json").read_text())["runs"]["bf16-mixed"]
     assert len(curves["train_loss"]) == 3 and curves["val_loss"][-1][0] == 3
+
+
+def test_embedding_grad_shrink_scales_the_token_embeddings_gradient(tmp_path):
+    """GLM-130B's shrink on the trainer's GPT (separate head, so the embedding's gradient comes from the lookup
+    alone): the gradient reaching tok_emb is alpha times the plain one; the other gradients are unchanged."""
+    grads = {}
+    for alpha in (None, 0.25):
+        cfg = TrainConfig(n_layer=1, n_head=2, d_model=32, seq_len=32, batch_size=4, head="separate",
+                          embedding_grad_shrink=alpha, out=str(tmp_path / str(alpha)))
+        trainer = Trainer(cfg, progress=False, save_checkpoints=False)
+        x, y = trainer.data.train_batch(0)
+        trainer.loss_on(x, y).backward()
+        grads[alpha] = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    plain, shrunk = grads[None], grads[0.25]
+    assert torch.allclose(shrunk["tok_emb.weight"], 0.25 * plain["tok_emb.weight"], rtol=1e-6, atol=0)
+    assert plain["tok_emb.weight"].abs().sum() > 0
+    assert all(torch.equal(shrunk[n], plain[n]) for n in plain if n != "tok_emb.weight")
