@@ -93,3 +93,11 @@ COMPILED_VS_EAGER_LOSS_RTOL = 1e-4
 # (measured on the tiny GPT); 2**-9 bounds it. FP32 training differs from BF16's by more (~5e-5 here),
 # so the test also checks that the compiled BF16 run is not an FP32 one.
 COMPILED_VS_EAGER_BF16_LOSS_RTOL = 2 ** -9
+
+# ---- the faults comparison (mixprec compare --task faults, tests/test_train_guard.py) ----
+# A rollback drops the steps since its snapshot (a tenth of the run at most) and the guard skips each faulty
+# batch: the final validation loss stays near the clean run's (a 1-layer d_model 64 GPT, 80 steps: +1.0 %).
+FAULTS_GUARDED_VS_CLEAN_RTOL = 0.05
+# A run the faults ruined (skip-only after the LR spike: 6.78 against 3.43) ends this many times above the clean
+# run's loss, or NaN.
+FAULTS_UNGUARDED_WORSE_FACTOR = 1.5

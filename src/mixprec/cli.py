@@ -6,6 +6,8 @@ mixprec.train (commands.py and the modules it calls).
     mixprec explain  [--model gpt|cnn|lstm|gru] [--recipe R] [sizes]
     mixprec train    --model M --recipe R --steps N [--optim O] [--rounding nearest|stochastic|kahan] ...
     mixprec compare  --recipes R1,R2 [--optims O1,O2] [--size cpu|gpu] ...
+    mixprec train|compare ... [--guard off|skip|rollback|zclip] [--spike-sigma K] [--window N]
+                     [--embedding-grad-shrink ALPHA] [--task faults]
     mixprec bench    --model llama|gpt2|resnet50|vit|gpt --recipe bf16-mixed|fp16-mixed [--compile] ...
     mixprec diagnose [--model gpt|cnn|lstm|gru] [--recipe R] [--loss-scale S] [--batch-size B] --out DIR
 
@@ -34,6 +36,7 @@ from mixprec.train import commands, diagnose_command
 from mixprec.train.bench import BENCH_DEVICES, BENCH_MODELS, BENCH_RECIPES
 from mixprec.train.config import DEVICES, TASKS
 from mixprec.train.experiments import DEFAULT_GPU_RECIPES, DEFAULT_RECIPES, SIZES
+from mixprec.train.guarding import add_guard_arguments
 from mixprec.train.models import MODELS
 from mixprec.train.optimizers import OPTIMS, ROUNDINGS
 from mixprec.train.stops import Interrupted, raise_on_signals
@@ -75,7 +78,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate of AdamW (default 2e-3)")
     p.add_argument("--device", help=f"one of: {', '.join(DEVICES)} (default cpu)")
     p.add_argument("--seed", type=int, help="initial weights and batch order (default 0)")
-    p.add_argument("--task", help=f"one of: {', '.join(TASKS)}; small-grad multiplies the loss by 2**-14")
+    p.add_argument("--task", help=f"one of: {', '.join(TASKS)}; small-grad multiplies the loss by 2**-14; faults "
+                                  f"injects a corrupt batch, a NaN gradient and an LR spike")
     p.add_argument("--eval-every", type=int, help="validate every N steps")
     p.add_argument("--eval-batches", type=int, help="validation batches (default 8)")
     p.add_argument("--log-every", type=int, help="read the loss and write metrics every N steps (default 10)")
@@ -91,6 +95,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "host little (the loss stays eager)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_size_arguments(p)
+    add_guard_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

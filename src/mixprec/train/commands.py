@@ -18,6 +18,7 @@ import torch
 
 import mixprec as mp
 from mixprec.policy import Policy, recipes as known_recipes
+from mixprec.train import guarding
 from mixprec.train.config import TrainConfig, resumed_config
 from mixprec.train.models import MODEL_SIZES, build_model, model_config
 from mixprec.train.stops import Diverged, Interrupted
@@ -29,6 +30,7 @@ SIZE_FLAGS = tuple(sorted({f for sizes in MODEL_SIZES.values() for f in sizes}))
 # TrainConfig fields that train and compare take from flags of the same name
 CONFIG_FLAGS = ("model", "steps", "batch_size", "lr", "device", "seed", "task", "eval_every", "eval_batches",
                 "log_every", "weight_decay", "grad_clip", "warmup", "compile", "optim", "rounding", *SIZE_FLAGS)
+CONFIG_FLAGS += guarding.GUARD_FLAGS
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,6 +107,7 @@ def setup_train(args: argparse.Namespace):
             recipe = Path(args.policy).stem
         overrides["out"] = args.out or str(Path("runs") / f"{model}-{recipe}")
         cfg = TrainConfig(**overrides)
+    guarding.check_applies(args, {cfg.guard})
     if args.allow_no_fp8 and not cfg.precision_policy().converters:
         raise ValueError(f"--allow-no-fp8 applies to FP8 and INT8 recipes; recipe {cfg.recipe} converts no layers: "
                          f"drop --allow-no-fp8")
@@ -140,6 +143,7 @@ def policy_file_overrides(path: str, recipe: str | None) -> dict[str, Any]:
 def train(trainer, args: argparse.Namespace) -> int:
     from mixprec.train import optimizers
     from mixprec.train.fp8_coverage import describe
+    from mixprec.train.curves import plot_run
     from mixprec.train.outputs import clear_run
 
     cfg, out = trainer.cfg, Path(trainer.cfg.out)
@@ -170,6 +174,10 @@ def train(trainer, args: argparse.Namespace) -> int:
           f"{summary.final_val_loss:.4f}, {summary.items_per_s:,.0f} {summary.item_name}/s, "
           f"{summary.skipped_steps} steps skipped, loss scale {scale}")
     print(f"checkpoint: {out / 'checkpoint.pt'}; metrics: {out / 'metrics.jsonl'}")
+    if trainer.guard is not None:
+        print(f"guard ({cfg.guard}): {len(summary.guard_events)} events: {guarding.summarize_events(summary.guard_events)}")
+    plot = plot_run(summary, out / "curves.png")
+    print(f"plot: {plot}" if plot else f"plot: not written: matplotlib is not installed; get it with {PLOT_HINT}")
     return 0
 
 
@@ -218,15 +226,21 @@ def setup_compare(args: argparse.Namespace) -> CompareJob:
     size = args.size or ("gpu" if given.get("device") == "cuda" else "cpu")
     overrides = {**experiments.size_preset(size, model), **given}
     default_recipes = experiments.DEFAULT_GPU_RECIPES if size == "gpu" else experiments.DEFAULT_RECIPES
+    if task == "faults":
+        overrides = {**experiments.size_preset(size, model), **experiments.FAULTS_PRESET, **given}
+        default_recipes = experiments.FAULTS_RECIPES
     names = experiments.parse_recipes(args.recipes) if args.recipes is not None else list(default_recipes)
     overrides.setdefault("eval_every", max(1, overrides["steps"] // experiments.COMPARE_EVALS))
     rows = experiments.comparison_rows(names, optims, overrides.pop("optim", "adamw"), overrides.pop("rounding", None))
+    if task == "faults":
+        rows = experiments.fault_rows(rows, overrides.pop("guard", None))
+    guarding.check_applies(args, {row.guard or overrides.get("guard", "off") for row in rows})
     out = Path(args.out or Path("runs") / ("compare-" + model + ("" if task == "default" else f"-{task}")))
     first = rows[0]
     base = TrainConfig(**overrides, recipe=first.recipe, optim=first.optim, rounding=first.rounding, out=str(out),
                        ckpt_every=0)
     for row in rows[1:]:   # every row is valid before the first one trains
-        base.replace(recipe=row.recipe, optim=row.optim, rounding=row.rounding)
+        base.replace(**row.changes())
     for seed in seeds or ():
         base.replace(seed=seed)
     by_batch_size = _batch_size_configs(base, batch_sizes, given, out) if batch_sizes else None

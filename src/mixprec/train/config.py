@@ -8,11 +8,11 @@ from typing import Any, Callable, Literal
 
 from mixprec.diagnostics.recommend import policy_from_dict
 from mixprec.policy import Policy, recipes
-from mixprec.train import optimizers
+from mixprec.train import guarding, optimizers
 from mixprec.train.models import MODELS, ModelConfig, model_config
 
 DEVICES = ("cpu", "cuda")
-TASKS = ("default", "small-grad")
+TASKS = ("default", "small-grad", "faults")   # faults: see faults.py
 # The small-gradient task multiplies the loss by 2**-14 (~6.1e-5). Typical activation gradients of the
 # default GPT are 1e-7..1e-3; times 2**-14 they fall below FP16's smallest subnormal (2**-24 ~ 6e-8) and
 # flush to zero without loss scaling, while the default dynamic scale (2**16) brings them back into
@@ -25,6 +25,7 @@ MAX_SEED = 2 ** 32 - 1
 # Fields that fix the trajectory or the tensor shapes: a resumed run must match the checkpoint on these.
 RESUME_MUST_MATCH = ("model", "policy", "recipe", "optim", "rounding", "seed", "batch_size", "task", "n_layer", "n_head",
                      "d_model", "seq_len", "positions", "head", "attention", "channels", "hidden")
+RESUME_MUST_MATCH += guarding.GUARD_FLAGS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +42,7 @@ class TrainConfig:
     warmup: int | None = None   # linear warm-up steps; None: 10 % of steps
     device: Literal["cpu", "cuda"] = "cpu"
     seed: int = 0
-    task: Literal["default", "small-grad"] = "default"
+    task: Literal["default", "small-grad", "faults"] = "default"
     eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
@@ -65,6 +66,11 @@ class TrainConfig:
     attention: str | None = None
     channels: int | None = None
     hidden: int | None = None
+    # the stability guard (guarding.py); the defaults are mp.StabilityGuard's
+    guard: str = "off"
+    spike_sigma: float = 6.0
+    window: int = 128
+    embedding_grad_shrink: float | None = None
 
     def __post_init__(self) -> None:
         _choice("model", self.model, MODELS)
@@ -93,6 +99,7 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (2**32 - 1); got {self.seed!r}")
         self.model_config()  # validates the sizes (e.g. d_model a multiple of n_head)
+        guarding.check_fields(self)
 
     def model_config(self) -> ModelConfig:
         return model_config(self.model, **{f: getattr(self, f) for f in
@@ -147,6 +154,8 @@ def resumed_config(saved: dict[str, Any], overrides: dict[str, Any], resume_dir:
         raise ValueError(f"--resume {resume_dir} holds a run under {_describe_policy(saved)}; this run asks for "
                          f"{_describe_policy(overrides)}: drop --recipe/--policy (the run keeps its own), or start "
                          f"a fresh run with --out")
+    # a checkpoint written before runs recorded their guard ran without one
+    saved = {**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in guarding.GUARD_FLAGS}, **saved}
     for name in RESUME_MUST_MATCH:
         if name not in overrides or overrides[name] is None:
             continue

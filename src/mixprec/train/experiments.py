@@ -55,12 +55,40 @@ def size_preset(size: str, model: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Row:
-    """One row of a comparison: a recipe with an optimizer (and its rounding), under a name."""
+    """One row of a comparison: a recipe with an optimizer (and its rounding), under a name; guard and task
+    replace the base config's where set (the faults comparison)."""
 
     name: str
     recipe: str
     optim: str
     rounding: str | None = None
+    guard: str | None = None
+    task: str | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The TrainConfig fields this row sets on the comparison's base config."""
+        extra = {k: v for k, v in (("guard", self.guard), ("task", self.task)) if v is not None}
+        return {"recipe": self.recipe, "optim": self.optim, "rounding": self.rounding, **extra}
+
+
+# `compare --task faults`: few steps and a small batch (four rows in about a minute on two CPU cores), and a spike
+# window of 64 steps, which warms up (32 clean steps) well before the first fault at step 60.
+FAULTS_PRESET = {"steps": 150, "batch_size": 8, "window": 64}
+FAULTS_RECIPES = ("bf16-mixed",)
+FAULTS_GUARDS = ("skip", "rollback")
+
+
+def fault_rows(rows: list[Row], guard: str | None) -> list[Row]:
+    """Per row: the clean run (the reference), the faulty run without a guard, and the faulty run with `guard`
+    (None: with each of FAULTS_GUARDS)."""
+    guards = [g for g in ([guard] if guard else FAULTS_GUARDS) if g != "off"]
+    out = []
+    for r in rows:
+        base = dict(recipe=r.recipe, optim=r.optim, rounding=r.rounding)
+        out += [Row(f"{r.name}-clean", **base, guard="off", task="default"),
+                Row(r.name, **base, guard="off", task="faults")]
+        out += [Row(f"{r.name}+{g}", **base, guard=g, task="faults") for g in guards]
+    return out
 
 
 def comparison_rows(recipe_names: list[str], optims: list[str] | None, optim: str = "adamw",
@@ -173,7 +201,7 @@ def run_comparison(base: TrainConfig, rows: list[Row] | list[str], out: Path | s
     results = []
     meta: dict[str, Any] = {}
     for row in rows:
-        cfg = base.replace(recipe=row.recipe, optim=row.optim, rounding=row.rounding, out=str(out / row.name))
+        cfg = base.replace(**row.changes(), out=str(out / row.name))
         result = RecipeResult(row.recipe, row.name,
                               optimizer=optimizers.describe(row.optim, row.rounding, mp.Policy.from_recipe(row.recipe)))
         try:
@@ -182,8 +210,8 @@ def run_comparison(base: TrainConfig, rows: list[Row] | list[str], out: Path | s
             result.error = _record_error(out / row.name, e)
             results.append(result)
             continue
-        if not meta:
-            meta = _describe(trainer)
+        if not meta:   # the comparison's task: its rows may differ (the faults comparison's clean reference)
+            meta = {**_describe(trainer), "task": base.task, "loss_factor": base.loss_factor}
         try:
             result.summary = trainer.run()
             x, y = (t.to(trainer.device) for t in trainer.data.train_batch(cfg.steps))

@@ -28,11 +28,13 @@ class MetricsLog:
         self._file = self.path.open("a")
         self._tb = _tensorboard_writer(self.path.parent) if tensorboard else None
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], *, scalars: bool = True) -> None:
+        """One JSON line; its numbers also as TensorBoard scalars unless scalars=False (an event's figures
+        would mix into the per-window curves of the same names)."""
         clean = {k: _jsonable(v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
-        if self._tb is not None:
+        if self._tb is not None and scalars:
             for key, value in clean.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self._tb.add_scalar(key, value, clean["step"])

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mixprec.policy import Policy
+from mixprec.train.curves import mark_events
 from mixprec.train.experiments import Comparison, RecipeResult
 
 COLUMNS = ("recipe", "train loss", "val loss", "val vs ref", "{items}/s", "peak memory", "skipped steps",
@@ -59,7 +60,7 @@ def describe(comparison: Comparison, seeds: list[int] | None = None) -> str:
         return ""
     seed_text = f"seeds {', '.join(map(str, seeds))}" if seeds else f"seed {m['seed']}"
     text = (f"{m['model']} ({m['parameters']:,} parameters), {m['steps']} steps of batch {m['batch_size']}, "
-            f"{seed_text}, task {m['task']}" + (f" (loss x {m['loss_factor']:g})" if m["task"] != "default" else "")
+            f"{seed_text}, task {m['task']}" + (f" (loss x {m['loss_factor']:g})" if m["loss_factor"] != 1 else "")
             + f"; {m['device']}, torch {m['torch']}")
     if "unigram_entropy" in m:
         text += (f"\ndata: {m['corpus']} ({m['train_bytes']:,} train / {m['val_bytes']:,} validation bytes); "
@@ -92,8 +93,9 @@ def _optimizer_lines(comparison: Comparison) -> list[str]:
 
 
 def notes(comparison: Comparison) -> list[str]:
-    """Lines for under the table: how much of each FP8 (INT8) recipe's model actually ran in FP8 (INT8)."""
-    lines = []
+    """Lines for under the table: how much of each FP8 (INT8) recipe's model actually ran in FP8 (INT8); the
+    faults injected and what each row's stability guard did."""
+    lines = _guard_notes(comparison)
     for r in comparison.results:
         if r.fp8_layers is None:
             continue
@@ -103,6 +105,23 @@ def notes(comparison: Comparison) -> list[str]:
         else:
             lines.append(f"{r.name}: {fp8} of {total} Linear layers in "
                          f"{'INT8' if Policy.from_recipe(r.recipe).int8 is not None else 'FP8'}")
+    return lines
+
+
+def _guard_notes(comparison: Comparison) -> list[str]:
+    from mixprec.train.faults import FaultPlan
+    from mixprec.train.guarding import summarize_events
+
+    lines = []
+    if comparison.base.task == "faults":
+        lines.append(FaultPlan.for_steps(comparison.base.steps).describe())
+    for r in comparison.results:
+        s = r.summary
+        guard = s.config.get("guard", "off") if s is not None else "off"
+        if guard != "off":
+            lines.append(f"{r.name}: guard {guard}, {len(s.guard_events)} events: {summarize_events(s.guard_events)}")
+        if s is not None and s.stopped:
+            lines.append(f"{r.name}: {s.stopped}")
     return lines
 
 
@@ -246,7 +265,7 @@ def _curves(comparison: Comparison) -> dict[str, Any]:
             f"{s.item_name}_per_s": s.items_per_s, "peak_memory_bytes": s.peak_memory_bytes,
             "memory_measure": s.memory_measure, "skipped_steps": s.skipped_steps, "final_loss_scale": s.final_scale,
             "seconds": s.seconds, "underflow": vars(r.underflow) if r.underflow else None,
-            "fp8_layers": r.fp8_layers}
+            "fp8_layers": r.fp8_layers, "grad_norm": s.grad_norms, "guard_events": s.guard_events, "stopped": s.stopped}
     return {"meta": comparison.meta, "config": comparison.base.to_dict(), "runs": runs}
 
 
@@ -264,24 +283,36 @@ def plot_curves(comparison: Comparison, path: Path) -> Path | None:
     ref = comparison.reference
     fig, (ax_train, ax_val, ax_diff) = plt.subplots(1, 3, figsize=(15, 4.4))
     styles = ("-", "--", "-.", ":")  # curves that coincide stay visible under one another
-    ref_smooth = _smooth(ref.summary.train_losses) if ref is not None else []
+    # faults: per-step losses, as an average would smear a corrupt batch's 1e3-times loss over the next steps
+    faults = comparison.base.task == "faults"
+    smooth_of = (lambda v: v) if faults else _smooth
+    how = "per step" if faults else "EMA 0.9"
+    ref_smooth = smooth_of(ref.summary.train_losses) if ref is not None else []
     for i, r in enumerate(ran):
         style = dict(label=r.name, linestyle=styles[i % len(styles)], linewidth=1.4)
-        smooth = _smooth(r.summary.train_losses)
+        smooth = smooth_of(r.summary.train_losses)
         steps = range(1, len(smooth) + 1)
-        ax_train.plot(steps, smooth, **style)
+        line, = ax_train.plot(steps, smooth, **style)
+        mark_events(ax_train, r.summary.guard_events, smooth, color=line.get_color(), label=r.name)
+        diverged = next((i for i, v in enumerate(r.summary.train_losses) if not math.isfinite(v)), None)
+        if diverged is not None:   # a NaN curve draws nothing from here on: say where it ended
+            ax_train.axvline(diverged + 1, color=line.get_color(), linestyle=":", label=f"{r.name}: loss NaN")
         if r.summary.val_curve:
             val_steps, vals = zip(*r.summary.val_curve)
             ax_val.plot(val_steps, vals, marker="o", markersize=3, **style)
         ax_diff.plot(steps, [a - b for a, b in zip(smooth, ref_smooth)], **style)
+    if any(r.summary.guard_events for r in ran) or comparison.base.task == "faults":
+        ax_train.set_yscale("log")   # a corrupt batch's loss is 1e3 times the curve
     entropy = comparison.meta.get("unigram_entropy")
     if entropy:
         ax_train.axhline(entropy, color="grey", linestyle="--", linewidth=0.8, label="byte-unigram entropy")
     ax_diff.axhline(0.0, color="grey", linewidth=0.8)
+    if faults:
+        ax_diff.set_yscale("symlog", linthresh=0.1)   # the corrupt batch's spike would flatten everything else
     ref_name = ref.name if ref is not None else "reference"
-    for ax, title, ylabel in ((ax_train, "training loss (EMA 0.9)", "cross-entropy (nats)"),
+    for ax, title, ylabel in ((ax_train, f"training loss ({how})", "cross-entropy (nats)"),
                               (ax_val, "validation loss", "cross-entropy (nats)"),
-                              (ax_diff, f"training loss minus {ref_name}'s (EMA 0.9)", "difference (nats)")):
+                              (ax_diff, f"training loss minus {ref_name}'s ({how})", "difference (nats)")):
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=11)

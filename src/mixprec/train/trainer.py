@@ -7,6 +7,11 @@ One iteration, in the precision a mixprec Policy asks for:
                                                   # CNN, RNNs: mp.ops.cross_entropy(model(x), y)
     scaler.scale(loss * task_factor).backward()
     scaler.unscale_(opt); clip_grad_norm_(masters); scaler.step(opt); scaler.update()
+    # or, with --guard: guard.step(loss, scaler=scaler, batch=step), which clips with the norm it measures
+
+--guard (guarding.py) puts an mp.StabilityGuard in place of the last line; its events are read at the log
+cadence, written to metrics.jsonl as {"event": cause, ...} records and shown on the progress output.
+--task faults (faults.py) injects a corrupt batch, a NaN gradient and an LR spike at fixed steps.
 
 No host sync per step: losses stay on the device and are read every `log_every` steps (the progress
 bar, metrics.jsonl), so the trainer adds little to the bare loop's time on a GPU. Those reads also catch
@@ -28,9 +33,11 @@ from typing import Any, Callable
 import torch
 
 import mixprec as mp
-from mixprec.train import checkpoint, memory, optimizers
+from mixprec.stability import StabilityAbort
+from mixprec.train import checkpoint, guarding, memory, optimizers
 from mixprec.train.config import TrainConfig
 from mixprec.train.data import batches_for
+from mixprec.train.faults import FaultPlan
 from mixprec.train.metrics import MetricsLog
 from mixprec.train.models import GPT, build_model
 from mixprec.train.progress import Progress
@@ -63,6 +70,9 @@ class RunSummary:
     final_scale: float | None                        # None: the recipe uses no loss scaling
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    grad_norms: list[float] = field(default_factory=list)   # one per step, on the task's scale (NaN: none)
+    guard_events: list[dict] = field(default_factory=list)  # the stability guard's events (guard.events)
+    stopped: str | None = None                               # why the run ended before cfg.steps, if it did
 
 
 class Trainer:
@@ -99,11 +109,18 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # the same initial weights for every recipe
         self.model = mp.prepare(build_model(model_cfg).to(self.device), self.policy)
+        guarding.shrink_embedding(cfg, self.model)
         # the compiled module runs the steps; the model itself keeps the parameters and the state_dict keys
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = self._build_optimizer()
         self.clip_params = list(mp.master_params(self.optimizer))
         self.scaler = mp.LossScaler.for_policy(self.policy)
+        self.guard = guarding.build_guard(cfg, self.model, self.optimizer)
+        self.faults = FaultPlan.for_steps(cfg.steps) if cfg.task == "faults" else None
+        self.grad_norms: list[float] = []
+        self._step_figures: list[tuple[torch.Tensor, torch.Tensor]] = []   # (grad norm, skipped) per step, on device
+        self._guard_skipped = self._events_seen = 0
+        self.stopped: str | None = None
 
         self.step = 0
         self.train_losses: list[float] = []
@@ -153,7 +170,7 @@ class Trainer:
     def train_step(self, step: int, *, count_memory: bool = False) -> torch.Tensor:
         """One optimizer step on batch `step`; returns the (unscaled) loss as a device tensor."""
         x, y = (t.to(self.device, non_blocking=True) for t in self.data.train_batch(step))
-        lr = self.lr_at(step)
+        lr = self.lr_at(step) * (self.faults.lr_multiplier(step) if self.faults else 1.0)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if count_memory:
@@ -163,26 +180,37 @@ class Trainer:
             self._activation_bytes = saved[0]
         else:
             loss = self.loss_on(x, y)
+        if self.faults is not None:
+            loss = loss * self.faults.loss_multiplier(step)
         objective = loss * self.cfg.loss_factor if self.cfg.loss_factor != 1.0 else loss
         self.scaler.scale(objective).backward()
-        self.scaler.unscale_(self.optimizer)
-        self._clip_gradients()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.faults is not None:
+            self.faults.poison_grads(step, self.model)
+        if self.guard is None:
+            self.scaler.unscale_(self.optimizer)
+            norm, skipped = self._clip_gradients(), torch.zeros((), dtype=torch.bool, device=self.device)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            norm, skipped = guarding.step_figures(self.guard.step(loss, scaler=self.scaler, batch=step), self.device)
+            norm = norm / self.cfg.loss_factor
+        self._step_figures.append((norm.detach().float(), skipped))
         if count_memory:
             self._state_bytes = memory.state_bytes(self.model, self.optimizer)[0]
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def _clip_gradients(self) -> None:
+    def _clip_gradients(self) -> torch.Tensor:
         """Clip the global norm to cfg.grad_clip, measured on the task's scale: under the small-gradient
         task the norm is divided by the loss factor (a power of 2, exact), so clipping acts exactly as
-        in the default task (torch's clip adds 1e-6 to the norm, which a tiny norm would notice)."""
+        in the default task (torch's clip adds 1e-6 to the norm, which a tiny norm would notice). Returns the
+        norm before clipping, on the task's scale (a device tensor)."""
         grads = [p.grad for p in self.clip_params if p.grad is not None]
         if not grads:
-            return
-        norm = torch.nn.utils.get_total_norm(grads)
-        torch.nn.utils.clip_grads_with_norm_(self.clip_params, self.cfg.grad_clip, norm / self.cfg.loss_factor)
+            return torch.full((), math.nan, device=self.device)
+        norm = torch.nn.utils.get_total_norm(grads) / self.cfg.loss_factor
+        torch.nn.utils.clip_grads_with_norm_(self.clip_params, self.cfg.grad_clip, norm)
+        return norm
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -204,7 +232,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.model.train()
         self._open_outputs()
-        self._skipped_seen = self.scaler.num_skipped_steps if self.scaler.is_enabled() else 0
+        self._skipped_seen = self._skipped_total()
         bar = Progress(total=self.cfg.steps, initial=self.step, desc=f"{self.cfg.model} {self.cfg.recipe}",
                        enabled=self.progress)
         stops = StopRequests()
@@ -229,7 +257,11 @@ class Trainer:
         window_start = time.perf_counter()
         while self.step < cfg.steps:
             count_memory = self.device.type == "cpu" and not self._state_bytes
-            window.append(self.train_step(self.step, count_memory=count_memory))
+            try:
+                window.append(self.train_step(self.step, count_memory=count_memory))
+            except StabilityAbort as abort:   # the guard gave up on the run: it cannot train on
+                self._stop_on_abort(abort, window, window_start, bar)
+                return
             self.step += 1
             if self.step == first_step + 1 and self.step < cfg.steps and self.device.type == "cuda":
                 # the peak of training, not of the first step's one-time work: Triton's autotuning
@@ -263,6 +295,15 @@ class Trainer:
                 raise Interrupted(stops.signum, step=self.step, saved_now=self.save_checkpoints,
                                   **self._checkpoint_fields())
             window_start += time.perf_counter() - paused
+
+    def _stop_on_abort(self, abort: StabilityAbort, window: list[torch.Tensor], window_start: float, bar) -> None:
+        """Diverged (train); or, where a diverged run is a result (compare), end the run here and validate."""
+        if window:
+            self._end_window(window, window_start, bar)
+        self._check(f"the stability guard gave up: {abort}")
+        self.stopped = f"stopped at step {self.step}: the stability guard gave up"
+        bar.write(self.stopped)
+        self._record_validation(bar)
 
     def _open_outputs(self) -> None:
         """config.json and metrics.jsonl (a resumed run keeps its records up to the resumed step)."""
@@ -304,21 +345,30 @@ class Trainer:
 
     def _end_window(self, window: list[torch.Tensor], window_start: float, bar) -> str | None:
         """Record the window's losses and rate; returns what diverged, if the run did (else None)."""
-        losses = torch.stack(window).float().cpu().tolist()  # the one host sync per log window
+        losses, norms, skips = self._read_window(window)  # the one host sync per log window
         seconds = time.perf_counter() - window_start  # after the sync: the GPU's queued steps count too
         self.train_losses.extend(losses)
+        self.grad_norms.extend(norms)
+        self._guard_skipped += sum(skips)
         items = len(window) * self.cfg.batch_size * (self.data.seq_len if self.item_name == "tokens" else 1)
         self._windows.append((items, seconds))
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         rate = items / seconds
+        finite_norms = [n for n in norms if math.isfinite(n)]
         record = {"step": self.step, "train_loss": sum(losses) / len(losses), f"{self.item_name}_per_s": rate,
-                  "lr": self.lr_at(self.step - 1), "loss_scale": scale,
-                  "skipped_steps": self.scaler.num_skipped_steps if scale is not None else 0}
+                  "lr": self.lr_at(self.step - 1), "loss_scale": scale, "skipped_steps": self._skipped_total(),
+                  "grad_norm": sum(finite_norms) / len(finite_norms) if finite_norms else math.nan,
+                  "grad_norm_max": max(norms, key=lambda n: n if math.isfinite(n) else math.inf)}
+        fields = {"loss": f"{record['train_loss']:.3f}", "grad norm": f"{record['grad_norm']:.3g}",
+                  f"{self.item_name}/s": f"{rate:,.0f}", "scale": "-" if scale is None else f"{scale:g}"}
+        if self.guard is not None:
+            record["guard_events"] = self._log_guard_events(bar)
+            fields.update(skipped=str(record["skipped_steps"]), events=str(record["guard_events"]))
         if self.metrics is not None:
             self.metrics.write(record)
-        bar.set_fields({"loss": f"{record['train_loss']:.3f}", f"{self.item_name}/s": f"{rate:,.0f}",
-                        "scale": "-" if scale is None else f"{scale:g}"})
-        bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+        bar.set_fields(fields)
+        # a step the guard skipped may have a non-finite loss: that is the guard at work, not divergence
+        bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss) and not skips[i]), None)
         if bad is not None:
             return f"the training loss is {losses[bad]} at step {self.step - len(losses) + bad + 1}"
         skipped = record["skipped_steps"]
@@ -326,9 +376,40 @@ class Trainer:
         self._skipped_seen = skipped
         self._skipped_in_a_row = self._skipped_in_a_row + len(window) if all_skipped else 0
         if self._skipped_in_a_row >= SKIPPED_IN_A_ROW:
+            if self.guard is not None:
+                return (f"the stability guard (--guard {self.cfg.guard}) skipped each of the last "
+                        f"{self._skipped_in_a_row} steps: the loss stays far above its window; --guard rollback "
+                        f"restores a snapshot from before the damage")
             return (f"the loss scaler skipped each of the last {self._skipped_in_a_row} steps (loss scale now "
                     f"{scale:g}): the gradients are inf or NaN at every scale")
         return None
+
+    def _read_window(self, window: list[torch.Tensor]) -> tuple[list[float], list[float], list[bool]]:
+        """The window's losses, gradient norms and skipped flags, read in one transfer."""
+        figures, self._step_figures = self._step_figures, []
+        rows = [torch.stack(window).float()]
+        if len(figures) == len(window):
+            rows += [torch.stack([f[0] for f in figures]).to(self.device), torch.stack([f[1] for f in figures]).float()]
+        host = torch.stack(rows).cpu().tolist()
+        n = len(window)
+        return host[0], host[1] if len(host) > 1 else [math.nan] * n, [bool(v) for v in host[2]] if len(host) > 1 \
+            else [False] * n
+
+    def _skipped_total(self) -> int:
+        """Steps not applied so far: the guard's skips (its own and the loss scaler's), else the scaler's."""
+        if self.guard is not None:
+            return self._guard_skipped
+        return self.scaler.num_skipped_steps if self.scaler.is_enabled() else 0
+
+    def _log_guard_events(self, bar) -> int:
+        """Write the guard's new events to metrics.jsonl and the progress output; returns the count so far."""
+        self.guard.flush()   # the last step's record: this window already synchronised
+        for event in self.guard.events[self._events_seen:]:
+            if self.metrics is not None:
+                self.metrics.write(guarding.event_record(event), scalars=False)
+            bar.write(guarding.describe_event(event))
+        self._events_seen = len(self.guard.events)
+        return self._events_seen
 
     def throughput(self) -> float:
         """Items per second of training steps, leaving out the first log window (warm-up) when there
@@ -361,14 +442,22 @@ class Trainer:
             final_val_loss=self.val_curve[-1][1] if self.val_curve else float("nan"),
             items_per_s=self.throughput(),
             item_name=self.item_name, peak_memory_bytes=peak, memory_measure=how,
-            skipped_steps=self.scaler.num_skipped_steps if self.scaler.is_enabled() else 0,
-            final_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None, seconds=seconds)
+            skipped_steps=self._skipped_total(),
+            final_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None, seconds=seconds,
+            grad_norms=list(self.grad_norms), guard_events=list(self.guard.events) if self.guard else [],
+            stopped=self.stopped)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.cfg.to_dict(), "step": self.step, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": checkpoint.rng_state(), "train_losses": self.train_losses, "val_curve": self.val_curve}
+                "rng": checkpoint.rng_state(), "train_losses": self.train_losses, "val_curve": self.val_curve,
+                "grad_norms": self.grad_norms, **self._guard_state()}
+
+    def _guard_state(self) -> dict[str, Any]:
+        if self.guard is None:
+            return {}
+        return {"guard": self.guard.state_dict(), "guard_skipped": self._guard_skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`. With the checkpoint's checksums, checks that the model, optimizer and
@@ -381,6 +470,10 @@ class Trainer:
         self.step = int(state["step"])
         self.train_losses = list(state["train_losses"])
         self.val_curve = [tuple(v) for v in state["val_curve"]]
+        self.grad_norms = list(state.get("grad_norms", [math.nan] * len(self.train_losses)))
+        if self.guard is not None:   # resumed_config made sure the checkpoint's run had the same guard
+            self.guard.load_state_dict(state["guard"])
+            self._guard_skipped, self._events_seen = int(state["guard_skipped"]), len(self.guard.events)
         saved = state.get("checksums", {})
         for part, loaded in (("model", self.model), ("optimizer", self.optimizer), ("scaler", self.scaler)):
             if part in saved and checkpoint.checksum(loaded.state_dict()) != saved[part]:
