@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import mixprec as mp
 from mixprec.prepare import PrecisionForward, find_roles, plan_of
@@ -121,3 +122,24 @@ def test_unprepare_restores_the_model(recipe):
     with pytest.raises(ValueError, match="was not prepared"):
         mp.unprepare(model)
     mp.prepare(model, "bf16-mixed")   # can be prepared again, under another policy
+
+
+def test_multihead_attention_keeps_fused_sdpa_in_half_and_upcasts_explicit_weights():
+    """need_weights=False runs fused SDPA (softmax and scores@V accumulate in FP32 inside the kernel):
+    the module stays in the compute dtype, as under torch.autocast; need_weights=True materialises the
+    softmax as plain ops, so the module runs in FP32."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(64, 4, batch_first=True)
+    reference = copy.deepcopy(mha)
+    policy = mp.Policy.from_recipe("bf16-mixed")
+    model = mp.prepare(nn.ModuleDict({"mha": mha}), policy)
+    x = torch.randn(2, 8, 64)
+    with mp.autocast(policy, device_type="cpu"):
+        fused, _ = model["mha"](x, x, x, need_weights=False)
+        explicit, weights = model["mha"](x, x, x)
+    expected, expected_weights = reference(x, x, x)
+    assert fused.dtype == torch.bfloat16 and explicit.dtype == torch.float32 and weights.dtype == torch.float32
+    torch.testing.assert_close(explicit, expected, rtol=1e-5, atol=1e-6)     # FP32 throughout
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
+    # BF16 projections and inputs: a few BF16 roundings (2**-8 each) of values of order 1
+    torch.testing.assert_close(fused.float(), expected, rtol=0, atol=3e-2)

@@ -64,6 +64,11 @@ def _is_plain_fp32(x) -> bool:
     return isinstance(x, torch.Tensor) and x.dtype == torch.float32 and not is_logical_fp16(x)
 
 
+def _needs_weights(args: tuple, kwargs: dict) -> bool:
+    """nn.MultiheadAttention's need_weights (its fifth parameter, default True): False takes the fused SDPA path."""
+    return bool(kwargs.get("need_weights", args[4] if len(args) > 4 else True))
+
+
 class PrecisionForward:
     """A module's forward run under its row of the table.
 
@@ -85,6 +90,8 @@ class PrecisionForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         precision = self.rule.precision
+        if isinstance(self.module, nn.MultiheadAttention) and not _needs_weights(args, kwargs):
+            return self._call(*args, **kwargs)   # fused SDPA: its softmax and scores@V accumulate in FP32
         if (precision in (Precision.FP32, Precision.FP32_CAST_BACK) and not self.autocast_off
                 and len(args) == 1 and not kwargs and _is_plain_fp32(args[0])):
             return self._call(args[0])  # FP32 in, FP32 weights, no autocast op inside: FP32 throughout

@@ -123,7 +123,8 @@ BUILTIN_MODULE_RULES: tuple[ModuleRule, ...] = (
     ModuleRule("RNN, GRU (and their cells)", _is_instance(*_SENSITIVE_RNNS), Precision.FP32,
                "recurrence accumulates error"),
     ModuleRule("nn.MultiheadAttention", _is_instance(nn.MultiheadAttention), Precision.FP32,
-               "its softmax and scores@V run inside one call; use mp.ops.attention to keep projections half"),
+               "with need_weights=True its softmax and scores@V run as plain ops inside one call; called with "
+               "need_weights=False it runs fused SDPA (FP32 inside the kernel) and stays in half precision"),
     ModuleRule("LSTM", _is_instance(nn.LSTM, nn.LSTMCell), Precision.HALF, "LSTM cells tolerate BF16/FP16"),
     ModuleRule("Linear, Conv, pooling, activations", _is_instance(nn.Linear, nn.modules.conv._ConvNd),
                Precision.HALF, "GEMMs with FP32 accumulation are not precision sensitive"),
