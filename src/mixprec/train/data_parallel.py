@@ -19,6 +19,9 @@ cuda), and re-runs the same command line as N ranks through torch.distributed.ru
         before becomes OUT/checkpoint.prev.dcp); rank 0 alone writes metrics, TensorBoard, config.json,
         progress and messages (the other ranks' stdout and stderr go to /dev/null, tracebacks excepted)
 
+The loss trajectory is one process's on the same global batch up to rounding (tests/tolerances.py), except
+where a model normalizes over the batch: the CNN's BatchNorm uses each rank's slice, as DDP does by default.
+
 `--resume OUT` continues on the checkpoint's number of ranks and --dp unless they are given: DCP
 reshards model and optimizer onto another number of ranks or the other --dp. No random generator is
 saved: the batches are a function of (seed, step) and the models draw no random numbers while training.
