@@ -68,9 +68,10 @@ def holds_run(directory: str | Path) -> bool:
 
 
 def requested(args: argparse.Namespace, state: dict[str, Any] | None) -> bool:
-    """--nproc other than 1, --dp, or --resume of a run over several processes (`state` from read_state)."""
-    return args.nproc not in (None, 1) or args.dp is not None or (state is not None and "nproc" in state) \
-        or in_rank()
+    """--nproc other than 1, --dp, --resume of a run over several processes (`state` from read_state), or a
+    process torchrun started (a rank of such a run)."""
+    resumes_ranks = state is not None and "nproc" in state
+    return args.nproc not in (None, 1) or args.dp is not None or resumes_ranks or in_rank()
 
 
 def read_state(directory: str | Path, warn=None) -> dict[str, Any]:
@@ -200,6 +201,9 @@ class DataParallelTrainer(Trainer):
                             for x, y in self.val_batches]
         wrapped = mpd.parallelize(self.model, self.policy, dp)   # DDP's wrapper, or the model sharded in place
         if dp == "fsdp2":   # FSDP2 replaced the parameters: the optimizer must hold the sharded ones
+            # FSDP2 warns of views returned by modules (the heads' reshaped logits) in case they are modified
+            # in place, which would skip its backward hook; the losses here read them out of place
+            warnings.filterwarnings("ignore", message=".*returned a view tensor", category=UserWarning)
             self.optimizer = self._build_optimizer()
             self.clip_params = list(mp.master_params(self.optimizer))
         self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
