@@ -47,7 +47,8 @@ import mixprec as mp
 import mixprec.distributed as mpd
 from mixprec.policy import Policy
 from mixprec.train.config import TrainConfig
-from mixprec.train.trainer import Trainer
+from mixprec.train.stops import Diverged, Interrupted
+from mixprec.train.trainer import RunSummary, Trainer
 
 CHECKPOINT_DIR = "checkpoint.dcp"
 PREVIOUS_DIR = "checkpoint.prev.dcp"
@@ -214,6 +215,16 @@ class DataParallelTrainer(Trainer):
     @property
     def checkpoint_file(self) -> Path:
         return self.out / CHECKPOINT_DIR
+
+    def run(self) -> RunSummary:
+        """Trainer.run, then leave the process group (NCCL warns at exit otherwise)."""
+        try:
+            summary = super().run()
+        except (Interrupted, Diverged):   # every rank stopped after the same step: they leave together
+            mpd.close_ranks()
+            raise
+        mpd.close_ranks()
+        return summary
 
     # ---- agreement across ranks --------------------------------------------------------------------
     def _stop_requested(self, stops) -> bool:
