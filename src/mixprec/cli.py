@@ -5,6 +5,7 @@ mixprec.train (commands.py and the modules it calls).
     mixprec recipes
     mixprec explain  [--model gpt|cnn|lstm|gru] [--recipe R] [sizes]
     mixprec train    --model M --recipe R --steps N [--optim O] [--rounding nearest|stochastic|kahan] ...
+    mixprec train    ... --nproc N [--dp ddp|fsdp2]      (N data-parallel processes through torchrun)
     mixprec compare  --recipes R1,R2 [--optims O1,O2] [--size cpu|gpu] ...
     mixprec train|compare ... [--guard off|skip|rollback|zclip] [--spike-sigma K] [--window N]
                      [--embedding-grad-shrink ALPHA] [--task faults]
@@ -32,6 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 from mixprec import __version__
+from mixprec.distributed import DATA_PARALLEL
 from mixprec.train import commands, diagnose_command
 from mixprec.train.bench import BENCH_DEVICES, BENCH_MODELS, BENCH_RECIPES
 from mixprec.train.config import DEVICES, TASKS
@@ -130,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--allow-no-fp8", action="store_true", help="train an FP8 or INT8 recipe even when it "
                                                                    "converts no Linear layer of the model (it then "
                                                                    "computes as bf16-mixed)")
+    train.add_argument("--nproc", type=int, help="processes to train over, data-parallel on this machine (default "
+                                                 "1); --batch-size stays the global batch, split evenly among them. "
+                                                 "gloo on the CPU, one GPU each with --device cuda (NCCL)")
+    train.add_argument("--dp", help=f"with --nproc: one of: {', '.join(DATA_PARALLEL)} (default ddp; fsdp2 shards "
+                                    f"parameters, gradients and optimizer state)")
 
     compare = commands_.add_parser("compare", help="the same run under several recipes (or optimizers), side by side",
                                    description="Train the same model, seed, data order and steps under each "

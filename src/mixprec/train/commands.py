@@ -80,6 +80,7 @@ def setup_train(args: argparse.Namespace):
     from mixprec.train.fp8_coverage import describe, fp8_coverage
     from mixprec.train.memory import check_fits
     from mixprec.train.outputs import check_writable, refuse_existing_run
+    from mixprec.train import data_parallel
     from mixprec.train.trainer import Trainer
 
     overrides = config_overrides(args)
@@ -95,8 +96,9 @@ def setup_train(args: argparse.Namespace):
         if args.overwrite and _same_dir(overrides["out"], args.resume):
             raise ValueError(f"--overwrite would delete the run that --resume {args.resume} continues; give one "
                              f"of them (or another --out)")
-        state = load_checkpoint(args.resume, warn=lambda line: print(f"mixprec train: warning: {line}",
-                                                                     file=sys.stderr, flush=True))
+        warn = lambda line: print(f"mixprec train: warning: {line}", file=sys.stderr, flush=True)  # noqa: E731
+        state = (data_parallel.read_state(args.resume, warn) if data_parallel.holds_run(args.resume)
+                 else load_checkpoint(args.resume, warn=warn))
         cfg = resumed_config(state["config"], overrides, args.resume)
         if cfg.steps <= state["step"]:
             raise ValueError(f"--resume {args.resume} is at step {state['step']} of {cfg.steps}: nothing to do; "
@@ -116,6 +118,8 @@ def setup_train(args: argparse.Namespace):
         refuse_existing_run(cfg.out, resumable=True)
     require_device(cfg.device)
     check_fits(cfg)
+    if data_parallel.requested(args, state):   # --nproc N: the launcher's checks and job, or a rank's trainer
+        return data_parallel.setup(cfg, args, state)
     try:
         trainer = Trainer(cfg, resume=state, progress=not args.quiet)
     except DamagedCheckpoint as e:   # the state loaded is not the state saved
@@ -144,8 +148,11 @@ def train(trainer, args: argparse.Namespace) -> int:
     from mixprec.train import optimizers
     from mixprec.train.fp8_coverage import describe
     from mixprec.train.curves import plot_run
+    from mixprec.train.data_parallel import Launch
     from mixprec.train.outputs import clear_run
 
+    if isinstance(trainer, Launch):   # --nproc N: the ranks train
+        return trainer.start()
     cfg, out = trainer.cfg, Path(trainer.cfg.out)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     precision = f"recipe {cfg.recipe}" if cfg.policy is None else f"policy {cfg.recipe} from a file"
@@ -173,7 +180,7 @@ def train(trainer, args: argparse.Namespace) -> int:
     print(f"done: step {summary.steps_done}, train loss {summary.final_train_loss:.4f}, validation loss "
           f"{summary.final_val_loss:.4f}, {summary.items_per_s:,.0f} {summary.item_name}/s, "
           f"{summary.skipped_steps} steps skipped, loss scale {scale}")
-    print(f"checkpoint: {out / 'checkpoint.pt'}; metrics: {out / 'metrics.jsonl'}")
+    print(f"checkpoint: {trainer.checkpoint_file}; metrics: {out / 'metrics.jsonl'}")
     if trainer.guard is not None:
         print(f"guard ({cfg.guard}): {len(summary.guard_events)} events: {guarding.summarize_events(summary.guard_events)}")
     plot = plot_run(summary, out / "curves.png")

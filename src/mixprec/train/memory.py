@@ -19,7 +19,13 @@ from typing import Iterable, Iterator
 import torch
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (FSDP2): the memory this process holds of it."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    t = _local(t)
     return (str(t.device), t.untyped_storage().data_ptr())
 
 
@@ -28,6 +34,7 @@ def _unique_bytes(tensors: Iterable[torch.Tensor], seen: set) -> int:
     for t in tensors:
         if not isinstance(t, torch.Tensor) or t.numel() == 0:
             continue
+        t = _local(t)
         key = _storage_key(t)
         if key not in seen:
             seen.add(key)

@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 # what train (checkpoints, metrics, config) and compare (tables, curves, per-recipe errors) write
-RUN_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "config.json", "tensorboard", "error.txt",
+RUN_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "checkpoint.dcp", "checkpoint.prev.dcp", "metrics.jsonl",
+             "config.json", "tensorboard", "error.txt", "curves.png",
              "table.md", "table.csv", "curves.json", "loss_curves.png", "seeds.md", "seeds.json", "batch_sizes.md",
              "batch_sizes.json")
 _DEPTH = 3   # compare --seeds writes OUT/seed-<s>/<recipe>/metrics.jsonl, --batch-sizes OUT/bs-<b>/<recipe@b>/

@@ -269,7 +269,7 @@ class Trainer:
                 torch.cuda.reset_peak_memory_stats(self.device)
             if self.on_step is not None:
                 self.on_step(self.step)
-            last, stop = self.step == cfg.steps, stops.signum is not None
+            last, stop = self.step == cfg.steps, self._stop_requested(stops)
             checkpoint_now = self.save_checkpoints and (
                 last or stop or bool(cfg.ckpt_every) and self.step % cfg.ckpt_every == 0)
             # a checkpoint ends the log window: its losses are checked before the state is saved
@@ -304,6 +304,10 @@ class Trainer:
         self.stopped = f"stopped at step {self.step}: the stability guard gave up"
         bar.write(self.stopped)
         self._record_validation(bar)
+
+    def _stop_requested(self, stops: StopRequests) -> bool:
+        """Whether a signal asked the run to stop (data parallelism agrees on it across ranks)."""
+        return stops.signum is not None
 
     def _open_outputs(self) -> None:
         """config.json and metrics.jsonl (a resumed run keeps its records up to the resumed step)."""
@@ -480,6 +484,11 @@ class Trainer:
                 raise checkpoint.DamagedCheckpoint(
                     f"the {part} state loaded from the checkpoint of step {self.step} differs from the one saved "
                     f"(its checksum does not match): this checkpoint cannot resume the run")
+
+    @property
+    def checkpoint_file(self) -> Path:
+        """Where the latest checkpoint of this run is (or will be)."""
+        return checkpoint.checkpoint_path(self.out)
 
     def save(self) -> Path | None:
         """Checkpoint into the output directory (unless checkpoints are off): the state is copied now
