@@ -210,7 +210,8 @@ class Trainer:
             return torch.full((), math.nan, device=self.device)
         norm = torch.nn.utils.get_total_norm(grads) / self.cfg.loss_factor
         torch.nn.utils.clip_grads_with_norm_(self.clip_params, self.cfg.grad_clip, norm)
-        return norm
+        # sharded gradients (FSDP2) give a DTensor norm: the log reads the global value
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     @torch.no_grad()
     def validate(self) -> float:
