@@ -229,7 +229,7 @@ def test_plugin_arguments_and_fsdp_variant():
 
 @pytest.mark.cuda
 def test_fsdp_variant_trains_on_a_gpu():
-    # Lightning refuses FSDP on the CPU accelerator; this runs on the lent GPU.
+    # Lightning refuses FSDP on the CPU accelerator; this runs on a GPU.
     from lightning.pytorch.strategies import FSDPStrategy
     plugin = MixprecFSDPPrecision("bf16-mixed")
     model = Classifier(dim=32)
