@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mixprec._linear_swap import take_over
 from mixprec.fp8.backends import fp8_gemm_supported, resolve_backend
 from mixprec.fp8.config import Float8Config
 from mixprec.fp8.gemm import Operand, mm_nt
@@ -116,14 +117,7 @@ class Float8Linear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, config: Float8Config | None = None) -> "Float8Linear":
         """A Float8Linear that takes over `linear` whole: its Parameters (shared, no copy), child modules,
         buffers, hooks and attributes; only the class, and so the forward, changes."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
-        new = cls.__new__(cls)
-        state = dict(linear.__dict__)
-        for key, value in state.items():   # own containers: registering on one must not change the other
-            if isinstance(value, dict):
-                state[key] = type(value)(value)
-        new.__dict__.update(state)
+        new = take_over(cls, linear)
         new._init_fp8(config)   # after the Parameters arrive: delayed scaling's buffers go to their device
         return new
 

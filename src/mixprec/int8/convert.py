@@ -1,40 +1,21 @@
 """convert: swap a model's nn.Linear layers for Int8Linear, keeping the sensitive ones in high precision.
 
-The default filter is FP8's (mixprec.fp8.convert), rule for rule, so a model converts the same layers
-under fp8-* and int8-* recipes. It is written out here because int8/ imports only formats and _tensors
-(DESIGN.md's import rule); a shared leaf would be a new unit for the import rule to place and a change to
-fp8/ as well, for some 30 lines of rules. tests/test_int8_convert.py checks that the two filters decide
-alike, which keeps the copies from drifting. Kept in high precision:
-
-    output head       the last Linear, one named lm_head/head/output/classifier, or one whose weight is
-                      tied to an embedding (the most precision-sensitive layer of a language model)
-    attention scores  Linear layers on the score path (names with score/logit/softmax/rel_pos/...);
-                      the Q, K, V and output projections are converted
-    nn.MultiheadAttention internals (its forward reads the projection weights directly)
-    routers           MoE gates: a last name part of gate/router/gating, or containing "router"
-    small layers      in or out features < config.min_features: quantization costs more than it saves
-    odd shapes        in or out features not divisible by 8 (torch._int_mm's rule for K and N; FP8's
-                      torch._scaled_mm needs 16, the one place the two filters differ)
-
-Embeddings and norms are not Linear layers and are never touched. The decisions are recorded on the
-model (`describe(model)` prints them, with the outlier fallback's counts when it is on).
+The default filter is FP8's (mixprec._linear_swap), so a model converts the same layers under fp8-* and
+int8-* recipes; only the shape rule differs (torch._int_mm needs in and out features divisible by 8, FP8's
+torch._scaled_mm 16). Embeddings and norms are not Linear layers and are never touched. The decisions are
+recorded on the model (`describe(model)` prints them, with the outlier fallback's counts when it is on).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
+from mixprec._linear_swap import Filter, Rule, decision_table, keep_rule, restore_linears, swap_linears
 from mixprec.int8.config import MATMULS, Int8Config
 from mixprec.int8.linear import Int8Linear
 
-_HEAD_NAMES = ("lm_head", "head", "output", "classifier")
-_ROUTER_NAMES = ("gate", "router", "gating")
-_SCORE_PATH = ("score", "logit", "softmax", "rel_pos", "relative_position", "pos_bias", "alibi")
 SHAPE_MULTIPLE = 8   # torch._int_mm: K and N multiples of 8
-
-Filter = Callable[[str, nn.Linear], bool]
 
 
 @dataclass(frozen=True)
@@ -48,42 +29,13 @@ class Int8Decision:
     reason: str
 
 
-def default_filter(model: nn.Module, config: Int8Config) -> Callable[[str, nn.Linear], str | None]:
+def default_filter(model: nn.Module, config: Int8Config) -> Rule:
     """The default rule as a function (qualified name, Linear) -> None to convert, or the reason to keep.
 
     Takes the whole model to find the output head (last Linear, or tied to an embedding) and the
     children of nn.MultiheadAttention.
     """
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    last = linears[-1] if linears else None
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    in_mha = {f"{name}.{child}" if name else child
-              for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
-              for child, _ in m.named_modules() if child}
-
-    def rule(name: str, linear: nn.Linear) -> str | None:
-        leaf = name.rsplit(".", 1)[-1].lower()
-        lowered = name.lower()
-        if id(linear.weight) in tied:
-            return "output head (weight tied to an embedding)"
-        if leaf in _HEAD_NAMES:
-            return f"output head (named {leaf!r})"
-        if name == last and name:   # a bare Linear converted on its own is no model's head
-            return "output head (the last Linear)"
-        if name in in_mha:
-            return "inside nn.MultiheadAttention (its forward reads the weights directly)"
-        if any(word in lowered for word in _SCORE_PATH):
-            return "attention score path (kept high precision, as DeepSeek-V3)"
-        if leaf in _ROUTER_NAMES or "router" in leaf:
-            return "router / MoE gate (kept high precision, as DeepSeek-V3)"
-        smallest = min(linear.in_features, linear.out_features)
-        if smallest < config.min_features:
-            return f"small: min(in, out) = {smallest} < min_features {config.min_features}"
-        if linear.in_features % SHAPE_MULTIPLE or linear.out_features % SHAPE_MULTIPLE:
-            return f"features not divisible by {SHAPE_MULTIPLE} (INT8 GEMMs need it)"
-        return None
-
-    return rule
+    return keep_rule(model, min_features=config.min_features, multiple=SHAPE_MULTIPLE, gemm="INT8")
 
 
 def convert(model: nn.Module, config: Int8Config | None = None, filter: Filter | None = None) -> nn.Module:
@@ -101,31 +53,12 @@ def convert(model: nn.Module, config: Int8Config | None = None, filter: Filter |
         raise TypeError(f"config must be a mixprec.int8.Int8Config, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert takes an nn.Module, got {type(model).__name__}")
-    rule = default_filter(model, config)
-    decisions: list[Int8Decision] = []
-    swapped: dict[int, Int8Linear] = {}   # a Linear shared by two parents gets one Int8Linear
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if not isinstance(module, nn.Linear):
-            continue
-        if isinstance(module, Int8Linear):
-            decisions.append(Int8Decision(name, module.in_features, module.out_features, True, "already INT8"))
-            continue
-        if type(module).forward is not nn.Linear.forward:
-            reason = f"{type(module).__name__} has its own forward (converting would replace it)"
-        elif filter is not None:
-            reason = None if filter(name, module) else "excluded by the filter"
-        else:
-            reason = rule(name, module)
-        if reason is None:
-            new = swapped.setdefault(id(module), Int8Linear.from_linear(module, config))
-            if name:
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), child, new)
-            else:   # the root itself: it cannot be replaced in place, the caller gets the new module
-                model = new
-        converted = f"converted ({config.recipe}; INT8 {'/'.join(config.int8_matmuls) or 'none'})"
-        decisions.append(Int8Decision(name, module.in_features, module.out_features, reason is None,
-                                      reason or converted))
+    model, swaps = swap_linears(model, Int8Linear, lambda linear: Int8Linear.from_linear(linear, config),
+                                default_filter(model, config), filter)
+    converted = f"converted ({config.recipe}; INT8 {'/'.join(config.int8_matmuls) or 'none'})"
+    decisions = [Int8Decision(name, m.in_features, m.out_features, reason in (None, "already"),
+                              {None: converted, "already": "already INT8"}.get(reason, reason))
+                 for name, m, reason in swaps]
     model._mixprec_int8_report = Int8Report(decisions)
     return model
 
@@ -133,18 +66,8 @@ def convert(model: nn.Module, config: Int8Config | None = None, filter: Filter |
 def unconvert(model: nn.Module) -> nn.Module:
     """Turn every Int8Linear of `model` back into an nn.Linear with the same Parameters, children and
     hooks (the outlier counters are dropped); returns the model (a new one for a root layer)."""
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if not isinstance(module, Int8Linear):
-            continue
-        linear = nn.Linear.__new__(nn.Linear)
-        linear.__dict__.update({k: (type(v)(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()
-                                if k not in ("config", "_int8_capable")})
-        linear._buffers.pop("int8_outlier_counts", None)
-        if name:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, linear)
-        else:
-            model = linear
+    model = restore_linears(model, Int8Linear, ("config", "_int8_capable"),
+                            lambda buffer: buffer == "int8_outlier_counts")
     model.__dict__.pop("_mixprec_int8_report", None)
     return model
 
@@ -195,13 +118,5 @@ def describe(model: nn.Module) -> str:
 
 
 def _table(rows: list[Int8Decision]) -> str:
-    if not rows:
-        return "no INT8 conversion recorded (call mixprec.int8.convert first)"
-    width = max(len(r.name or "<model>") for r in rows)
-    lines = [f"{'module':<{width}}  {'in':>6}  {'out':>6}  {'precision':<9}  reason"]
-    for r in rows:
-        lines.append(f"{r.name or '<model>':<{width}}  {r.in_features:>6}  {r.out_features:>6}  "
-                     f"{'INT8' if r.int8 else 'high':<9}  {r.reason}")
-    n = sum(r.int8 for r in rows)
-    lines.append(f"{n} of {len(rows)} Linear layers in INT8")
-    return "\n".join(lines)
+    return decision_table(rows, converted=lambda r: r.int8, label="INT8",
+                          empty="no INT8 conversion recorded (call mixprec.int8.convert first)")

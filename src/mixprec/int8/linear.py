@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from mixprec._linear_swap import take_over
 from mixprec.int8.backends import int8_gemm_supported, resolve_backend
 from mixprec.int8.config import MATMULS, Int8Config
 from mixprec.int8.gemm import Operand, mm_nt
@@ -161,14 +162,7 @@ class Int8Linear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, config: Int8Config | None = None) -> "Int8Linear":
         """An Int8Linear that takes over `linear` whole: its Parameters (shared, no copy), child modules,
         buffers, hooks and attributes; only the class, and so the forward, changes."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
-        new = cls.__new__(cls)
-        state = dict(linear.__dict__)
-        for key, value in state.items():   # own containers: registering on one must not change the other
-            if isinstance(value, dict):
-                state[key] = type(value)(value)
-        new.__dict__.update(state)
+        new = take_over(cls, linear)
         new._init_int8(config)
         return new
 
