@@ -9,13 +9,7 @@ import mixprec.optim as mo
 from tolerances import (OPTIM_4BIT_DEVIATION, OPTIM_8BIT_DEVIATION, OPTIM_8BIT_LOSS_RTOL, OPTIM_BF16_DECAY_RTOL,
                         OPTIM_FP8_DEVIATION)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: threads only contend
 
 
 def _task(seed=0):

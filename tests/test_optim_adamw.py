@@ -9,13 +9,7 @@ import mixprec.optim as mo
 from mixprec.optim import blockwise, codes
 from tolerances import OPTIM_BIAS_CORRECTION_RTOL, OPTIM_FP32_VS_TORCH_ATOL, OPTIM_FP32_VS_TORCH_RTOL
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: threads only contend
 
 
 SHAPES = [(96, 80), (5000,), (33,), (64, 129)]  # >= 4096 elements (quantized) and small ones (FP32 state)

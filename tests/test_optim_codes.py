@@ -6,14 +6,7 @@ import torch
 
 from mixprec.optim import blockwise, codes, rounding
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensor ops: thread start-up costs more than it saves on the 2-core CI machines.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: threads only contend
 
 
 MINIFLOATS = [codes.INT8_M, codes.INT8_V, codes.INT4_M, codes.INT4_V]

@@ -15,13 +15,7 @@ import mixprec.optim as mo
 from mixprec.optim import blockwise, codes
 from mixprec.optim.state import state_to_moments
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: threads only contend
 
 
 N = 5000            # >= 4096 elements: quantized state; 5000 = 19.5 blocks of 256: a tail block

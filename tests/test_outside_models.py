@@ -19,6 +19,8 @@ transformers = pytest.importorskip(
     "transformers", reason="the outside-model tests need Hugging Face transformers (pip install 'mixprec[test]')")
 from transformers.pytorch_utils import Conv1D
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: threads only contend
+
 RECIPES = ("bf16-mixed", "fp16-mixed")
 HALF = {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}
 DTYPE = {"bf16-mixed": "bfloat16", "fp16-mixed": "float16"}
@@ -62,16 +64,6 @@ def _vit():
 
 BUILD = {"llama": _llama, "gpt2": _gpt2, "t5": _t5, "resnet": _resnet, "vit": _vit}
 MODELS = tuple(BUILD)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for these tiny models: parallel kernels gain nothing at hidden size 32, and on a
-    busy machine their threads spin (measured: 5x the CPU time of the file with two threads on two cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _build(name):

@@ -13,15 +13,9 @@ import mixprec as mp
 from helpers import MLP, TinyGPT, regression_task
 from mixprec.stability import Rung, StabilityAbort, StabilityGuard, ZClip, shrink_embedding_grad
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: threads only contend
+
 X, Y = regression_task()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():   # tiny models: threads only contend (and on a loaded machine, spin)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 BAD = 9            # the batch made to spike (after the warm-up of a window of 8)

@@ -12,6 +12,8 @@ import mixprec as mp
 from helpers import MLP, regression_task
 from mixprec.stability import StabilityGuard
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: threads only contend
+
 X, Y = regression_task(n=1024)
 X, Y, X_EVAL, Y_EVAL = X[:768], Y[:768], X[768:], Y[768:]      # held-out batches of the same task
 STEPS, FAULT = 36, 23          # snapshots at 0, 10, 20, 30: the fault falls between two
@@ -20,14 +22,6 @@ FAULTS = ["batch_x1e3", "nan_grad", "lr_spike"]
 # Guarded runs lose a few batches (the faulty one; a rollback's ~7) of 36: their evaluation loss stays within
 # 10 % of the clean run's (measured: +2.5 % to +3.1 %; unguarded, the 1e3 batch ends 13x above it).
 SURVIVED_RTOL = 0.10
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _run(recipe, fault=None, guard=True):

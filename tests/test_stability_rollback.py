@@ -12,19 +12,13 @@ from helpers import MLP, regression_task
 from mixprec.stability import StabilityAbort, StabilityGuard
 from mixprec.stability.snapshot import SnapshotRing
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: threads only contend
+
 X, Y = regression_task()
 N = 22
 SPIKES = (12, 13, 14)      # three faults in a row: skip, skip, then the rollback rung (escalate_after=2)
 ROLLED = {10, 11, 12, 13, 14, 15}   # snapshot at 10 (every 5); the rollback runs at 15, one step late
 CASES = [("torch", "fp32"), ("mixprec-int8", "fp16-mixed")]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Run:

@@ -16,16 +16,10 @@ from mixprec.train.metrics import read_metrics
 from mixprec.train.trainer import Trainer
 from tolerances import FAULTS_GUARDED_VS_CLEAN_RTOL, FAULTS_UNGUARDED_WORSE_FACTOR
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: threads only contend
+
 TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--seq-len", "32", "--batch-size", "4",
         "--eval-batches", "2", "--quiet"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("argv, message", [
