@@ -12,6 +12,7 @@ script, it measures nothing.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import subprocess
 import time
@@ -71,6 +72,36 @@ class GPTSetup:
             step(i)
         self.sync()
         return time.perf_counter() - t0
+
+
+def arguments(doc: str, name: str) -> argparse.Namespace:
+    """The options every script here takes: --json, --rounds, --dry-run (a tiny model on the CPU); exits
+    with a message when there is no GPU and no --dry-run."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--json", default=f"runs/bench_{name}.json")
+    parser.add_argument("--recipe", default="bf16-mixed")
+    parser.add_argument("--eager", action="store_true", help="no torch.compile (where the script compiles)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script only")
+    args = parser.parse_args()
+    args.device = "cpu" if args.dry_run else "cuda"
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit(f"bench_{name}.py measures on a CUDA GPU; --dry-run checks the script on the CPU")
+    return args
+
+
+def timed_rounds(setup: "GPTSetup", steps: dict[str, Callable[[int], None]], window: int, rounds: int,
+                 start: int = 0) -> dict[str, list[float]]:
+    """Seconds of a `window`-step window of each variant per round (interleaved), on fresh batches."""
+    offset = [start]
+
+    def timed(step):
+        def run(_round: int) -> float:
+            offset[0] += window
+            return setup.window(step, window, start=offset[0])
+        return run
+
+    return interleaved({name: timed(step) for name, step in steps.items()}, rounds)
 
 
 def interleaved(variants: dict[str, Callable[[int], float]], rounds: int) -> dict[str, list[float]]:

@@ -13,7 +13,6 @@ DiagnosisMonitor running every 100 steps of training.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -21,23 +20,15 @@ from pathlib import Path
 import torch
 
 import mixprec as mp
-from _gpt_loop import GPTSetup, environment, interleaved, median_ratio
+from _gpt_loop import GPTSetup, arguments, environment, median_ratio, timed_rounds
 from mixprec.diagnostics.monitor import DiagnosisMonitor
 
 WINDOW = 100
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", default="runs/bench_diagnostics.json")
-    parser.add_argument("--recipe", default="bf16-mixed")
-    parser.add_argument("--eager", action="store_true", help="no torch.compile in the monitor's loop")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script only")
-    args = parser.parse_args()
-    device = "cpu" if args.dry_run else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_diagnostics.py measures on a CUDA GPU; --dry-run checks the script on the CPU")
+    args = arguments(__doc__, "diagnostics")
+    device = args.device
     setup = GPTSetup(device=device, recipe=args.recipe, compile=not args.eager and not args.dry_run,
                      dry_run=args.dry_run)
     window = 4 if args.dry_run else WINDOW
@@ -73,15 +64,7 @@ def main() -> None:
     for step, _ in loops.values():
         setup.window(step, window)   # a full window: the monitor's sampled step compiles too
 
-    offset = [window]
-
-    def timed(step):
-        def run(_round: int) -> float:
-            offset[0] += window
-            return setup.window(step, window, start=offset[0])
-        return run
-
-    times = interleaved({name: timed(step) for name, (step, _) in loops.items()}, args.rounds)
+    times = timed_rounds(setup, {name: step for name, (step, _) in loops.items()}, window, args.rounds, start=window)
     samples = loops["monitor"][1].samples
     result = {**environment(device), "recipe": args.recipe, "compiled": setup.compile, "sizes": setup.sizes,
               "batch": setup.batch, "diagnose_seconds": diagnose_s, "monitor_every": window,

@@ -15,7 +15,6 @@ any graph), torch's fused AdamW.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -25,20 +24,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mixprec as mp
-from _gpt_loop import GPTSetup, environment, interleaved, median_ratio
+from _gpt_loop import GPTSetup, arguments, environment, median_ratio, timed_rounds
 
 WINDOW = 50
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", default="runs/bench_distributed.json")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script only")
-    args = parser.parse_args()
-    device = "cpu" if args.dry_run else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_distributed.py measures on a CUDA GPU; --dry-run checks the script on the CPU")
+    args = arguments(__doc__, "distributed")
+    device = args.device
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
     dist.init_process_group("gloo" if device == "cpu" else "nccl", rank=0, world_size=1)
@@ -64,15 +57,7 @@ def main() -> None:
             raise SystemExit("mp.prepare registered no FP32 reduction hook on the DDP module: nothing to measure")
         for step in steps.values():
             setup.window(step, 3 if args.dry_run else 10)
-        offset = [0]
-
-        def timed(step):
-            def run(_round: int) -> float:
-                offset[0] += window
-                return setup.window(step, window, start=offset[0])
-            return run
-
-        times = interleaved({name: timed(step) for name, step in steps.items()}, args.rounds)
+        times = timed_rounds(setup, steps, window, args.rounds, start=0)
         params = sum(p.numel() for p in model.parameters())
         result = {**environment(device), "recipe": "bf16-true", "world_size": 1, "sizes": setup.sizes,
                   "batch": setup.batch, "parameters": params, "hooks": hooks, "window_steps": window,

@@ -13,29 +13,21 @@ Fabric is Lightning's thin loop: the Trainer adds its own logging and callbacks,
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
 import mixprec as mp
-from _gpt_loop import GPTSetup, environment, interleaved, median_ratio
+from _gpt_loop import GPTSetup, arguments, environment, median_ratio, timed_rounds
 from mixprec.train.models import build_model, model_config
 
 WINDOW = 50
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", default="runs/bench_integrations.json")
-    parser.add_argument("--recipe", default="bf16-mixed")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script only")
-    args = parser.parse_args()
-    device = "cpu" if args.dry_run else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_integrations.py measures on a CUDA GPU; --dry-run checks the script on the CPU")
+    args = arguments(__doc__, "integrations")
+    device = args.device
     import lightning
 
     from mixprec.integrations.lightning import MixprecPrecision
@@ -72,15 +64,7 @@ def main() -> None:
     steps = {"hand": hand, "fabric": with_fabric}
     for step in steps.values():
         setup.window(step, 3 if args.dry_run else 10)
-    offset = [0]
-
-    def timed(step):
-        def run(_round: int) -> float:
-            offset[0] += window
-            return setup.window(step, window, start=offset[0])
-        return run
-
-    times = interleaved({name: timed(step) for name, step in steps.items()}, args.rounds)
+    times = timed_rounds(setup, steps, window, args.rounds, start=0)
     result = {**environment(device), "recipe": args.recipe, "lightning": lightning.__version__,
               "sizes": setup.sizes, "batch": setup.batch, "window_steps": window, "rounds": args.rounds,
               "seconds": times, "ms_per_step_hand": min(times["hand"]) / window * 1e3,

@@ -16,7 +16,6 @@ Host syncs: 10 steps of each variant under torch.cuda.set_sync_debug_mode("warn"
 """
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 from pathlib import Path
@@ -24,22 +23,14 @@ from pathlib import Path
 import torch
 
 import mixprec as mp
-from _gpt_loop import GPTSetup, environment, interleaved, median_ratio
+from _gpt_loop import GPTSetup, arguments, environment, median_ratio, timed_rounds
 
 WINDOW = 100
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", default="runs/bench_stability.json")
-    parser.add_argument("--recipe", default="bf16-mixed")
-    parser.add_argument("--eager", action="store_true", help="no torch.compile")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script only")
-    args = parser.parse_args()
-    device = "cpu" if args.dry_run else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_stability.py measures on a CUDA GPU; --dry-run checks the script on the CPU")
+    args = arguments(__doc__, "stability")
+    device = args.device
     setup = GPTSetup(device=device, recipe=args.recipe, compile=not args.eager and not args.dry_run,
                      dry_run=args.dry_run)
     window = 4 if args.dry_run else WINDOW
@@ -91,15 +82,7 @@ def main() -> None:
             syncs[name] = sum("synchroniz" in str(w.message) for w in caught)
         print("host syncs in 10 steps:", syncs, flush=True)
 
-    offset = [0]
-
-    def timed(step):
-        def run(_round: int) -> float:
-            offset[0] += window
-            return setup.window(step, window, start=offset[0])
-        return run
-
-    times = interleaved({name: timed(step) for name, step in steps.items()}, args.rounds)
+    times = timed_rounds(setup, steps, window, args.rounds, start=0)
     ratios = {name: median_ratio(times[name], times["clip"]) for name in guards}
     for g in guards.values():
         g.flush()
