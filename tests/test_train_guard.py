@@ -13,6 +13,7 @@ from mixprec.train.checkpoint import load_checkpoint
 from mixprec.train.config import TrainConfig
 from mixprec.train.faults import FaultPlan
 from mixprec.train.metrics import read_metrics
+from mixprec.train.models import build_model, model_config
 from mixprec.train.trainer import Trainer
 from tolerances import FAULTS_GUARDED_VS_CLEAN_RTOL, FAULTS_UNGUARDED_WORSE_FACTOR
 
@@ -38,6 +39,7 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--seq-len", "32",
     (["compare", "--recipes", "fp32", "--window", "16"], "--window applies to a guarded run"),
     (["train", "--guard", "off", "--window", "16"], "--window applies to a guarded run"),
     (["train", "--task", "fault"], "Unknown task 'fault'; choose one of: default, small-grad, faults"),
+    (["train", "--diagnose-events"], "--diagnose-events applies to a guarded run"),
 ])
 def test_bad_guard_flags_exit_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2
@@ -108,6 +110,24 @@ def test_a_nan_gradient_is_skipped_under_guard_skip_and_logged(tmp_path, capsys)
     windows = [r for r in records if "train_loss" in r]
     assert windows[-1]["skipped_steps"] >= 2 and windows[-1]["guard_events"] == len(events)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_diagnose_events_attaches_a_diagnosis_of_the_batch_to_each_event(tmp_path, capsys):
+    """--diagnose-events: every event record carries mp.diagnose's view of its batch (the model's modules,
+    the batch's FP32 loss); without the flag the records have none."""
+    steps = 20
+    plan = FaultPlan.for_steps(steps)
+    out = tmp_path / "run"
+    flags = ["--task", "faults", "--steps", str(steps), "--log-every", "5", "--eval-every", "10", *TINY]
+    assert main(["train", "--guard", "skip", "--window", "4", "--diagnose-events", "--out", str(out), *flags]) == 0
+    events = [r for r in read_metrics(out) if "event" in r]
+    assert events and all(e["diagnosis"]["source"] == "diagnose" for e in events)
+    modules = {name for name, _ in build_model(model_config("gpt", n_layer=1, n_head=2, d_model=32,
+                                                            seq_len=32)).named_modules()}
+    nan_event = next(e for e in events if e["batch"] == plan.nan)
+    diagnosis = nan_event["diagnosis"]
+    assert math.isfinite(diagnosis["loss"]) and 3.0 < diagnosis["loss"] < 7.0   # bytes: ln 256 = 5.55 at init
+    assert {row["module"] for row in diagnosis["risky"] + diagnosis["largest"]} <= modules
 
 
 def test_the_guard_leaves_a_clean_run_as_it_was(tmp_path):

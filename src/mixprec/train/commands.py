@@ -30,7 +30,7 @@ SIZE_FLAGS = tuple(sorted({f for sizes in MODEL_SIZES.values() for f in sizes}))
 # TrainConfig fields that train and compare take from flags of the same name
 CONFIG_FLAGS = ("model", "steps", "batch_size", "lr", "device", "seed", "task", "eval_every", "eval_batches",
                 "log_every", "weight_decay", "grad_clip", "warmup", "compile", "optim", "rounding", *SIZE_FLAGS)
-CONFIG_FLAGS += guarding.GUARD_FLAGS
+CONFIG_FLAGS += (*guarding.GUARD_FLAGS, "diagnose_events")
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:

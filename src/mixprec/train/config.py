@@ -71,6 +71,7 @@ class TrainConfig:
     spike_sigma: float = 6.0
     window: int = 128
     embedding_grad_shrink: float | None = None
+    diagnose_events: bool = False   # attach mp.diagnose's view of the batch to each guard event (no effect on training)
 
     def __post_init__(self) -> None:
         _choice("model", self.model, MODELS)

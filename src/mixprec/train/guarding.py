@@ -8,6 +8,7 @@ for, GLM-130B's embedding gradient shrink, and how guard events read in logs.
     --guard zclip     ZClip (z threshold 2.5) clips every step's gradient adaptively; faulty steps are skipped
     --spike-sigma K   a spike is K standard deviations above the mean of the last --window N clean steps
     --embedding-grad-shrink ALPHA   the token embedding's gradient times ALPHA (GLM-130B: 0.1), any guard
+    --diagnose-events  each event's record carries mp.diagnose's view of its batch (event_diagnosis)
 
 The guard replaces the trainer's clip + scaler.step + scaler.update: it clips to --grad-clip with the norm it
 measures anyway (one norm per step, on the device).
@@ -47,6 +48,9 @@ def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=int, metavar="N", help="clean steps the spike rule looks back on (default 128)")
     g.add_argument("--embedding-grad-shrink", type=float, metavar="ALPHA",
                    help="multiply the token embedding's gradient by ALPHA in (0, 1] (GLM-130B: 0.1)")
+    g.add_argument("--diagnose-events", action="store_true", default=None,
+                   help="attach a diagnosis of the batch to each guard event in metrics.jsonl (which modules' "
+                        "values overflow or underflow in FP16/BF16; an FP32 forward and backward per event)")
 
 
 def check_fields(cfg: Any) -> None:
@@ -68,10 +72,11 @@ def check_fields(cfg: Any) -> None:
 
 
 def check_applies(args: argparse.Namespace, guards: set[str]) -> None:
-    """Refuse --spike-sigma and --window where no run is guarded (`guards`: the guards of the runs)."""
+    """Refuse --spike-sigma, --window and --diagnose-events where no run is guarded (`guards`: the guards of
+    the runs)."""
     if guards - {"off"}:
         return
-    for flag in ("spike_sigma", "window"):
+    for flag in ("spike_sigma", "window", "diagnose_events"):
         if getattr(args, flag, None) is not None:
             name = "--" + flag.replace("_", "-")
             raise ValueError(f"{name} applies to a guarded run (--guard skip, rollback or zclip); this run's guard is "
@@ -115,6 +120,16 @@ def event_record(event: dict) -> dict:
     batch index plus one); "event" is the cause."""
     return {"step": event["step"] + 1, "event": event["cause"], "action": event["action"],
             **{k: v for k, v in event.items() if k not in ("step", "cause", "action")}}
+
+
+def diagnose_event(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """mp.diagnose's compact view of an event's batch (x, y) under the model's weights when the event is read:
+    the riskiest modules and the largest values (a skipped step left the weights as they were)."""
+    from mixprec.diagnostics import event_diagnosis
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+    return event_diagnosis(model, batch, loss_fn)
 
 
 def describe_event(event: dict) -> str:

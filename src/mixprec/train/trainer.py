@@ -411,7 +411,11 @@ class Trainer:
         self.guard.flush()   # the last step's record: this window already synchronised
         for event in self.guard.events[self._events_seen:]:
             if self.metrics is not None:
-                self.metrics.write(guarding.event_record(event), scalars=False)
+                record = guarding.event_record(event)
+                if self.cfg.diagnose_events and isinstance(event.get("batch"), int):
+                    batch = tuple(t.to(self.device) for t in self.data.train_batch(event["batch"]))
+                    record["diagnosis"] = guarding.diagnose_event(self.model, batch)
+                self.metrics.write(record, scalars=False)
             bar.write(guarding.describe_event(event))
         self._events_seen = len(self.guard.events)
         return self._events_seen
