@@ -394,6 +394,70 @@ def test_an_inf_on_one_rank_only_skips_the_step_on_every_rank(process_group):
     assert traces[0]["scale"][bad] == traces[0]["scale"][bad - 1] / 2
 
 
+# ---- the stability guard across ranks --------------------------------------------------------------------
+def _guard_rank(rank, world, bad_step):
+    policy = _policy("bf16-mixed")
+    model = DistributedDataParallel(_model("gpt", policy))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = mp.StabilityGuard(model, opt, window=4, ladder=("skip",), snapshot_every=0, process_group="default")
+    changed = []
+    for step in range(6):
+        x, y = (mpd.rank_slice(t) for t in _gpt_batch(step))
+        loss = _loss(model, policy, x, y)
+        loss.backward()
+        seen = torch.full_like(loss, math.nan) if rank == 1 and step == bad_step else loss   # rank 1's fault alone
+        before = [p.detach().clone() for p in model.parameters()]
+        guard.step(seen, batch=step)
+        opt.zero_grad()
+        changed.append(any(not torch.equal(a, p) for a, p in zip(before, model.parameters())))
+    guard.flush()
+    return {"changed": changed, "events": [(e["step"], e["cause"], e["action"]) for e in guard.events],
+            "params": [p.detach().clone() for p in model.parameters()]}
+
+
+def test_a_fault_on_one_rank_makes_every_rank_skip_the_step():
+    """StabilityGuard(process_group=...): a non-finite loss seen on rank 1 alone skips the step on both ranks
+    (one all-reduce of the fault flags), so the DDP replicas stay identical."""
+    bad = 3
+    results = run_ranks(_guard_rank, 2, bad)
+    for r in results:
+        assert r["changed"] == [step != bad for step in range(6)]
+    assert results[1]["events"] == [(bad, "nonfinite_loss", "skip")]
+    assert results[0]["events"] == [(bad, "other_rank", "skip")]
+    for a, b in zip(results[0]["params"], results[1]["params"]):
+        assert torch.equal(a, b)
+
+
+def _shrink_rank(rank, world, alpha):
+    grads = {}
+    for shrink in (False, True):
+        policy = _policy("bf16-mixed")
+        model = _model("gpt", policy)
+        if shrink:
+            mp.shrink_embedding_grad(model.tok, alpha)
+        model = mpd.shard_model(model, policy)
+        x, y = (mpd.rank_slice(t) for t in _gpt_batch(0))
+        _loss(model, policy, x, y).backward()
+        grads[shrink] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    return grads
+
+
+def test_the_embedding_shrink_scales_the_sharded_embeddings_gradient_alone():
+    """mp.shrink_embedding_grad on an embedding that FSDP2 shards: its gathered gradient is alpha times the
+    unshrunk one, every other gradient is unchanged. The embedding's gradient sums the scaled per-token
+    gradients (alpha * g_i rounded each, then summed) where the reference scales the sum: FP32 rounding
+    apart, to 1e-6 of the largest element."""
+    alpha = 0.1
+    for grads in run_ranks(_shrink_rank, 2, alpha):
+        plain, shrunk = grads[False], grads[True]
+        for name in plain:
+            if name == "tok.weight":
+                torch.testing.assert_close(shrunk[name], alpha * plain[name], rtol=0,
+                                           atol=1e-6 * alpha * plain[name].abs().max().item())
+            else:
+                assert torch.equal(shrunk[name], plain[name]), name
+
+
 # ---- distributed checkpoints ---------------------------------------------------------------------------
 # Every state dtype in one optimizer: a parameter group each (norms, under min_quant_numel, keep FP32).
 STATE_DTYPES = {"blocks.0.": "int8", "blocks.1.": "int4", "tok.": "fp8", "pos.": "fp8", "lm_head.": "bf16"}
