@@ -145,3 +145,19 @@ def test_ddp_averages_before_the_masters_take_the_gradients(tmp_path):
                 # the ranks' FP16 gradients summed in FP16 against one FP16 backward: FP16 rounding apart
                 assert torch.allclose(got, want, rtol=FP16_ULP_RTOL * 4, atol=FP16_ULP_RTOL * want.abs().max())
         assert all(torch.equal(a, b) for a, b in zip(ranks[0][step], ranks[1][step]))   # every rank the same
+
+
+def test_fresh_gradients_after_zero_grad_to_none_always_reach_the_masters():
+    """zero_grad(set_to_none=True) frees the half gradients; the next backward allocates new ones, which
+    CPython often puts at the freed objects' addresses: the masters must still take every new gradient
+    (they once compared id() and version, and kept a stale gradient when an id came back)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4).half()
+    opt = mp.MasterWeights(torch.optim.SGD(model.parameters(), lr=0.0))
+    for it in range(50):
+        model.zero_grad(set_to_none=True)
+        x = torch.randn(2, 8).half()
+        (model(x).float() * (it + 1)).sum().backward()
+        opt.sync_grads()
+        for p, m in zip(model.parameters(), mp.master_params(opt)):
+            assert torch.equal(m.grad, p.grad.float()), it

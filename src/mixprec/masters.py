@@ -16,6 +16,7 @@ parameters are the master weights.
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from typing import Any, Iterator
 
@@ -57,7 +58,9 @@ class MasterWeights(torch.optim.Optimizer):
         self._optimizer_step_post_hooks: dict = OrderedDict()
         self._model_params: list[torch.Tensor] = []
         self._masters: list[torch.Tensor] = []
-        self._synced: list[tuple[int, int] | None] = []   # (id, version) of the param.grad last copied
+        # (weak reference, version) of the param.grad last copied: not its id(), which a new gradient allocated
+        # after zero_grad(set_to_none=True) can reuse, making a fresh gradient look already copied
+        self._synced: list[tuple[weakref.ref, int] | None] = []
         for group in optimizer.param_groups:
             params = []
             for p in group["params"]:
@@ -99,14 +102,14 @@ class MasterWeights(torch.optim.Optimizer):
                 master.grad = None
                 self._synced[i] = None
                 continue
-            key = (id(grad), grad._version)
-            if self._synced[i] == key and master.grad is not None:
+            synced = self._synced[i]
+            if synced is not None and synced[0]() is grad and synced[1] == grad._version and master.grad is not None:
                 continue
             if master.grad is None or master.grad.shape != grad.shape:
                 master.grad = grad.float()
             else:
                 master.grad.copy_(grad)
-            self._synced[i] = key
+            self._synced[i] = (weakref.ref(grad), grad._version)
 
     @torch.no_grad()
     def step(self, closure=None, **kwargs):
