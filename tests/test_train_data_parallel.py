@@ -95,6 +95,7 @@ def test_sigterm_stops_every_rank_after_the_same_step_with_one_checkpoint(tmp_pa
     (["--nproc", "2", "--dp", "zero"], "Unknown --dp 'zero'; choose one of: ddp, fsdp2"),
     (["--dp", "fsdp2"], "--dp applies to runs over several processes: give --nproc 2 or more"),
     (["--nproc", "2", "--recipe", "fp16-true"], "recipe fp16-true keeps FP32 master weights"),
+    (["--nproc", "2", "--guard", "skip"], "--guard and --embedding-grad-shrink train in one process for now"),
 ])
 def test_bad_nproc_exits_2_with_one_line_before_any_rank_starts(tmp_path, flags, message, capfd):
     out = tmp_path / "run"
