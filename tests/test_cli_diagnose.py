@@ -223,3 +223,30 @@ def test_batch_sizes_without_steps_train_the_same_samples_each():
 def test_compare_batch_sizes_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):
     assert main(["compare", *argv, "--out", str(tmp_path / "cmp")]) == 2
     _one_line_error(capsys, message)
+
+
+def test_diagnose_run_reads_the_trained_weights_and_the_next_batch(tmp_path, capsys):
+    """--run DIR: the checkpoint's weights, on the batch the run would train on next, under the run's own
+    policy; the report's FP32 loss is the trained model's on that batch."""
+    from mixprec.train.checkpoint import load_checkpoint
+    from mixprec.train.data import batches_for
+    from mixprec.train.models import build_model
+
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "fp16-mixed", "--steps", "6", "--out", str(run), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["diagnose", "--run", str(run)]) == 0
+    printed = capsys.readouterr().out
+    assert f"trained 6 steps ({run}), on batch 6" in printed and "recipe fp16-mixed against FP32" in printed
+    report = json.loads((run / "diagnosis" / "report.json").read_text())
+
+    state = load_checkpoint(run)
+    cfg = TrainConfig(**state["config"])
+    model = build_model(cfg.model_config())
+    model.load_state_dict(state["model"])
+    x, y = batches_for("gpt", batch_size=cfg.batch_size, seq_len=cfg.seq_len_or_default, seed=cfg.seed).train_batch(6)
+    assert report["loss"] == pytest.approx(loss_on_logits(model(x), y).item(), rel=1e-5)
+    assert report["policy"]["name"] == "fp16-mixed" and report["policy"]["loss_scale"] == "dynamic"
+
+    assert main(["diagnose", "--run", str(run), "--d-model", "64"]) == 2
+    assert "--d-model is fixed by the run that --run" in capsys.readouterr().err

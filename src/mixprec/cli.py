@@ -10,7 +10,7 @@ mixprec.train (commands.py and the modules it calls).
     mixprec train|compare ... [--guard off|skip|rollback|zclip] [--spike-sigma K] [--window N]
                      [--embedding-grad-shrink ALPHA] [--task faults]
     mixprec bench    --model llama|gpt2|resnet50|vit|gpt --recipe bf16-mixed|fp16-mixed [--compile] ...
-    mixprec diagnose [--model gpt|cnn|lstm|gru] [--recipe R] [--loss-scale S] [--batch-size B] --out DIR
+    mixprec diagnose [--model gpt|cnn|lstm|gru | --run DIR] [--recipe R] [--loss-scale S] [--batch-size B] --out DIR
 
 Mistakes a user can make (an unknown model, recipe, optimizer or device, --device cuda without a GPU,
 --steps 0, --lr inf, a flag that does not apply to the model or recipe, a --seq-len that cannot fit,
@@ -188,13 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_diagnose_parser(commands_: argparse._SubParsersAction) -> None:
     diagnose = commands_.add_parser("diagnose", help="where a built-in model's values under- and overflow, and the "
                                                      "policy that follows",
-                                    description="mp.diagnose on a built-in model at its initial weights and one "
-                                                "batch of its embedded data: a table sorted by risk (printed and "
+                                    description="mp.diagnose on a built-in model at its initial weights (or a "
+                                                "trained run's, --run) and one batch of its embedded data: a table "
+                                                "sorted by risk (printed and "
                                                 "report.txt), report.html with PNG figures, report.json and "
                                                 "recommended_policy.json (for `mixprec train --policy`).")
     diagnose.add_argument("--model", help=f"one of: {', '.join(MODELS)} (default gpt)")
+    diagnose.add_argument("--run", metavar="DIR", help="diagnose the trained weights of a `mixprec train` run "
+                                                       "(DIR/checkpoint.pt) on the batch it would train on next, "
+                                                       "under its own policy unless --recipe is given")
     diagnose.add_argument("--recipe", help="a recipe to measure against FP32: SQNR per module and the precision "
-                                           "audit (default: none, the FP32 ranges alone)")
+                                           "audit (default: none, the FP32 ranges alone; with --run, the run's)")
     diagnose.add_argument("--loss-scale", type=float, help="diagnose the gradients of loss x S, what a scaled FP16 "
                                                            "backward holds (default: unscaled)")
     diagnose.add_argument("--batch-size", type=int, help="sequences (or images) in the batch (default 16)")

@@ -59,14 +59,39 @@ def diagnose_batch_sizes(cfg: TrainConfig, batch_sizes: list[int]) -> dict[str, 
 
 
 # ---- the command ---------------------------------------------------------------------------------
+def trained_model_and_batch(run: str | Path, device: str | None) -> tuple[TrainConfig, nn.Module,
+                                                                           tuple[torch.Tensor, ...], int]:
+    """A `mixprec train` run's model at its checkpoint's weights and the batch it would train on next
+    (batch number `step`), on `device` (default the run's); returns (config, model, batch, step)."""
+    import sys
+
+    from mixprec.train.checkpoint import load_checkpoint
+    from mixprec.train.config import resumed_config
+    from mixprec.train.data import batches_for
+    from mixprec.train.data_parallel import holds_run
+    from mixprec.train.models import build_model
+
+    if holds_run(run):
+        raise ValueError(f"--run {run} holds a run over several processes (checkpoint.dcp); diagnose reads a "
+                         f"single-process run's checkpoint.pt")
+    state = load_checkpoint(run, warn=lambda line: print(f"mixprec diagnose: warning: {line}", file=sys.stderr))
+    cfg = resumed_config(state["config"], {"device": device} if device else {}, str(run))
+    model = build_model(cfg.model_config())
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()})
+    data = batches_for(cfg.model, batch_size=cfg.batch_size, seq_len=cfg.seq_len_or_default, seed=cfg.seed)
+    x, y = (t.to(cfg.device) for t in data.train_batch(state["step"]))
+    return cfg, model.to(cfg.device), (x, y), state["step"]
+
+
 @dataclass
 class DiagnoseJob:
     cfg: TrainConfig                      # model, sizes, batch size, seed, device (its recipe is not used)
     model: nn.Module
     batch: tuple[torch.Tensor, ...]
-    recipe: str | None                    # the recipe to measure against FP32 (SQNR, audit); None: ranges only
+    recipe: str | mp.Policy | None        # the policy to measure against FP32 (SQNR, audit); None: ranges only
     loss_scale: float | None
     out: Path
+    step: int | None = None               # --run: the checkpoint's step (None: initial weights)
 
 
 def setup_diagnose(args: argparse.Namespace) -> DiagnoseJob:
@@ -75,18 +100,28 @@ def setup_diagnose(args: argparse.Namespace) -> DiagnoseJob:
     from mixprec.train.outputs import check_writable, refuse_nonempty
 
     given = {k: getattr(args, k) for k in (*_CONFIG_FLAGS, *SIZE_FLAGS) if getattr(args, k, None) is not None}
+    fixed = [k for k in given if k != "device"] if args.run is not None else []
+    if fixed:
+        raise ValueError(f"--{fixed[0].replace('_', '-')} is fixed by the run that --run {args.run} names: drop it")
     cfg = TrainConfig(**given)
     if args.recipe is not None:
         mp.Policy.from_recipe(args.recipe)   # an unknown recipe: ValueError naming the recipes
     if args.loss_scale is not None and not (math.isfinite(args.loss_scale) and args.loss_scale > 0):
         raise ValueError(f"--loss-scale must be a finite number > 0, e.g. 65536; got {args.loss_scale}")
-    out = Path(args.out or Path("runs") / ("diagnose-" + cfg.model + (f"-{args.recipe}" if args.recipe else "")))
+    require_device(cfg.device)
+    recipe, step = args.recipe, None
+    if args.run is not None:
+        cfg, model, batch, step = trained_model_and_batch(args.run, args.device)
+        recipe = args.recipe or cfg.precision_policy()
+        default_out = Path(args.run) / "diagnosis"
+    else:
+        model, batch = model_and_batch(cfg)   # reads the corpus: a missing one is reported here
+        default_out = Path("runs") / ("diagnose-" + cfg.model + (f"-{args.recipe}" if args.recipe else ""))
+    out = Path(args.out or default_out)
     check_writable(out)
     if not args.overwrite:
         refuse_nonempty(out)
-    require_device(cfg.device)
-    model, batch = model_and_batch(cfg)   # reads the corpus: a missing one is reported here
-    return DiagnoseJob(cfg, model, batch, args.recipe, args.loss_scale, out)
+    return DiagnoseJob(cfg, model, batch, recipe, args.loss_scale, out, step)
 
 
 def diagnose(job: DiagnoseJob, args: argparse.Namespace) -> int:
@@ -95,8 +130,11 @@ def diagnose(job: DiagnoseJob, args: argparse.Namespace) -> int:
 
     cfg, out = job.cfg, job.out
     n_params = sum(p.numel() for p in job.model.parameters())
-    against = f"recipe {job.recipe} against FP32" if job.recipe else "FP32 ranges (give --recipe for SQNR and the audit)"
-    print(f"mixprec diagnose: {cfg.model} ({n_params:,} parameters) at its initial weights (seed {cfg.seed}), one "
+    name = job.recipe.name if isinstance(job.recipe, mp.Policy) else job.recipe
+    against = f"recipe {name} against FP32" if job.recipe else "FP32 ranges (give --recipe for SQNR and the audit)"
+    weights = (f"at its initial weights (seed {cfg.seed})" if job.step is None
+               else f"trained {job.step} steps ({args.run}), on batch {job.step}")
+    print(f"mixprec diagnose: {cfg.model} ({n_params:,} parameters) {weights}, one "
           f"batch of {cfg.batch_size} on {cfg.device}, {against}"
           + (f", loss scale {job.loss_scale:g}" if job.loss_scale else "") + f"; output in {out}", flush=True)
     if args.overwrite:
