@@ -90,7 +90,9 @@ def test_a_nan_gradient_is_skipped_under_guard_skip_and_logged(tmp_path, capsys)
     plan = FaultPlan.for_steps(steps)
     flags = ["--task", "faults", "--steps", str(steps), "--log-every", "5", "--eval-every", "10", *TINY]
     assert main(["train", "--out", str(tmp_path / "off"), *flags]) == 3
-    assert f"the training loss is nan at step {plan.nan + 2}" in capsys.readouterr().err   # after the NaN update
+    err = capsys.readouterr().err
+    assert f"the training loss is nan at step {plan.nan + 2}" in err   # after the NaN update
+    assert (tmp_path / "off" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"   # the diverged run's plot
 
     out = tmp_path / "skip"
     assert main(["train", "--guard", "skip", "--window", "4", "--out", str(out), *flags]) == 0

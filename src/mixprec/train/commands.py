@@ -147,7 +147,6 @@ def policy_file_overrides(path: str, recipe: str | None) -> dict[str, Any]:
 def train(trainer, args: argparse.Namespace) -> int:
     from mixprec.train import optimizers
     from mixprec.train.fp8_coverage import describe
-    from mixprec.train.curves import plot_run
     from mixprec.train.data_parallel import Launch
     from mixprec.train.outputs import clear_run
 
@@ -175,6 +174,7 @@ def train(trainer, args: argparse.Namespace) -> int:
                 if diverged.checkpoint else "no checkpoint was saved before it")
         print(f"mixprec train: the run diverged at step {diverged.step}: {diverged.reason}; {kept}; metrics: "
               f"{out / 'metrics.jsonl'}. Try a lower --lr (this run's: {cfg.lr:g})", file=sys.stderr, flush=True)
+        _plot(trainer, out)
         return EXIT_DIVERGED
     scale = "-" if summary.final_scale is None else f"{summary.final_scale:g}"
     print(f"done: step {summary.steps_done}, train loss {summary.final_train_loss:.4f}, validation loss "
@@ -183,9 +183,20 @@ def train(trainer, args: argparse.Namespace) -> int:
     print(f"checkpoint: {trainer.checkpoint_file}; metrics: {out / 'metrics.jsonl'}")
     if trainer.guard is not None:
         print(f"guard ({cfg.guard}): {len(summary.guard_events)} events: {guarding.summarize_events(summary.guard_events)}")
-    plot = plot_run(summary, out / "curves.png")
-    print(f"plot: {plot}" if plot else f"plot: not written: matplotlib is not installed; get it with {PLOT_HINT}")
+    _plot(trainer, out, summary)
     return 0
+
+
+def _plot(trainer, out: Path, summary=None) -> None:
+    """OUT/curves.png (loss and gradient norm, the guard's events marked) from the process that writes the
+    run's files, also for a run that diverged: where it went wrong is what the plot shows."""
+    from mixprec.train.curves import plot_run
+
+    if not trainer.write_metrics:
+        return
+    plot = plot_run(summary or trainer.summary(), out / "curves.png")
+    print(f"plot: {plot}" if plot else f"plot: not written: matplotlib is not installed; get it with {PLOT_HINT}",
+          flush=True)
 
 
 def _stopped_message(stop: Interrupted, out: Path) -> str:

@@ -250,7 +250,7 @@ class Trainer:
             bar.close()
             if self.metrics is not None:
                 self.metrics.close()
-        return self._summary(time.perf_counter() - start)
+        return self.summary(time.perf_counter() - start)
 
     def _loop(self, stops: StopRequests, bar: Progress) -> None:
         cfg, first_step = self.cfg, self.step
@@ -437,7 +437,8 @@ class Trainer:
         bar.write(f"step {self.step}: validation loss {val:.4f}")
         self._check(None if math.isfinite(val) else f"the validation loss is {val} at step {self.step}")
 
-    def _summary(self, seconds: float) -> RunSummary:
+    def summary(self, seconds: float = 0.0) -> RunSummary:
+        """The run so far (also after a divergence or a signal stopped it)."""
         n = min(FINAL_LOSS_WINDOW, len(self.train_losses))
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
