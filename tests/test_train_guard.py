@@ -40,6 +40,9 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--seq-len", "32",
     (["train", "--guard", "off", "--window", "16"], "--window applies to a guarded run"),
     (["train", "--task", "fault"], "Unknown task 'fault'; choose one of: default, small-grad, faults"),
     (["train", "--diagnose-events"], "--diagnose-events applies to a guarded run"),
+    (["train", "--guard", "rollback", "--snapshot-every", "0"], "snapshot_every must be a positive integer (steps); "
+                                                                "got 0"),
+    (["train", "--guard", "skip", "--snapshot-every", "5"], "--snapshot-every applies to --guard rollback"),
 ])
 def test_bad_guard_flags_exit_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2
@@ -130,6 +133,14 @@ def test_diagnose_events_attaches_a_diagnosis_of_the_batch_to_each_event(tmp_pat
     diagnosis = nan_event["diagnosis"]
     assert math.isfinite(diagnosis["loss"]) and 3.0 < diagnosis["loss"] < 7.0   # bytes: ln 256 = 5.55 at init
     assert {row["module"] for row in diagnosis["risky"] + diagnosis["largest"]} <= modules
+
+
+def test_snapshot_every_sets_the_rollback_guards_cadence(tmp_path):
+    cfg = TrainConfig(model="gpt", n_layer=1, n_head=2, d_model=32, seq_len=32, batch_size=4, steps=40,
+                      guard="rollback", out=str(tmp_path))
+    assert Trainer(cfg, progress=False, save_checkpoints=False).guard.snapshot_every == 4   # a tenth of the run
+    trainer = Trainer(cfg.replace(snapshot_every=7), progress=False, save_checkpoints=False)
+    assert trainer.guard.snapshot_every == 7
 
 
 def test_the_guard_leaves_a_clean_run_as_it_was(tmp_path):

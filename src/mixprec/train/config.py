@@ -70,6 +70,7 @@ class TrainConfig:
     guard: str = "off"
     spike_sigma: float = 6.0
     window: int = 128
+    snapshot_every: int | None = None   # --guard rollback's snapshot cadence; None: guarding.snapshot_every(steps)
     embedding_grad_shrink: float | None = None
     diagnose_events: bool = False   # attach mp.diagnose's view of the batch to each guard event (no effect on training)
 

@@ -7,6 +7,7 @@ for, GLM-130B's embedding gradient shrink, and how guard events read in logs.
     --guard rollback  the guard's default ladder: skip, then roll back to a snapshot after 3 faulty steps in a row
     --guard zclip     ZClip (z threshold 2.5) clips every step's gradient adaptively; faulty steps are skipped
     --spike-sigma K   a spike is K standard deviations above the mean of the last --window N clean steps
+    --snapshot-every N  rollback's snapshot cadence (default: a tenth of the run, at most 100 steps)
     --embedding-grad-shrink ALPHA   the token embedding's gradient times ALPHA (GLM-130B: 0.1), any guard
     --diagnose-events  each event's record carries mp.diagnose's view of its batch (event_diagnosis)
 
@@ -26,7 +27,7 @@ import mixprec as mp
 from mixprec.stability import GuardStep
 
 GUARDS = ("off", "skip", "rollback", "zclip")
-GUARD_FLAGS = ("guard", "spike_sigma", "window", "embedding_grad_shrink")   # TrainConfig fields of the same name
+GUARD_FLAGS = ("guard", "spike_sigma", "window", "snapshot_every", "embedding_grad_shrink")   # TrainConfig fields
 ZCLIP_Z = 2.5                   # ZClip's paper: clip gradient norms more than 2.5 standard deviations above the EMA
 # A rollback loses the steps since its snapshot: a snapshot every tenth of the run (at most every 100 steps, the
 # guard's default) bounds that loss.
@@ -46,6 +47,9 @@ def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--spike-sigma", type=float, metavar="K", help="a loss or gradient-norm spike is K standard "
                                                                   "deviations above its window's mean (default 6)")
     g.add_argument("--window", type=int, metavar="N", help="clean steps the spike rule looks back on (default 128)")
+    g.add_argument("--snapshot-every", type=int, metavar="N",
+                   help=f"--guard rollback: a snapshot every N steps, what a rollback returns to (default: a tenth "
+                        f"of the run, at most {MAX_SNAPSHOT_EVERY})")
     g.add_argument("--embedding-grad-shrink", type=float, metavar="ALPHA",
                    help="multiply the token embedding's gradient by ALPHA in (0, 1] (GLM-130B: 0.1)")
     g.add_argument("--diagnose-events", action="store_true", default=None,
@@ -62,6 +66,9 @@ def check_fields(cfg: Any) -> None:
         raise ValueError(f"spike_sigma must be a finite number > 0, e.g. 6; got {cfg.spike_sigma!r}")
     if isinstance(cfg.window, bool) or not isinstance(cfg.window, int) or cfg.window < 2:
         raise ValueError(f"window must be an integer >= 2 (steps); got {cfg.window!r}")
+    every = cfg.snapshot_every
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"snapshot_every must be a positive integer (steps); got {every!r}")
     alpha = cfg.embedding_grad_shrink
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
                               or not 0 < alpha <= 1 or math.isnan(alpha)):
@@ -72,8 +79,12 @@ def check_fields(cfg: Any) -> None:
 
 
 def check_applies(args: argparse.Namespace, guards: set[str]) -> None:
-    """Refuse --spike-sigma, --window and --diagnose-events where no run is guarded (`guards`: the guards of
-    the runs)."""
+    """Refuse --spike-sigma, --window and --diagnose-events where no run is guarded, and --snapshot-every
+    where none rolls back (`guards`: the guards of the runs)."""
+    if getattr(args, "snapshot_every", None) is not None and "rollback" not in guards:
+        raise ValueError(f"--snapshot-every applies to --guard rollback (its snapshots are what a rollback returns "
+                         f"to); this run's guard is {' / '.join(sorted(guards))}: drop --snapshot-every or give "
+                         f"--guard rollback")
     if guards - {"off"}:
         return
     for flag in ("spike_sigma", "window", "diagnose_events"):
@@ -90,7 +101,7 @@ def build_guard(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer) ->
         return None
     kw: dict[str, Any] = dict(sigma=float(cfg.spike_sigma), window=cfg.window, max_norm=cfg.grad_clip * cfg.loss_factor)
     if cfg.guard == "rollback":
-        kw.update(snapshot_every=snapshot_every(cfg.steps), rollback_min_age=ROLLBACK_MIN_AGE)
+        kw.update(snapshot_every=cfg.snapshot_every or snapshot_every(cfg.steps), rollback_min_age=ROLLBACK_MIN_AGE)
     else:
         kw.update(ladder=("skip",), snapshot_every=0)
         if cfg.guard == "zclip":
