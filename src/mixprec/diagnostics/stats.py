@@ -25,8 +25,8 @@ symmetric absmax, per row along the last dimension and with one scale for the te
     scale = float32(amax / 127), inv = float32(1 / scale), q = round_half_even(float32(x * inv)), x_hat = q * scale
 
 giving the SQNR sum(x**2) / sum((x - x_hat)**2) and the fraction of non-zero values whose code is 0
-(those below half a step, amax / 254, of their group). Written out here for the same reason as FP8's
-(diagnostics does not import int8/); tests/test_diagnostics.py checks it against mixprec.int8.quantize.
+(those below half a step, amax / 254, of their group). The scale and its reciprocal are mixprec.int8's;
+tests/test_diagnostics.py checks the codes against mixprec.int8.quantize.
 Per row, INT8 gives up what a row's crest factor takes: about 52.9 dB - 20*log10(amax / rms).
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from mixprec.formats import FORMATS, Format, get_format
+from mixprec.int8.quantize import reciprocal_scale, scale_from_amax
 
 __all__ = ["GRANULARITIES", "INT8", "INT8_GRANULARITIES", "KINDS", "FormatEdges", "RangeAccumulator", "edges",
            "fp8_whatif", "fractions", "histogram", "int8_entry", "int8_whatif", "split_formats", "tensor_counts"]
@@ -47,8 +48,6 @@ GRANULARITIES = ("tensorwise", "rowwise", "1x128", "128x128")
 BLOCK = 128   # DeepSeek-V3's tile and block size (mixprec.fp8's default)
 INT8 = "int8"   # the what-if format name (not a floating-point format of mixprec.formats)
 INT8_GRANULARITIES = ("rowwise", "tensorwise")
-_INT8_QMAX = 127
-_INT8_AMAX_EPS = 1e-12   # mixprec.int8.quantize's floor on amax: an all-zero group keeps a finite scale
 
 
 def split_formats(formats: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
@@ -226,9 +225,8 @@ def int8_whatif(x: torch.Tensor) -> torch.Tensor:
     rows = []
     for gran in INT8_GRANULARITIES:
         amax = a.amax(dim=-1, keepdim=True) if gran == "rowwise" else a.amax()
-        # scale and its reciprocal rounded once each, through float64, as mixprec.int8.quantize does
-        scale = (amax.clamp(min=_INT8_AMAX_EPS).double() / _INT8_QMAX).float()
-        inv = (1.0 / scale.double()).float()
+        scale = scale_from_amax(amax)
+        inv = reciprocal_scale(scale)
         q = (a * inv).round()
         noise = ((q * scale).double() - a.double()).square().sum()   # x_hat = q * scale in FP32, as dequantize
         rows.append(torch.stack([signal, noise, ((a > 0) & (q == 0)).sum().double()]))

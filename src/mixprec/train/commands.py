@@ -77,7 +77,7 @@ def explain(text: str, args: argparse.Namespace) -> int:
 def setup_train(args: argparse.Namespace):
     """The Trainer of `mixprec train`, after every check that fails fast; writes nothing."""
     from mixprec.train.checkpoint import DamagedCheckpoint, load_checkpoint
-    from mixprec.train.fp8_coverage import describe, fp8_coverage
+    from mixprec.train.fp8_coverage import refuse_no_conversion
     from mixprec.train.memory import check_fits
     from mixprec.train.outputs import check_writable, refuse_existing_run
     from mixprec.train import data_parallel
@@ -124,10 +124,8 @@ def setup_train(args: argparse.Namespace):
         trainer = Trainer(cfg, resume=state, progress=not args.quiet)
     except DamagedCheckpoint as e:   # the state loaded is not the state saved
         raise ValueError(f"--resume {args.resume}: {e}") from e
-    fp8 = trainer.policy.fp8 or trainer.policy.int8   # INT8 recipes convert with FP8's filter: the same check
-    if fp8 is not None and fp8_coverage(trainer.model)[0] == 0 and state is None and not args.allow_no_fp8:
-        raise ValueError(describe(cfg, fp8, trainer.model, "this run would compute") + "; or give --recipe "
-                         "bf16-mixed (the same computation), or --allow-no-fp8 to train it anyway")
+    if state is None and not args.allow_no_fp8:
+        refuse_no_conversion(cfg, trainer.policy, trainer.model)
     return trainer
 
 
@@ -242,11 +240,10 @@ def setup_compare(args: argparse.Namespace) -> CompareJob:
     given = config_overrides(args)
     model, task = given.get("model", "gpt"), given.get("task", "default")
     size = args.size or ("gpu" if given.get("device") == "cuda" else "cpu")
-    overrides = {**experiments.size_preset(size, model), **given}
-    default_recipes = experiments.DEFAULT_GPU_RECIPES if size == "gpu" else experiments.DEFAULT_RECIPES
-    if task == "faults":
-        overrides = {**experiments.size_preset(size, model), **experiments.FAULTS_PRESET, **given}
-        default_recipes = experiments.FAULTS_RECIPES
+    preset = {**experiments.size_preset(size, model), **(experiments.FAULTS_PRESET if task == "faults" else {})}
+    overrides = {**preset, **given}
+    default_recipes = (experiments.FAULTS_RECIPES if task == "faults" else
+                       experiments.DEFAULT_GPU_RECIPES if size == "gpu" else experiments.DEFAULT_RECIPES)
     names = experiments.parse_recipes(args.recipes) if args.recipes is not None else list(default_recipes)
     overrides.setdefault("eval_every", max(1, overrides["steps"] // experiments.COMPARE_EVALS))
     rows = experiments.comparison_rows(names, optims, overrides.pop("optim", "adamw"), overrides.pop("rounding", None))

@@ -45,7 +45,6 @@ import torch.distributed as dist
 
 import mixprec as mp
 import mixprec.distributed as mpd
-from mixprec.policy import Policy
 from mixprec.train.config import TrainConfig
 from mixprec.train.stops import Diverged, Interrupted
 from mixprec.train.trainer import RunSummary, Trainer
@@ -150,20 +149,12 @@ def setup(cfg: TrainConfig, args: argparse.Namespace, state: dict[str, Any] | No
     if policy.master_weights:
         raise ValueError(f"recipe {cfg.recipe} keeps FP32 master weights (mp.MasterWeights), which distributed "
                          f"checkpoints do not hold; use fp16-mixed over several processes, or train it in one")
-    if policy.fp8 is not None and not resumed and not args.allow_no_fp8:
-        _check_fp8_coverage(cfg, policy)
+    if policy.converters and not resumed and not args.allow_no_fp8:
+        # the single-process check, on a CPU copy of the model: the launcher holds no GPU memory while ranks run
+        from mixprec.train.fp8_coverage import refuse_no_conversion
+        from mixprec.train.models import build_model
+        refuse_no_conversion(cfg, policy, mp.prepare(build_model(cfg.model_config()), policy))
     return Launch(nproc, dp, cfg, list(args.argv), bool(args.overwrite))
-
-
-def _check_fp8_coverage(cfg: TrainConfig, policy: Policy) -> None:
-    """The single-process check that an FP8 recipe converts some layer, on a CPU copy of the model (the
-    launcher holds no GPU memory while the ranks run)."""
-    from mixprec.train.fp8_coverage import describe, fp8_coverage
-    from mixprec.train.models import build_model
-    model = mp.prepare(build_model(cfg.model_config()), policy)
-    if fp8_coverage(model)[0] == 0:
-        raise ValueError(describe(cfg, policy.fp8, model, "this run would compute") + "; or give --recipe "
-                         "bf16-mixed (the same computation), or --allow-no-fp8 to train it anyway")
 
 
 # ---- a rank --------------------------------------------------------------------------------------
@@ -233,9 +224,12 @@ class DataParallelTrainer(Trainer):
     def _stop_requested(self, stops) -> bool:
         flag = torch.tensor([stops.signum or 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.cpu_group)
-        if flag.item() and stops.signum is None:   # another rank got the signal: stop with it
-            stops.signum = int(flag.item())
-        return stops.signum is not None
+        agreed = int(flag.item())
+        if agreed and stops.signum is None:   # another rank got the signal: stop with it
+            stops.signum = agreed
+        # the agreed flag, not stops.signum again: a signal landing after the all-reduce would make this rank
+        # stop (and save, alone) a step before the others; the next step's all-reduce carries it to every rank
+        return agreed != 0
 
     def _end_window(self, window: list[torch.Tensor], window_start: float, bar) -> str | None:
         # each rank's loss is the mean over its slice; slices are equal, so their mean is the global batch's

@@ -217,7 +217,7 @@ def run_comparison(base: TrainConfig, rows: list[Row] | list[str], out: Path | s
             x, y = (t.to(trainer.device) for t in trainer.data.train_batch(cfg.steps))
             fp16_scale = (result.summary.final_scale or 1.0) if computes_in_fp16(trainer.policy) else None
             result.underflow = probe_underflow(trainer.model, x, y, loss_factor=cfg.loss_factor, scale=fp16_scale)
-            converter = trainer.policy.fp8 or trainer.policy.int8
+            converter = fp8_coverage.converter(trainer.policy)
             if converter is not None:
                 result.fp8_layers = fp8_coverage.fp8_coverage(trainer.model)
                 result.fp8_note = fp8_coverage.describe(cfg, converter, trainer.model, "this row computes")

@@ -48,8 +48,7 @@ class FaultPlan:
         if step != self.nan:
             return
         grad = next(p.grad for p in model.parameters() if p.grad is not None)
-        with torch.no_grad():
-            grad.view(-1)[0] = math.nan
+        grad.view(-1)[0].fill_(math.nan)   # a kernel: assigning a Python float would copy from the host (a sync)
 
     def describe(self) -> str:
         lr = f"{self.lr[0]}..{self.lr[-1]}" if len(self.lr) > 1 else str(self.lr[0]) if self.lr else "-"

@@ -12,12 +12,14 @@ import torch
 from torch import nn
 
 from mixprec.fp8.config import Float8Config
+from mixprec.fp8.convert import SHAPE_MULTIPLE as FP8_MULTIPLE
 from mixprec.fp8.convert import default_filter as fp8_filter
 from mixprec.fp8.convert import report as fp8_report
 from mixprec.int8.config import Int8Config
 from mixprec.int8.convert import SHAPE_MULTIPLE as INT8_MULTIPLE
 from mixprec.int8.convert import default_filter as int8_filter
 from mixprec.int8.convert import report as int8_report
+from mixprec.policy import Policy
 from mixprec.train.config import TrainConfig
 from mixprec.train.models import build_model
 
@@ -39,7 +41,7 @@ def _kind(config: Float8Config | Int8Config | None):
     """(label, default filter, shape multiple of the GEMMs) of a converter config."""
     if isinstance(config, Int8Config):
         return "INT8", int8_filter, INT8_MULTIPLE
-    return "FP8", fp8_filter, 16
+    return "FP8", fp8_filter, FP8_MULTIPLE
 
 
 def coverage(model: nn.Module) -> Fp8Coverage:
@@ -54,6 +56,20 @@ def fp8_coverage(model: nn.Module) -> tuple[int, int]:
     layers, the head and the attention scores in high precision (the convert modules' default filter)."""
     cov = coverage(model)
     return cov.fp8, cov.total
+
+
+def converter(policy: Policy) -> Float8Config | Int8Config | None:
+    """The policy's FP8 or INT8 config (a Policy has at most one), or None."""
+    return policy.fp8 or policy.int8
+
+
+def refuse_no_conversion(cfg: TrainConfig, policy: Policy, model: nn.Module) -> None:
+    """ValueError (one line, with the way out) when an FP8 or INT8 policy converted no Linear layer of the
+    prepared `model`: the run would compute as bf16-mixed under another name."""
+    config = converter(policy)
+    if config is not None and fp8_coverage(model)[0] == 0:
+        raise ValueError(describe(cfg, config, model, "this run would compute") + "; or give --recipe "
+                         "bf16-mixed (the same computation), or --allow-no-fp8 to train it anyway")
 
 
 def _reason_kind(reason: str) -> str:

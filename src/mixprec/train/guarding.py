@@ -137,10 +137,8 @@ def diagnose_event(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -
     """mp.diagnose's compact view of an event's batch (x, y) under the model's weights when the event is read:
     the riskiest modules and the largest values (a skipped step left the weights as they were)."""
     from mixprec.diagnostics import event_diagnosis
-
-    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
-    return event_diagnosis(model, batch, loss_fn)
+    from mixprec.train.diagnose_command import loss_on_logits
+    return event_diagnosis(model, batch, loss_on_logits)
 
 
 def describe_event(event: dict) -> str:

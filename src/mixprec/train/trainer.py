@@ -396,9 +396,9 @@ class Trainer:
         if len(figures) == len(window):
             rows += [torch.stack([f[0] for f in figures]).to(self.device), torch.stack([f[1] for f in figures]).float()]
         host = torch.stack(rows).cpu().tolist()
-        n = len(window)
-        return host[0], host[1] if len(host) > 1 else [math.nan] * n, [bool(v) for v in host[2]] if len(host) > 1 \
-            else [False] * n
+        if len(host) == 1:
+            return host[0], [math.nan] * len(window), [False] * len(window)
+        return host[0], host[1], [bool(v) for v in host[2]]
 
     def _skipped_total(self) -> int:
         """Steps not applied so far: the guard's skips (its own and the loss scaler's), else the scaler's."""
