@@ -435,3 +435,41 @@ def test_per_group_norms_catch_a_spike_the_total_hides():
         guard.flush()
         assert [(e["step"], e["cause"]) for e in guard.events] == ([(8, "group_norm_spike")] if per_group else [])
         assert len(guard.history[-1].get("group_norms", [0, 0])) == 2
+
+
+def test_fused_statistics_equal_the_eager_ones():
+    """fuse=True (the CUDA default) compiles the per-step arithmetic; on a ladder that clips, resets and skips,
+    with ZClip, per-group norms and max_norm, it decides, records and trains exactly as the eager kernels do."""
+    def run(fuse):
+        kw = dict(window=8, ladder=("clip", Rung(action="reset", after=2), Rung(action="skip", after=3)), zclip=2.5,
+                  per_group=True, max_norm=5.0, fuse=fuse)
+        with _no_warning():
+            model, opt, *_, guard = _train("torch", "fp32", 16, spike_at=BAD, nan_at=12, **kw)
+        return model, opt, guard
+
+    m1, o1, eager = run(False)
+    m2, o2, fused = run(True)
+    assert fused._fuse and set(fused._compiled) == {"verdict", "commit"}   # compiled, not fallen back
+    assert [(e["step"], e["cause"], e["action"]) for e in fused.events] == \
+        [(e["step"], e["cause"], e["action"]) for e in eager.events] and len(eager.events) >= 2
+    for a, b in zip(eager.history, fused.history):
+        assert a.keys() == b.keys()
+        for k in a:   # the same FP32 arithmetic; reductions may associate differently: 1e-6 relative
+            assert a[k] == (b[k] if b[k] is None or isinstance(b[k], bool) else pytest.approx(b[k], rel=1e-6,
+                                                                                               nan_ok=True)), k
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+class _no_warning:
+    """Fails the block if a RuntimeWarning (the guard's fall-back from compiling) was raised in it."""
+
+    def __enter__(self):
+        import warnings
+        self._catch = warnings.catch_warnings(record=True)
+        self._caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
+        assert not [w for w in self._caught if issubclass(w.category, RuntimeWarning)], self._caught

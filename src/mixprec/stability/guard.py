@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterable, Sequence
@@ -104,6 +105,8 @@ class StabilityGuard:
         process_group: None, "default" or a ProcessGroup: the fault flags are all-reduced (MAX) so every rank
             skips together (data-parallel ranks see different losses).
         history: per-step records kept in `history`.
+        fuse: compile the per-step statistics (windows, verdict, ladder, record) with torch.compile into a few
+            kernels instead of about a hundred tiny ones; default on CUDA, where each kernel costs a launch.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], *,
@@ -114,7 +117,8 @@ class StabilityGuard:
                  zclip: None | float | ZClip = None, max_norm: float | None = None,
                  embedding_max_norm: float | None = None, embeddings: Iterable[nn.Module] | None = None,
                  snapshot_every: int = 100, keep_snapshots: int = 2, snapshot_dir: str | None = None,
-                 scheduler: Any = None, process_group: Any = None, history: int = 10_000) -> None:
+                 scheduler: Any = None, process_group: Any = None, history: int = 10_000,
+                 fuse: bool | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
         optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
@@ -207,6 +211,9 @@ class StabilityGuard:
         self._need_snapshot = True
         self._cache: dict | None = None
         self._scaler = None
+        self._fuse = dev.type == "cuda" if fuse is None else bool(fuse)
+        self._fuse_failed_warned = False
+        self._compiled: dict[str, Any] = {}
 
     # ---- the step -------------------------------------------------------------------------------------
     def grad_norm(self, scaler: Any = None) -> torch.Tensor:
@@ -268,56 +275,28 @@ class StabilityGuard:
 
     @torch.no_grad()
     def _device_step(self, loss: Any, scaler: Any, ids: tuple, out: GuardStep) -> None:
-        dev, sig = self.device, self._sig
         cache = self._norms(scaler)
         self._cache = None
         per_tensor, overflow = cache["per_tensor"], cache["overflow"]
-        no = torch.zeros((), dtype=torch.bool, device=dev)
-        overflow = no if overflow is None else overflow
-        total = torch.linalg.vector_norm(per_tensor)
+        if overflow is None:
+            overflow = torch.zeros((), dtype=torch.bool, device=self.device)
         loss_t = self._loss(loss)
         if loss_t is None and self._watch_loss:
             raise ValueError("the guard watches the loss (signals includes 'loss'): pass it to step(), or build the "
                              "guard with signals=('grad_norm',)")
-        nan = torch.full((), math.nan, device=dev)
-        parts = [loss_t if loss_t is not None else nan, total]
-        if self.per_group:
-            parts.append(segment_norms(per_tensor, self._group_of, self._n_groups))
-        if self._reset:
-            parts.append(per_tensor)
-        x = torch.cat([p.reshape(-1) for p in parts])
-        mean, std = self._window.stats()
-        d = decide(x, mean, std, self._window.count >= self.warmup, self.sigma, self._watched, loss_t, total,
-                   overflow, groups=slice(2, sig["tensors"]) if self.per_group else None)
-        fault, clippable, spikes = d["fault"], d["clippable"], d["spikes"]
-        local_fault = fault
-        if self.process_group is not None:   # every rank takes the same decision
+        if self.process_group is None:
+            v = self._phase("verdict", self._verdict, per_tensor, loss_t, overflow)
+        else:   # every rank takes the same decision: the fault flags are all-reduced between the two halves
             import torch.distributed as dist
-            flags = torch.stack([fault, ~clippable]).float()
+            v = self._phase("detect", self._detect, per_tensor, loss_t, overflow)
+            flags = torch.stack([v["fault"], ~v["clippable"]]).float()
             dist.all_reduce(flags, op=dist.ReduceOp.MAX,
                             group=None if self.process_group == "default" else self.process_group)
-            fault, clippable = flags[0] > 0, ~(flags[1] > 0)
-        run = torch.where(fault, self._run + 1, torch.where(overflow, self._run, torch.zeros_like(self._run)))
-        code = torch.where(fault, self._rung_table.index_select(
-            0, run.clamp(max=len(self._rung_table) - 1).reshape(1)).reshape(()), torch.zeros_like(run))
-        clip_rung = fault & (code == CODE["clip"]) & clippable
-        apply = ~overflow & (~fault | clip_rung)
-        skip = ~apply
-
-        coef = torch.ones((), device=dev)
-        zclip_clip, zclip_thr, zclip_z = no, total, nan
+            v.update(self._phase("ladder", self._ladder, flags[0] > 0, ~(flags[1] > 0), v["total"], overflow,
+                                 v["mean"], v["std"]))
+        skip = ~v["apply"]
         if self._clipping:
-            limit = torch.full((), math.inf, device=dev)
-            if self.max_norm is not None:
-                limit = limit.clamp(max=self.max_norm)
-            if self._zclip is not None:
-                zclip_clip, zclip_thr, zclip_z = self._zclip.threshold(total)
-                limit = torch.where(zclip_clip, torch.minimum(limit, zclip_thr), limit)
-            window_thr = mean[1] + self.sigma * std[1]
-            limit = torch.where(clip_rung, torch.minimum(limit, window_thr), limit)
-            coef = (limit / (total + _CLIP_EPS)).clamp(max=1.0)
-            coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
-            scale_grads_(self._params, coef)
+            scale_grads_(self._params, v["coef"])
         if self._emb_params:
             emb_norm = segment_norms(per_tensor, self._emb_of, 1)[0]
             scale_grads_(self._emb_params, (self.embedding_max_norm / (emb_norm + _CLIP_EPS)).clamp(max=1.0))
@@ -331,30 +310,98 @@ class StabilityGuard:
             if lr_low[1] <= 0:
                 self._host["lr_low"] = None
         if self._reset:
-            spiked = (spikes[sig["tensors"]:] | ~torch.isfinite(per_tensor)) & fault & (code == CODE["reset"])
+            spiked = ((v["spikes"][self._sig["tensors"]:] | ~torch.isfinite(per_tensor)) & v["fault"]
+                      & (v["code"] == CODE["reset"]))
             start = 0
             for opt in self.optimizers:
                 params = training_state.optimizer_params(opt)
                 reset_state(opt, params, spiked[start:start + len(params)])
                 start += len(params)
 
-        scale_used = nan
+        scale_used = torch.full((), math.nan, device=self.device)
         if scaler is not None and scaler.is_enabled():
-            scale_used = update_scaler(scaler, keep=fault)   # a fault leaves the scale schedule where it was
+            scale_used = update_scaler(scaler, keep=v["fault"])   # a fault leaves the scale schedule where it was
+        record = self._phase("commit", self._commit, v, overflow, scale_used)
+        self._queue.append((self.iteration, ids, *records.to_host(record)))
+        out.grad_norm, out.skipped = v["total"], skip
 
+    # The step's arithmetic: pure functions of device tensors (plus the guard's own state, updated in place), so
+    # that on CUDA torch.compile turns each phase's hundred or so tiny kernels into a few.
+    def _phase(self, name: str, fn: Any, *args: Any) -> Any:
+        if not self._fuse:
+            return fn(*args)
+        compiled = self._compiled.get(name)
+        if compiled is None:
+            compiled = self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False)
+        try:
+            return compiled(*args)
+        except Exception as err:   # no working compiler here: the same arithmetic, kernel by kernel
+            if not self._fuse_failed_warned:
+                self._fuse_failed_warned = True
+                warnings.warn(f"StabilityGuard: compiling its per-step statistics failed ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); they run eagerly (a few hundred "
+                              "microseconds per step on a GPU). Pass fuse=False to silence this.",
+                              RuntimeWarning, stacklevel=4)
+            self._fuse = False
+            return fn(*args)
+
+    def _verdict(self, per_tensor: torch.Tensor, loss: torch.Tensor | None, overflow: torch.Tensor) -> dict:
+        v = self._detect(per_tensor, loss, overflow)
+        v.update(self._ladder(v["fault"], v["clippable"], v["total"], overflow, v["mean"], v["std"]))
+        return v
+
+    def _detect(self, per_tensor: torch.Tensor, loss: torch.Tensor | None, overflow: torch.Tensor) -> dict:
+        """The signals x = [loss, N, group norms..., tensor norms...], their windows' statistics, the verdict."""
+        sig = self._sig
+        total = torch.linalg.vector_norm(per_tensor)
+        parts = [total.new_full((1,), math.nan) if loss is None else loss.reshape(1), total.reshape(1)]
+        if self.per_group:
+            parts.append(segment_norms(per_tensor, self._group_of, self._n_groups))
+        if self._reset:
+            parts.append(per_tensor)
+        x = torch.cat(parts)
+        mean, std = self._window.stats()
+        d = decide(x, mean, std, self._window.count >= self.warmup, self.sigma, self._watched, loss, total,
+                   overflow, groups=slice(2, sig["tensors"]) if self.per_group else None)
+        return {**d, "local_fault": d["fault"], "total": total, "x": x, "mean": mean, "std": std}
+
+    def _ladder(self, fault: torch.Tensor, clippable: torch.Tensor, total: torch.Tensor, overflow: torch.Tensor,
+                mean: torch.Tensor, std: torch.Tensor) -> dict:
+        """The rung of this step's run of faults, whether the update applies, and the clip coefficient."""
+        run = torch.where(fault, self._run + 1, torch.where(overflow, self._run, torch.zeros_like(self._run)))
+        code = torch.where(fault, self._rung_table.index_select(
+            0, run.clamp(max=len(self._rung_table) - 1).reshape(1)).reshape(()), torch.zeros_like(run))
+        clip_rung = fault & (code == CODE["clip"]) & clippable
+        apply = ~overflow & (~fault | clip_rung)
+        coef = torch.ones((), device=total.device)
+        zclip_clip = torch.zeros((), dtype=torch.bool, device=total.device)
+        zclip_thr, zclip_z = total, torch.full((), math.nan, device=total.device)
+        if self._clipping:
+            limit = torch.full((), math.inf, device=total.device)
+            if self.max_norm is not None:
+                limit = limit.clamp(max=self.max_norm)
+            if self._zclip is not None:
+                zclip_clip, zclip_thr, zclip_z = self._zclip.threshold(total)
+                limit = torch.where(zclip_clip, torch.minimum(limit, zclip_thr), limit)
+            window_thr = mean[1] + self.sigma * std[1]
+            limit = torch.where(clip_rung, torch.minimum(limit, window_thr), limit)
+            coef = (limit / (total + _CLIP_EPS)).clamp(max=1.0)
+            coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
+        return {"fault": fault, "run": run, "code": code, "apply": apply, "coef": coef, "zclip_clip": zclip_clip,
+                "zclip_thr": zclip_thr, "zclip_z": zclip_z}
+
+    def _commit(self, v: dict, overflow: torch.Tensor, scale_used: torch.Tensor) -> torch.Tensor:
+        """Clean values into the windows and ZClip, the run of faults kept; returns the step's record."""
+        fault, apply, x, mean, std = v["fault"], v["apply"], v["x"], v["mean"], v["std"]
         clean = ~fault & ~overflow
         self._window.push(x, clean.expand_as(x))
         if self._zclip is not None:
-            self._zclip.update(torch.where(zclip_clip, zclip_thr, total), clean)
-        self._run.copy_(run)
-
-        flags = [d["nonfinite_loss"], d["nonfinite_grad"], d["loss_spike"], d["norm_spike"], d["group_spike"],
-                 fault & ~local_fault, overflow, apply, apply & (coef < 1)]
-        record = records.pack([loss_t if loss_t is not None else nan, total, mean[0], std[0], mean[1], std[1],
-                               scale_used, run, code, coef, zclip_z], flags,
-                              x[2:sig["tensors"]] if self.per_group else None)
-        self._queue.append((self.iteration, ids, *records.to_host(record)))
-        out.grad_norm, out.skipped = total, skip
+            self._zclip.update(torch.where(v["zclip_clip"], v["zclip_thr"], v["total"]), clean)
+        self._run.copy_(v["run"])
+        flags = [v["nonfinite_loss"], v["nonfinite_grad"], v["loss_spike"], v["norm_spike"], v["group_spike"],
+                 fault & ~v["local_fault"], overflow, apply, apply & (v["coef"] < 1)]
+        return records.pack([v["x"][0], v["total"], mean[0], std[0], mean[1], std[1], scale_used, v["run"], v["code"],
+                             v["coef"], v["zclip_z"]], flags, x[2:self._sig["tensors"]] if self.per_group else None)
 
     # ---- the host side --------------------------------------------------------------------------------
     def _drain(self, upto: int, out: GuardStep | None = None) -> None:
