@@ -3,6 +3,7 @@ recipe, compiled by default, one model and one fused AdamW shared by every varia
 
   clip            loss.backward(); clip_grad_norm_(1.0); optimizer.step()       (the loop without a guard)
   guard-skip      guard.step(loss) with ladder ("skip",), max_norm 1.0, no snapshots
+  guard-skip-eager  the same with fuse=False: the guard's statistics as eager kernels, not compiled
   guard-zclip     the same with ZClip (z 2.5) as well
   guard-rollback  the default ladder (skip, then rollback) with a snapshot every 100 steps (pinned host
                   memory): a window of 100 steps holds exactly one snapshot, so its cost is amortised at
@@ -41,6 +42,8 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     guards = {
         "guard-skip": mp.StabilityGuard(model, optimizer, ladder=("skip",), snapshot_every=0, max_norm=1.0),
+        "guard-skip-eager": mp.StabilityGuard(model, optimizer, ladder=("skip",), snapshot_every=0, max_norm=1.0,
+                                              fuse=False),
         "guard-zclip": mp.StabilityGuard(model, optimizer, ladder=("skip",), snapshot_every=0, max_norm=1.0,
                                          zclip=2.5),
         "guard-rollback": mp.StabilityGuard(model, optimizer, snapshot_every=window, max_norm=1.0),
