@@ -6,6 +6,7 @@ eager, fused AdamW, gradient clipping at 1.0, in the same process (interleaved r
   fabric   Fabric.setup(model, optimizer) with MixprecPrecision: fabric.backward, fabric.clip_gradients,
            optimizer.step (the plugin scales, unscales, skips and updates)
 
+  hand-twin  the hand-written loop again, on a second model built the same way: the noise floor of a ratio
 Fabric is Lightning's thin loop: the Trainer adds its own logging and callbacks, which are not the plugin's.
 
     PYTHONPATH=src python3 benchmarks/bench_integrations.py [--json FILE] [--recipe fp16-mixed]
@@ -40,14 +41,20 @@ def main() -> None:
     scaler = mp.LossScaler.for_policy(policy)
     loss_fn = setup.loss_fn(model, policy)
 
-    def hand(i: int) -> None:
-        loss = loss_fn(*setup.batch_at(i))
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    def hand_loop(model, optimizer, scaler, loss_fn):
+        def hand(i: int) -> None:
+            loss = loss_fn(*setup.batch_at(i))
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        return hand
+
+    hand = hand_loop(model, optimizer, scaler, loss_fn)
+    twin, _ = setup.model()
+    hand_twin = hand_loop(twin, setup.optimizer(twin), mp.LossScaler.for_policy(policy), setup.loss_fn(twin, policy))
 
     fabric = lightning.Fabric(accelerator=device, devices=1, plugins=[MixprecPrecision(args.recipe)])
     torch.manual_seed(0)
@@ -61,15 +68,17 @@ def main() -> None:
         f_optimizer.step()
         f_optimizer.zero_grad(set_to_none=True)
 
-    steps = {"hand": hand, "fabric": with_fabric}
+    steps = {"hand": hand, "fabric": with_fabric, "hand-twin": hand_twin}
     for step in steps.values():
         setup.window(step, 3 if args.dry_run else 10)
     times = timed_rounds(setup, steps, window, args.rounds, start=0)
     result = {**environment(device), "recipe": args.recipe, "lightning": lightning.__version__,
               "sizes": setup.sizes, "batch": setup.batch, "window_steps": window, "rounds": args.rounds,
               "seconds": times, "ms_per_step_hand": min(times["hand"]) / window * 1e3,
-              "fabric_plugin_overhead": median_ratio(times["fabric"], times["hand"]) - 1}
-    print(json.dumps({k: result[k] for k in ("device", "recipe", "ms_per_step_hand", "fabric_plugin_overhead")},
+              "fabric_plugin_overhead": median_ratio(times["fabric"], times["hand"]) - 1,
+              "twin_difference": median_ratio(times["hand-twin"], times["hand"]) - 1}
+    print(json.dumps({k: result[k] for k in ("device", "recipe", "ms_per_step_hand", "fabric_plugin_overhead",
+                                             "twin_difference")},
                      indent=1))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
