@@ -171,9 +171,14 @@ def make_gpt(kind: str, args) -> tuple[nn.Module, int]:
         from torchao.prototype.quantized_training import int8_mixed_precision_training
         from torchao.quantization import quantize_
         # the layers mixprec's default filter converts (the head stays BF16), so both convert alike
+        # module_swap: torchao 0.17's default (a tensor-subclass weight) registers its F.linear override where
+        # __torch_function__ does not look, so its layers silently run plain BF16 matmuls
         names = set(int8_names(model))
-        quantize_(model, int8_mixed_precision_training(), filter_fn=lambda mod, fqn: fqn in names)
-        return model, len(names)
+        quantize_(model, int8_mixed_precision_training(module_swap=True), filter_fn=lambda mod, fqn: fqn in names)
+        swapped = sum(type(m).__name__ == "Int8MixedPrecisionTrainingLinear" for m in model.modules())
+        if swapped != len(names):
+            raise RuntimeError(f"torchao converted {swapped} of the {len(names)} Linear layers")
+        return model, swapped
     policy = mp.Policy.from_recipe(kind)
     for converter in policy.converters:   # the recipe's Linear conversion only; autocast is the step's
         model = converter.convert_model(model)
