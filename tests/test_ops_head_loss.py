@@ -6,14 +6,15 @@ import torch.nn.functional as F
 
 import mixprec as mp
 from mixprec.ops import head_loss
-from tolerances import FP32_ORDER_RTOL, HEAD_LOSS_GRAD_RTOL
+from tolerances import CHUNKED_HEAD_LOSS_GRAD_RTOL, FP32_ORDER_RTOL, HEAD_LOSS_GRAD_RTOL
 
 
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def _head_and_loss(device, fused, reduction="mean", ignore_index=-100, dtype=torch.bfloat16, bias=False):
+def _head_and_loss(device, fused, reduction="mean", ignore_index=-100, dtype=torch.bfloat16, bias=False,
+                   chunk_rows=None, scale=1.0):
     torch.manual_seed(0)
     x = (torch.randn(4, 16, 32, device=device) * 2).requires_grad_()
     head = torch.nn.Linear(32, 1000, bias=bias, device=device)
@@ -21,11 +22,11 @@ def _head_and_loss(device, fused, reduction="mean", ignore_index=-100, dtype=tor
     target[:, ::7] = ignore_index
     if fused:
         loss = mp.ops.head_cross_entropy(x, head, target, ignore_index=ignore_index, reduction=reduction,
-                                         compute_dtype=dtype)
+                                         compute_dtype=dtype, chunk_rows=chunk_rows)
     else:
         logits = mp.ops.linear_fp32_output(x, head.weight, head.bias, dtype)
         loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=ignore_index, reduction=reduction)
-    loss.backward()
+    (loss * scale).backward()
     return [loss.detach(), x.grad] + [p.grad for p in head.parameters()]
 
 
@@ -33,13 +34,40 @@ def _head_and_loss(device, fused, reduction="mean", ignore_index=-100, dtype=tor
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_head_loss_equals_op_by_op(device, reduction, dtype, bias):
+@pytest.mark.parametrize("chunk_rows", [None, 10])   # 64 rows: six chunks and a partial one
+def test_fused_head_loss_equals_op_by_op(device, reduction, dtype, bias, chunk_rows):
     ref = _head_and_loss(device, fused=False, reduction=reduction, dtype=dtype, bias=bias)
-    got = _head_and_loss(device, fused=True, reduction=reduction, dtype=dtype, bias=bias)
+    got = _head_and_loss(device, fused=True, reduction=reduction, dtype=dtype, bias=bias, chunk_rows=chunk_rows)
     assert _rel(got[0], ref[0]) <= FP32_ORDER_RTOL
+    rtol = HEAD_LOSS_GRAD_RTOL if chunk_rows is None else CHUNKED_HEAD_LOSS_GRAD_RTOL[str(dtype)[6:]]
     for g, r in zip(got[1:], ref[1:]):
         assert g.dtype == r.dtype == torch.float32
-        assert _rel(g, r) <= HEAD_LOSS_GRAD_RTOL
+        assert _rel(g, r) <= rtol
+
+
+@pytest.mark.parametrize("scale", [2.0 ** -20, 2.0 ** 16])
+def test_chunked_gradients_survive_a_loss_scale_in_fp16(scale):
+    """The chunked forward computes the logits' gradient before it knows the incoming one (a loss scale):
+    unnormalised in FP16, scaled in FP32 afterwards, it neither underflows nor overflows."""
+    ref = _head_and_loss("cpu", fused=False, dtype=torch.float16)   # unscaled: nothing lost in FP16
+    got = _head_and_loss("cpu", fused=True, dtype=torch.float16, chunk_rows=16, scale=scale)
+    for g, r in zip(got[1:], ref[1:]):
+        assert torch.isfinite(g).all() and _rel(g / scale, r) <= CHUNKED_HEAD_LOSS_GRAD_RTOL["float16"]
+
+
+def test_chunked_keeps_no_logits():
+    """With chunk_rows nothing of size rows x vocab is saved for the backward."""
+    rows, d, vocab = 64, 32, 1000
+    x = torch.randn(rows, d, requires_grad=True)
+    head = torch.nn.Linear(d, vocab, bias=False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = mp.ops.head_cross_entropy(x, head, torch.randint(0, vocab, (rows,)), chunk_rows=16,
+                                         compute_dtype=torch.bfloat16)
+    assert saved and max(saved) == vocab * d < rows * vocab   # the weight's gradient is the largest
+    loss.backward()
+    with pytest.raises(ValueError, match="chunk_rows must be a positive integer"):
+        mp.ops.head_cross_entropy(x, head, torch.randint(0, vocab, (rows,)), chunk_rows=0)
 
 
 def test_one_backward_per_gemm():

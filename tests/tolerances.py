@@ -32,6 +32,11 @@ EMULATED_VS_NATIVE_FP16_GRAD_RTOL = 2e-2
 # rounding boundary can land one half ulp apart (2**-8 relative for BF16); normwise through the GEMMs
 # that is far below 1e-3.
 HEAD_LOSS_GRAD_RTOL = 1e-3
+# The chunked head loss rounds the unnormalised logits' gradient (softmax - onehot) to the half dtype and
+# scales it in FP32 afterwards; the one-pass path rounds the normalised one. Two independent roundings of
+# half an ulp each: elementwise up to one ulp apart, normwise about half an ulp: 2**-8 for BF16's 8-bit
+# significand, 2**-11 for FP16's 11 bits (FP32 logits' gradients: HEAD_LOSS_GRAD_RTOL).
+CHUNKED_HEAD_LOSS_GRAD_RTOL = {"bfloat16": 2 ** -8, "float16": 2 ** -11, "float32": HEAD_LOSS_GRAD_RTOL}
 
 # ---- FP8 ----
 # Float8Linear (blockwise) against FP32 on inputs with outliers: the target. E4M3 keeps 3 mantissa

@@ -11,6 +11,12 @@ head's half GEMMs need it cast to half. `head_cross_entropy` is one autograd fun
 runs the head GEMM and keeps one log-sum-exp per row; its backward writes the logits' gradient once,
 in the GEMM's half dtype, and runs the head's two GEMMs (one backward per GEMM). Same math, all of
 it in FP32 up to that final rounding.
+
+With `chunk_rows`, the forward takes the rows a chunk at a time and computes the gradients right away
+(the backward only scales them by the incoming gradient): at most one chunk of FP32 logits exists at a
+time and none is kept, so the (tokens x vocab) logits cost no memory at all. The logits' gradient is
+taken unnormalised (softmax - onehot, in [-1, 1]) so that it does not underflow in FP16; the weight
+and input gradients accumulate in FP32 and are scaled in FP32 in the backward.
 """
 from __future__ import annotations
 
@@ -193,9 +199,57 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
+class _ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """_HeadCrossEntropy with the gradients computed in the forward, `chunk_rows` rows at a time."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, xh, wh, ignore_index, reduction, chunk_rows):
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        rows, dev = xh.shape[0], xh.device
+        f32 = torch.float32
+        grad_x = torch.empty(xh.shape, dtype=f32, device=dev) if need_x else None
+        grad_w = torch.zeros(wh.shape, dtype=f32, device=dev) if need_w else None
+        grad_b = torch.zeros(wh.shape[0], dtype=f32, device=dev) if need_b else None
+        total = torch.zeros((), dtype=f32, device=dev)
+        with torch.autocast(x.device.type, enabled=False):
+            for start in range(0, rows, chunk_rows):
+                xc, tc = xh[start:start + chunk_rows], target[start:start + chunk_rows]
+                logits = _gemm(xc, wh.t(), f32)
+                if bias is not None:
+                    logits = logits + bias.float()
+                lse, row_loss = row_logsumexp_loss(logits, tc, ignore_index)
+                total += row_loss.sum()
+                if not (need_x or need_w or need_b):
+                    continue
+                ones = torch.ones(tc.shape[0], dtype=f32, device=dev)
+                gh = softmax_grad(logits, lse, tc, ones, ignore_index, f32 if need_b else xh.dtype)
+                del logits
+                if need_b:
+                    grad_b += gh.sum(0)
+                    gh = gh.to(xh.dtype)
+                if need_x:
+                    grad_x[start:start + chunk_rows] = _gemm(gh, wh, f32)
+                if need_w:
+                    grad_w += _gemm(gh.t(), xc, f32)
+        valid = (target != ignore_index).sum()
+        loss = total / valid if reduction == "mean" else total
+        ctx.save_for_backward(grad_x, grad_w, grad_b, valid)
+        ctx.reduction, ctx.x_dtype, ctx.w_dtype, ctx.x_shape = reduction, x.dtype, weight.dtype, x.shape
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w, grad_b, valid = ctx.saved_tensors
+        coef = _row_grad(grad_loss, valid, ctx.reduction)   # FP32: dloss/dlogits = coef * (softmax - onehot)
+        out_x = (grad_x * coef).to(ctx.x_dtype).reshape(ctx.x_shape) if grad_x is not None else None
+        out_w = (grad_w * coef).to(ctx.w_dtype) if grad_w is not None else None
+        out_b = (grad_b * coef).to(ctx.w_dtype) if grad_b is not None else None
+        return out_x, out_w, out_b, None, None, None, None, None, None
+
+
 def head_cross_entropy(hidden: torch.Tensor, head: nn.Linear | torch.Tensor, target: torch.Tensor, *,
                        ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                       compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                       compute_dtype: torch.dtype | None = None, chunk_rows: int | None = None) -> torch.Tensor:
     """cross_entropy(head(hidden), target) with the output head's and the loss's rows of the table, fused.
 
     hidden: (..., d) activations before the head; head: an nn.Linear (or its weight, (vocab, d));
@@ -203,6 +257,9 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Linear | torch.Tensor, tar
     (default: the autocast dtype of hidden's device when autocast is on, else hidden's dtype) and
     accumulates in FP32; logits, log-sum-exp and loss are FP32; the head's weight gradient comes out
     in FP32 accumulation. Label smoothing falls back to the op-by-op path (same precision).
+    chunk_rows: compute the loss and its gradients this many rows at a time in the forward, keeping no
+    logits (see the module docstring); the backward then only scales. None: one pass, the FP32 logits kept
+    for the backward.
     """
     if isinstance(head, torch.Tensor):
         weight, bias = head, None
@@ -221,9 +278,14 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Linear | torch.Tensor, tar
     if flat_target.numel() != hidden.numel() // hidden.shape[-1]:
         raise ValueError(f"target has {flat_target.numel()} entries for {hidden.numel() // hidden.shape[-1]} "
                          f"rows of hidden (shape {tuple(hidden.shape)})")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be a positive integer or None; got {chunk_rows!r}")
     if label_smoothing != 0.0 or flat_target.dtype != torch.int64:
         logits = linear_fp32_output(hidden, weight, bias, compute_dtype)
         return cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_target, ignore_index=ignore_index,
                              reduction=reduction, label_smoothing=label_smoothing)
     xh, wh = _half_operands(hidden, weight, compute_dtype)
+    if chunk_rows is not None:
+        return _ChunkedHeadCrossEntropy.apply(hidden, weight, bias, flat_target, xh, wh, ignore_index, reduction,
+                                              chunk_rows)
     return _HeadCrossEntropy.apply(hidden, weight, bias, flat_target, xh, wh, ignore_index, reduction)
