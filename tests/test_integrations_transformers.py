@@ -10,6 +10,7 @@ import mixprec as mp  # noqa: E402
 from mixprec.integrations.transformers import MixprecCallback, loss_scaler, prepare_trainer  # noqa: E402
 from mixprec.prepare import plan_of  # noqa: E402
 from mixprec.rules import Precision  # noqa: E402
+from tolerances import FP32_ORDER_RTOL  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 transformers.utils.logging.set_verbosity_error()
@@ -163,3 +164,92 @@ def test_callback_puts_scale_and_guard_events_into_the_logs():
     assert logs == {"loss": 1.5, "grad_norm": 0.3, **expected}
     assert state.log_history[-1] == {"loss": 1.5, "grad_norm": 0.3, "step": 4, **expected}
     callback.on_log(None, state, None, logs={"eval_loss": 2.0})   # not a training log: untouched
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
+                                                                n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                                attn_pdrop=0.0))   # no dropout: two forwards agree
+
+
+def _loss_and_grads(model, ids, labels, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels, **kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("build", [_llama, _gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("items", [None, 37])
+def test_fused_head_loss_is_the_models_loss(build, items):
+    """FP32 on the CPU: the fused loss and every gradient equal Hugging Face's own path (labels shifted, ignored
+    positions, num_items_in_batch) to FP32 summation order; no logits are returned in training."""
+    from mixprec.integrations.transformers import fuse_head_loss, has_fused_head_loss, unfuse_head_loss
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    kwargs = {} if items is None else {"num_items_in_batch": torch.tensor(items)}
+    model = build().train()
+    ref, ref_grads = _loss_and_grads(model, ids, labels, **kwargs)
+    fuse_head_loss(model, chunk_rows=9)   # 64 tokens: 7 full chunks and a partial one
+    assert has_fused_head_loss(model)
+    got, grads = _loss_and_grads(model, ids, labels, **kwargs)
+    assert got.logits is None and ref.logits is not None
+    torch.testing.assert_close(got.loss, ref.loss, rtol=FP32_ORDER_RTOL, atol=0)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:   # FP32 sums in another order: relative to each gradient's norm
+        assert (grads[name] - ref_grads[name]).norm() <= 1e-5 * ref_grads[name].norm() + 1e-8, name
+    model.eval()
+    assert model(input_ids=ids, labels=labels).logits is not None   # evaluation: the model's own forward
+    unfuse_head_loss(model)
+    assert not has_fused_head_loss(model) and "forward" not in model.__dict__
+
+
+def test_fused_head_loss_under_a_policy_trains_as_the_unfused_one():
+    """bf16-mixed on the CPU: the fused head loss after mp.prepare gives the loss of the unfused prepared model
+    (FP32 head and loss both ways) to a BF16 rounding, and survives copy.deepcopy bound to the copy."""
+    import copy
+    from mixprec.integrations.transformers import fuse_head_loss
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(3))
+    policy = mp.Policy.from_recipe("bf16-mixed")
+    plain = mp.prepare(_llama().train(), policy)
+    fused = fuse_head_loss(mp.prepare(_llama().train(), policy))
+    with mp.autocast(policy):
+        a = plain(input_ids=ids, labels=ids).loss
+        b = fused(input_ids=ids, labels=ids).loss
+    assert b.dtype == torch.float32 and abs(a.item() - b.item()) <= 2 ** -8 * abs(a.item())
+    twin = copy.deepcopy(fused)
+    assert twin.forward.__self__ is twin
+    with mp.autocast(policy):
+        assert torch.equal(twin(input_ids=ids, labels=ids).loss, b)
+
+
+def test_fused_head_loss_refuses_what_it_cannot_fuse():
+    from mixprec.integrations.transformers import fuse_head_loss, unfuse_head_loss
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        fuse_head_loss(torch.nn.Linear(2, 2))
+    model = _llama()
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        fuse_head_loss(model)
+    with pytest.raises(ValueError, match="chunk_rows must be a positive integer"):
+        fuse_head_loss(_llama(), chunk_rows=0)
+    with pytest.raises(ValueError, match="was not given a fused head loss"):
+        unfuse_head_loss(_llama())
+
+
+def test_trainer_with_the_fused_head_loss_trains_as_without(tmp_path):
+    """prepare_trainer(fused_head_loss=True), fp16-mixed with its loss scale (emulated on the CPU): the logged
+    losses follow the unfused Trainer's to FP16 rounding (the logits' gradient is rounded at another point)."""
+    losses = {}
+    for fused in (False, True):
+        trainer = _trainer(tmp_path / str(fused), 4, save_strategy="no")
+        prepare_trainer(trainer, "fp16-mixed", fused_head_loss=fused)
+        from mixprec.integrations.transformers import has_fused_head_loss
+        assert has_fused_head_loss(trainer.model) == fused   # inside convert()'s PolicyForward
+        trainer.train()
+        losses[fused] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses[True]) == 4
+    for a, b in zip(losses[False], losses[True]):
+        assert abs(a - b) <= 1e-3 * abs(a)

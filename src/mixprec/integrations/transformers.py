@@ -29,18 +29,26 @@ train():
 """
 from __future__ import annotations
 
+import functools
+import types
 from typing import Any
 
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 import transformers
 from transformers import TrainerCallback
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mixprec.integrations._scaling import LossScaling, MixprecOptimizer, find_mixprec_optimizer, guard_factory
-from mixprec.integrations.converters import _as_policy, convert
+from mixprec.integrations.converters import PolicyForward, _as_policy, convert
+from mixprec.ops.head_loss import head_cross_entropy
 from mixprec.optim import AdamW
 from mixprec.policy import Policy
 from mixprec.scaler import LossScaler
 
-__all__ = ["prepare_trainer", "MixprecCallback", "TrainerOptimizer", "loss_scaler"]
+__all__ = ["prepare_trainer", "MixprecCallback", "TrainerOptimizer", "loss_scaler", "fuse_head_loss",
+           "unfuse_head_loss", "has_fused_head_loss"]
 
 
 class TrainerOptimizer(MixprecOptimizer):
@@ -97,7 +105,8 @@ class MixprecCallback(TrainerCallback):
 
 def prepare_trainer(trainer: "transformers.Trainer", policy: Policy | str = "bf16-mixed", *,
                     optimizer_cls: type | None = None, scaler: LossScaler | None = None, guard: Any = None,
-                    head: str | None = None, **optimizer_kwargs: Any) -> "transformers.Trainer":
+                    head: str | None = None, fused_head_loss: bool = False,
+                    **optimizer_kwargs: Any) -> "transformers.Trainer":
     """Train `trainer.model` under `policy` with a mixprec optimizer; returns the trainer (changed in place).
 
     optimizer_cls: the optimizer class (default mp.optim.AdamW); optimizer_kwargs go to it (state_dtype="int8",
@@ -108,6 +117,8 @@ def prepare_trainer(trainer: "transformers.Trainer", policy: Policy | str = "bf1
         Trainer makes the optimizer; it then replaces the step (guard.step(loss, scaler=scaler), the loss the
         model returned), its events reach the logs and its state rides in optimizer.pt.
     head: the output head's module name where mp.prepare's guess would be wrong.
+    fused_head_loss: a causal LM computes its training loss from the head's input (fuse_head_loss): no logits
+        kept, less memory; training outputs carry no logits.
     """
     if not isinstance(trainer, transformers.Trainer):
         raise TypeError(f"prepare_trainer takes a transformers.Trainer; got {type(trainer).__name__}")
@@ -137,6 +148,8 @@ def prepare_trainer(trainer: "transformers.Trainer", policy: Policy | str = "bf1
                           is_sync=lambda: trainer.accelerator.sync_gradients,
                           guard_factory=guard_factory(trainer.model, guard))
     convert(trainer.model, policy, head=head, after=scaling.mark)
+    if fused_head_loss:
+        fuse_head_loss(trainer.model)
 
     if trainer.optimizer is not None:
         trainer.optimizer = MixprecOptimizer(trainer.optimizer, scaling)
@@ -165,3 +178,107 @@ def loss_scaler(trainer_or_optimizer: Any) -> LossScaler:
     if found is None:
         raise ValueError(f"{type(trainer_or_optimizer).__name__} is not a mixprec-prepared optimizer")
     return found.scaler
+
+
+# ---- the output head fused into the loss ------------------------------------------------------------------
+# Config fields of Hugging Face models whose logits are not plain head(hidden): the fused loss would differ.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                     "mup_width_multiplier", "lm_head_multiplier")
+_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+# Rows per chunk: one chunk's FP32 logits take about this many bytes.
+_CHUNK_BYTES = 256 * 2 ** 20
+
+
+def fuse_head_loss(model: nn.Module, *, chunk_rows: int | None = None) -> nn.Module:
+    """Compute a Hugging Face causal LM's training loss from the head's input, without materialising logits.
+
+        model = mixprec.integrations.transformers.fuse_head_loss(model)   # after mp.prepare / convert
+        loss = model(input_ids, labels=labels).loss                        # the same loss, logits None
+
+    In training mode with `labels`, the model's forward runs its base model and then
+    `mp.ops.head_cross_entropy(hidden, lm_head, shifted labels, chunk_rows=...)`: the output head and the loss
+    in FP32 as the precision table wants, a chunk of tokens at a time, so that no (tokens x vocab) tensor is
+    kept for the backward (Hugging Face's own path keeps the logits and an FP32 copy of them). The loss is
+    Hugging Face's causal LM loss (labels shifted left, -100 ignored, `num_items_in_batch` honoured); the
+    output's `logits` is None. Evaluation mode, or no labels: the model's own forward, logits included.
+
+    The forward is replaced on this instance (`model.forward`); `unfuse_head_loss(model)` puts the class's back.
+    Refused for models whose logits are not the output embedding applied to the last hidden state (soft-capped
+    or scaled logits). chunk_rows: tokens per chunk (default: a chunk's FP32 logits take about 256 MiB).
+    """
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise TypeError(f"fuse_head_loss takes a Hugging Face PreTrainedModel; got {type(model).__name__}")
+    head = model.get_output_embeddings()
+    base = model.base_model
+    if not isinstance(head, nn.Linear) or base is model:
+        raise ValueError(f"{type(model).__name__} has no Linear output head over a base model "
+                         f"(get_output_embeddings() is {type(head).__name__}); fuse_head_loss takes causal LMs "
+                         "such as LlamaForCausalLM or GPT2LMHeadModel")
+    changed = [f for f in _LOGIT_TRANSFORMS if getattr(model.config, f, None) not in (None, 0, 0.0, 1, 1.0)]
+    if changed:
+        raise ValueError(f"{type(model).__name__}'s logits are transformed after the head ({', '.join(changed)} in "
+                         "its config): the fused loss would not be the model's loss")
+    if chunk_rows is None:
+        chunk_rows = max(1, _CHUNK_BYTES // (4 * head.out_features))
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive integer or None; got {chunk_rows!r}")
+    # a bound method (not a closure): copy.deepcopy of the model rebinds it to the copy
+    fused = types.MethodType(functools.partial(_fused_forward, chunk_rows=chunk_rows), model)
+    current = model.__dict__.get("forward")
+    if current is None:
+        model.forward = fused
+    elif isinstance(current, PolicyForward) and current.inner is None:   # convert()'s: it runs ours inside
+        current.inner = fused
+    elif not has_fused_head_loss(model):
+        raise ValueError(f"{type(model).__name__}.forward is already replaced on this instance ({current!r}); "
+                         "call fuse_head_loss on the model before whatever replaced it")
+    return model
+
+
+def unfuse_head_loss(model: nn.Module) -> nn.Module:
+    """Undo fuse_head_loss: the model's class forward again."""
+    if not has_fused_head_loss(model):
+        raise ValueError(f"{type(model).__name__} was not given a fused head loss")
+    current = model.__dict__["forward"]
+    if isinstance(current, PolicyForward):
+        current.inner = None
+    else:
+        del model.forward
+    return model
+
+
+def has_fused_head_loss(model: nn.Module) -> bool:
+    """Whether fuse_head_loss gave `model` its forward (directly, or inside convert()'s PolicyForward)."""
+    current = model.__dict__.get("forward")
+    if isinstance(current, PolicyForward):
+        current = current.inner
+    func = getattr(current, "__func__", None)
+    return isinstance(func, functools.partial) and func.func is _fused_forward
+
+
+def _fused_forward(self, input_ids=None, *args, labels=None, chunk_rows: int, **kwargs):
+    if labels is None or not self.training or not torch.is_grad_enabled():
+        return type(self).forward(self, input_ids, *args, labels=labels, **kwargs)
+    if kwargs.pop("logits_to_keep", 0) not in (0, None):
+        raise ValueError("fuse_head_loss computes the loss over every position; logits_to_keep applies to "
+                         "returned logits, which a fused loss does not make")
+    loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
+    return_dict = kwargs.pop("return_dict", None)
+    outputs = self.base_model(input_ids, *args, **kwargs)
+    loss = _causal_lm_loss(outputs[0], self.get_output_embeddings(), labels, chunk_rows, **loss_kwargs)
+    out = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
+                                 attentions=getattr(outputs, "attentions", None))
+    return out.to_tuple() if return_dict is False else out
+
+
+@torch.compiler.disable   # under torch.compile: the base model's graph, then the fused op's own kernels
+def _causal_lm_loss(hidden, head, labels, chunk_rows, num_items_in_batch=None, ignore_index=-100,
+                    shift_labels=None):
+    if shift_labels is None:   # tokens < n predict n; the last position predicts nothing
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    target = shift_labels.to(hidden.device)
+    if num_items_in_batch is None:
+        return head_cross_entropy(hidden, head, target, ignore_index=ignore_index, chunk_rows=chunk_rows)
+    loss = head_cross_entropy(hidden, head, target, ignore_index=ignore_index, reduction="sum",
+                              chunk_rows=chunk_rows)
+    return loss / torch.as_tensor(num_items_in_batch, device=loss.device)
