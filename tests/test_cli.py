@@ -245,6 +245,8 @@ def test_explain_prints_what_mp_explain_prints_for_the_built_in_model(model, siz
                                                                 "one of: bf16-mixed, fp16-mixed"),
     (["bench", "--rounds", "0", "--device", "cpu"], "--rounds must be an integer >= 1; got 0"),
     (["bench", "--device", "tpu"], "Unknown device 'tpu'; choose one of: cuda, cpu"),
+    (["bench", "--model", "vit", "--fused-head-loss", "--device", "cpu"], "--fused-head-loss applies to the Hugging "
+                                                                          "Face causal LMs (llama, gpt2); 'vit'"),
 ])
 def test_flags_that_do_not_apply_or_name_nothing_exit_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2
@@ -339,6 +341,15 @@ def test_bench_runs_on_the_cpu_at_tiny_size_and_writes_json(tmp_path, capsys):
     assert printed[-2].startswith(f"mixprec / torch.autocast: {result['ratio']:.3f}x tokens/s (median of the 3 "
                                   f"per-round ratios)")
     assert printed[-1] == f"json: {path}"
+
+
+def test_bench_fused_head_loss_runs_a_hugging_face_model(tmp_path, capsys):
+    pytest.importorskip("transformers", reason="needs transformers (pip install 'mixprec[transformers]')")
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--model", "llama", "--fused-head-loss", "--device", "cpu", "--tiny", "--steps", "1",
+                 "--rounds", "1", "--warmup", "1", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["fused_head_loss"] is True
+    assert "llama (tiny), fused head loss, bf16-mixed" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--recipe", default="bf16-mixed", help=f"one of: {', '.join(BENCH_RECIPES)} "
                                                               f"(default %(default)s)")
     bench.add_argument("--compile", action="store_true", help="both variants under torch.compile")
+    bench.add_argument("--fused-head-loss", action="store_true",
+                       help="llama, gpt2: mixprec's copy computes the loss from the head's input (no logits kept; "
+                            "mixprec.integrations.transformers.fuse_head_loss)")
     bench.add_argument("--steps", type=int, default=10, help="steps per variant per round (default %(default)s)")
     bench.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default %(default)s)")
     bench.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (default %(default)s)")

@@ -48,6 +48,7 @@ class Workload:
     item_name: str
     config: dict = field(default_factory=dict)
     channels_last: bool = False
+    after_prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None   # the mixprec copy only
 
 
 def _same_loss(fn: Callable[[torch.nn.Module, Any], torch.Tensor]) -> dict[str, Callable]:
@@ -58,7 +59,7 @@ def _generator() -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(0)
 
 
-def _hf_causal_lm(kind: str, tiny: bool) -> Workload:
+def _hf_causal_lm(kind: str, tiny: bool, fused_head_loss: bool = False) -> Workload:
     try:
         import transformers
     except ImportError:
@@ -81,8 +82,12 @@ def _hf_causal_lm(kind: str, tiny: bool) -> Workload:
     def make_batch(device: torch.device) -> torch.Tensor:
         return torch.randint(0, vocab, (batch, seq), generator=_generator()).to(device)
 
+    after = None
+    if fused_head_loss:   # mixprec's copy computes the loss from the head's input, no logits kept
+        from mixprec.integrations.transformers import fuse_head_loss
+        after = fuse_head_loss
     return Workload(kind, lambda: cls(config), make_batch, _same_loss(lambda m, ids: m(input_ids=ids, labels=ids).loss),
-                    batch * seq, "tokens", config={"batch": batch, "seq": seq, **sizes})
+                    batch * seq, "tokens", config={"batch": batch, "seq": seq, **sizes}, after_prepare=after)
 
 
 def _vision(kind: str, tiny: bool) -> Workload:
@@ -134,11 +139,14 @@ def _own_gpt(tiny: bool) -> Workload:
                     config={"batch": batch, **asdict(config)})
 
 
-def workload(name: str, *, tiny: bool = False) -> Workload:
+def workload(name: str, *, tiny: bool = False, fused_head_loss: bool = False) -> Workload:
     """The benchmark's model `name` at the sizes the results record (`tiny`: a few layers of width 64 and
-    a batch of 2, for a functional run on the CPU; not a measurement)."""
+    a batch of 2, for a functional run on the CPU; not a measurement). fused_head_loss: the Hugging Face
+    models' mixprec copy computes its loss with integrations.transformers.fuse_head_loss."""
+    if fused_head_loss and name not in ("llama", "gpt2"):
+        raise ValueError(f"--fused-head-loss applies to the Hugging Face causal LMs (llama, gpt2); {name!r} is not one")
     if name in ("llama", "gpt2"):
-        return _hf_causal_lm(name, tiny)
+        return _hf_causal_lm(name, tiny, fused_head_loss)
     if name in ("resnet50", "vit"):
         return _vision(name, tiny)
     if name == "gpt":
@@ -156,6 +164,8 @@ class _Variant:
             model = model.to(memory_format=torch.channels_last)
         if kind == "mixprec":
             model = mp.prepare(model, policy)
+            if work.after_prepare is not None:
+                model = work.after_prepare(model)
             self.scaler = mp.LossScaler.for_policy(policy)
             self.context = lambda: mp.autocast(policy, device_type=device.type)
         else:
@@ -183,7 +193,7 @@ class _Variant:
 
 
 def check_arguments(model: str, recipe: str, *, steps: int, rounds: int, warmup: int, device: str,
-                    tiny: bool = False) -> Workload:
+                    tiny: bool = False, fused_head_loss: bool = False) -> Workload:
     """The workload of run_bench's arguments; ValueError (one line: the bad value and the choices) first.
     The device is checked first: on a machine without CUDA nothing else needs saying."""
     check_device(device)
@@ -194,7 +204,7 @@ def check_arguments(model: str, recipe: str, *, steps: int, rounds: int, warmup:
     for name, value, least in (("steps", steps, 1), ("rounds", rounds, 1), ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"--{name} must be an integer >= {least}; got {value!r}")
-    return workload(model, tiny=tiny)   # raises when a package the model needs is missing
+    return workload(model, tiny=tiny, fused_head_loss=fused_head_loss)   # raises when a package is missing
 
 
 def check_device(device: str) -> None:
@@ -207,11 +217,12 @@ def check_device(device: str) -> None:
 
 
 def run_bench(model: str, recipe: str, *, compile: bool = False, steps: int = 10, rounds: int = 5,
-              warmup: int = 5, device: str = "cuda", tiny: bool = False,
+              warmup: int = 5, device: str = "cuda", tiny: bool = False, fused_head_loss: bool = False,
               progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Time mixprec against torch.autocast on one model and recipe (see the module docstring); returns
     the result as a JSON-ready dict. `progress` receives a line per phase and per round."""
-    work = check_arguments(model, recipe, steps=steps, rounds=rounds, warmup=warmup, device=device, tiny=tiny)
+    work = check_arguments(model, recipe, steps=steps, rounds=rounds, warmup=warmup, device=device, tiny=tiny,
+                           fused_head_loss=fused_head_loss)
     dev = torch.device(device)
     # TF32 for both variants: what a GPU user's FP32 matmuls (optimizer excluded) run at
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -243,7 +254,8 @@ def run_bench(model: str, recipe: str, *, compile: bool = False, steps: int = 10
         progress(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {rates[k]:,.0f} {work.item_name}/s" for k in VARIANTS)
                  + f" ({rates['mixprec'] / rates['torch.autocast']:.3f}x)")
     ratios = [a / m for a, m in zip(times["torch.autocast"], times["mixprec"])]
-    return {"model": model, "recipe": recipe, "compile": compile, "tiny": tiny, "device": _device_name(dev),
+    return {"model": model, "recipe": recipe, "compile": compile, "fused_head_loss": fused_head_loss, "tiny": tiny,
+            "device": _device_name(dev),
             "torch": torch.__version__, "config": work.config, "item_name": work.item_name, "warmup": warmup,
             "steps_per_round": steps, "rounds": rounds,
             "items_per_s": {k: steps * work.items_per_step / statistics.median(t) for k, t in times.items()},

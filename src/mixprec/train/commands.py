@@ -386,10 +386,11 @@ def setup_bench(args: argparse.Namespace) -> dict[str, Any]:
     from mixprec.train.outputs import check_writable
 
     kwargs = dict(model=args.model, recipe=args.recipe, compile=args.compile, steps=args.steps, rounds=args.rounds,
-                  warmup=args.warmup, device=args.device, tiny=args.tiny)
+                  warmup=args.warmup, device=args.device, tiny=args.tiny, fused_head_loss=args.fused_head_loss)
     bench.check_arguments(**{k: v for k, v in kwargs.items() if k != "compile"})
     mode = "compiled" if args.compile else "eager"
-    path = Path(args.json or Path("runs") / f"bench-{args.model}-{args.recipe}-{mode}{'-tiny' if args.tiny else ''}.json")
+    tags = f"{mode}{'-fused' if args.fused_head_loss else ''}{'-tiny' if args.tiny else ''}"
+    path = Path(args.json or Path("runs") / f"bench-{args.model}-{args.recipe}-{tags}.json")
     if path.is_dir():
         raise ValueError(f"--json {path} is a directory; give a file path")
     check_writable(path.parent, "--json's directory")
@@ -400,7 +401,8 @@ def bench(job: dict[str, Any], args: argparse.Namespace) -> int:
     from mixprec.train.bench import run_bench
 
     k = job["kwargs"]
-    print(f"mixprec bench: {k['model']}{' (tiny)' if k['tiny'] else ''}, {k['recipe']}, "
+    fused = ", fused head loss" if k["fused_head_loss"] else ""
+    print(f"mixprec bench: {k['model']}{' (tiny)' if k['tiny'] else ''}{fused}, {k['recipe']}, "
           f"{'compiled' if k['compile'] else 'eager'}, on {k['device']}: {k['rounds']} interleaved rounds of "
           f"{k['steps']} steps after {k['warmup']} warm-up steps, mixprec against torch.autocast", flush=True)
     try:
