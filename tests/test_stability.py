@@ -461,6 +461,18 @@ def test_fused_statistics_equal_the_eager_ones():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_fused_statistics_fall_back_to_eager_when_compiling_fails(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def call(*args):
+            raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
+        return call
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(RuntimeWarning, match="compiling its per-step statistics failed"):
+        *_, fused = _train("torch", "fp32", 12, spike_at=BAD, fuse=True)
+    *_, eager = _train("torch", "fp32", 12, spike_at=BAD, fuse=False)
+    assert not fused._fuse and [e["step"] for e in fused.events] == [e["step"] for e in eager.events] == [BAD]
+
+
 class _no_warning:
     """Fails the block if a RuntimeWarning (the guard's fall-back from compiling) was raised in it."""
 

@@ -335,7 +335,8 @@ class StabilityGuard:
             compiled = self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False)
         try:
             return compiled(*args)
-        except Exception as err:   # no working compiler here: the same arithmetic, kernel by kernel
+        except torch._dynamo.exc.TorchDynamoException as err:
+            # tracing or code generation failed (before anything ran): the same arithmetic, kernel by kernel
             if not self._fuse_failed_warned:
                 self._fuse_failed_warned = True
                 warnings.warn(f"StabilityGuard: compiling its per-step statistics failed ({type(err).__name__}: "
