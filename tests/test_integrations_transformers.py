@@ -182,7 +182,7 @@ def _loss_and_grads(model, ids, labels, **kwargs):
 
 @pytest.mark.parametrize("build", [_llama, _gpt2], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("items", [None, 37])
-def test_fused_head_loss_is_the_models_loss(build, items):
+def test_fused_head_loss_is_the_models_loss(build, items, monkeypatch):
     """FP32 on the CPU: the fused loss and every gradient equal Hugging Face's own path (labels shifted, ignored
     positions, num_items_in_batch) to FP32 summation order; no logits are returned in training."""
     from mixprec.integrations.transformers import fuse_head_loss, has_fused_head_loss, unfuse_head_loss
@@ -192,7 +192,9 @@ def test_fused_head_loss_is_the_models_loss(build, items):
     kwargs = {} if items is None else {"num_items_in_batch": torch.tensor(items)}
     model = build().train()
     ref, ref_grads = _loss_and_grads(model, ids, labels, **kwargs)
-    fuse_head_loss(model, chunk_rows=9)   # 64 tokens: 7 full chunks and a partial one
+    import mixprec.integrations.transformers as hf
+    monkeypatch.setattr(hf, "_CHUNK_BYTES", 9 * 4 * VOCAB)   # chunks of 9 of the 64 tokens: 7 and a partial one
+    fuse_head_loss(model)
     assert has_fused_head_loss(model)
     got, grads = _loss_and_grads(model, ids, labels, **kwargs)
     assert got.logits is None and ref.logits is not None
@@ -233,8 +235,6 @@ def test_fused_head_loss_refuses_what_it_cannot_fuse():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         fuse_head_loss(model)
-    with pytest.raises(ValueError, match="chunk_rows must be a positive integer"):
-        fuse_head_loss(_llama(), chunk_rows=0)
     with pytest.raises(ValueError, match="was not given a fused head loss"):
         unfuse_head_loss(_llama())
 

@@ -29,7 +29,6 @@ train():
 """
 from __future__ import annotations
 
-import functools
 import types
 from typing import Any
 
@@ -189,7 +188,7 @@ _LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 _CHUNK_BYTES = 256 * 2 ** 20
 
 
-def fuse_head_loss(model: nn.Module, *, chunk_rows: int | None = None) -> nn.Module:
+def fuse_head_loss(model: nn.Module) -> nn.Module:
     """Compute a Hugging Face causal LM's training loss from the head's input, without materialising logits.
 
         model = mixprec.integrations.transformers.fuse_head_loss(model)   # after mp.prepare / convert
@@ -204,7 +203,7 @@ def fuse_head_loss(model: nn.Module, *, chunk_rows: int | None = None) -> nn.Mod
 
     The forward is replaced on this instance (`model.forward`); `unfuse_head_loss(model)` puts the class's back.
     Refused for models whose logits are not the output embedding applied to the last hidden state (soft-capped
-    or scaled logits). chunk_rows: tokens per chunk (default: a chunk's FP32 logits take about 256 MiB).
+    or scaled logits). A chunk holds as many tokens as make about 256 MiB of FP32 logits.
     """
     if not isinstance(model, transformers.PreTrainedModel):
         raise TypeError(f"fuse_head_loss takes a Hugging Face PreTrainedModel; got {type(model).__name__}")
@@ -218,12 +217,8 @@ def fuse_head_loss(model: nn.Module, *, chunk_rows: int | None = None) -> nn.Mod
     if changed:
         raise ValueError(f"{type(model).__name__}'s logits are transformed after the head ({', '.join(changed)} in "
                          "its config): the fused loss would not be the model's loss")
-    if chunk_rows is None:
-        chunk_rows = max(1, _CHUNK_BYTES // (4 * head.out_features))
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive integer or None; got {chunk_rows!r}")
-    # a bound method (not a closure): copy.deepcopy of the model rebinds it to the copy
-    fused = types.MethodType(functools.partial(_fused_forward, chunk_rows=chunk_rows), model)
+    # a bound method (not a closure): copy.deepcopy of the model rebinds it to the copy, torch.compile traces it
+    fused = types.MethodType(_fused_forward, model)
     current = model.__dict__.get("forward")
     if current is None:
         model.forward = fused
@@ -252,11 +247,10 @@ def has_fused_head_loss(model: nn.Module) -> bool:
     current = model.__dict__.get("forward")
     if isinstance(current, PolicyForward):
         current = current.inner
-    func = getattr(current, "__func__", None)
-    return isinstance(func, functools.partial) and func.func is _fused_forward
+    return getattr(current, "__func__", None) is _fused_forward
 
 
-def _fused_forward(self, input_ids=None, *args, labels=None, chunk_rows: int, **kwargs):
+def _fused_forward(self, input_ids=None, *args, labels=None, **kwargs):
     if labels is None or not self.training or not torch.is_grad_enabled():
         return type(self).forward(self, input_ids, *args, labels=labels, **kwargs)
     if kwargs.pop("logits_to_keep", 0) not in (0, None):
@@ -265,7 +259,9 @@ def _fused_forward(self, input_ids=None, *args, labels=None, chunk_rows: int, **
     loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
     return_dict = kwargs.pop("return_dict", None)
     outputs = self.base_model(input_ids, *args, **kwargs)
-    loss = _causal_lm_loss(outputs[0], self.get_output_embeddings(), labels, chunk_rows, **loss_kwargs)
+    head = self.get_output_embeddings()
+    chunk_rows = max(1, _CHUNK_BYTES // (4 * head.out_features))
+    loss = _causal_lm_loss(outputs[0], head, labels, chunk_rows, **loss_kwargs)
     out = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
                                  attentions=getattr(outputs, "attentions", None))
     return out.to_tuple() if return_dict is False else out
