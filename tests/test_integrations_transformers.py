@@ -237,6 +237,9 @@ def test_fused_head_loss_refuses_what_it_cannot_fuse():
         fuse_head_loss(model)
     with pytest.raises(ValueError, match="was not given a fused head loss"):
         unfuse_head_loss(_llama())
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(TypeError, match="by keyword"):
+        fuse_head_loss(_llama().train())(ids, torch.ones(1, 4), labels=ids)
 
 
 def test_trainer_with_the_fused_head_loss_trains_as_without(tmp_path):

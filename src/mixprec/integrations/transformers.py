@@ -253,12 +253,14 @@ def has_fused_head_loss(model: nn.Module) -> bool:
 def _fused_forward(self, input_ids=None, *args, labels=None, **kwargs):
     if labels is None or not self.training or not torch.is_grad_enabled():
         return type(self).forward(self, input_ids, *args, labels=labels, **kwargs)
+    if args:   # the causal LM's positional order need not be its base model's
+        raise TypeError(f"with a fused head loss, pass {type(self).__name__}'s arguments after input_ids by keyword")
     if kwargs.pop("logits_to_keep", 0) not in (0, None):
         raise ValueError("fuse_head_loss computes the loss over every position; logits_to_keep applies to "
                          "returned logits, which a fused loss does not make")
     loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
     return_dict = kwargs.pop("return_dict", None)
-    outputs = self.base_model(input_ids, *args, **kwargs)
+    outputs = self.base_model(input_ids, **kwargs)
     head = self.get_output_embeddings()
     chunk_rows = max(1, _CHUNK_BYTES // (4 * head.out_features))
     loss = _causal_lm_loss(outputs[0], head, labels, chunk_rows, **loss_kwargs)
