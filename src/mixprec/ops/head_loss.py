@@ -278,7 +278,8 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Linear | torch.Tensor, tar
     if flat_target.numel() != hidden.numel() // hidden.shape[-1]:
         raise ValueError(f"target has {flat_target.numel()} entries for {hidden.numel() // hidden.shape[-1]} "
                          f"rows of hidden (shape {tuple(hidden.shape)})")
-    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
+                                   or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive integer or None; got {chunk_rows!r}")
     if label_smoothing != 0.0 or flat_target.dtype != torch.int64:
         logits = linear_fp32_output(hidden, weight, bias, compute_dtype)
