@@ -19,8 +19,10 @@ import torch
 
 from mixprec.train.bench import BENCH_MODELS, BENCH_RECIPES, run_bench
 
-# (model, recipe, compiled): the rows of core.md's table
-CASES = [(m, r, c) for m in ("llama", "resnet50", "gpt2", "vit", "gpt") for r in BENCH_RECIPES for c in (False, True)]
+# (model, recipe, compiled, fused head loss): the rows of core.md's table; the Hugging Face causal LMs also with
+# their loss computed from the head's input (mixprec.integrations.transformers.fuse_head_loss)
+CASES = [(m, r, c, f) for m in ("llama", "resnet50", "gpt2", "vit", "gpt") for r in BENCH_RECIPES for c in (False, True)
+         for f in ((False, True) if m in ("llama", "gpt2") else (False,))]
 
 
 def main() -> None:
@@ -39,20 +41,21 @@ def main() -> None:
         raise SystemExit(f"unknown --models {', '.join(unknown)}; choose from: {', '.join(BENCH_MODELS)}")
     steps, rounds = (5, 3) if args.quick or args.dry_run else (10, 5)
     rows = []
-    for model, recipe, compiled in CASES:
+    for model, recipe, compiled, fused in CASES:
         if model not in models or (args.dry_run and (compiled or model in ("resnet50", "vit"))):
             continue   # the dry run: eager, and the models that need no torchvision
         start = time.perf_counter()
+        label = f"{model:9s} {recipe:11s} {'compiled' if compiled else 'eager':8s} {'fused' if fused else '':5s}"
         try:
             result = run_bench(model, recipe, compile=compiled, steps=steps, rounds=rounds, warmup=3,
-                               device=device, tiny=args.dry_run, progress=lambda line: None)
+                               device=device, tiny=args.dry_run, fused_head_loss=fused, progress=lambda line: None)
             rows.append(result)
-            print(f"{model:9s} {recipe:11s} {'compiled' if compiled else 'eager':8s} {result['ratio']:.3f}x "
+            print(f"{label} {result['ratio']:.3f}x peak memory {result['peak_memory_ratio'] or float('nan'):.3f}x "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
         except Exception as err:   # one failing case is a row, not the end of the run
-            rows.append({"model": model, "recipe": recipe, "compile": compiled, "error": repr(err),
-                         "traceback": traceback.format_exc()})
-            print(f"{model:9s} {recipe:11s} {'compiled' if compiled else 'eager':8s} failed: {err!r}", flush=True)
+            rows.append({"model": model, "recipe": recipe, "compile": compiled, "fused_head_loss": fused,
+                         "error": repr(err), "traceback": traceback.format_exc()})
+            print(f"{label} failed: {err!r}", flush=True)
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
