@@ -211,6 +211,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(wh.shape, dtype=f32, device=dev) if need_w else None
         grad_b = torch.zeros(wh.shape[0], dtype=f32, device=dev) if need_b else None
         total = torch.zeros((), dtype=f32, device=dev)
+        ones = torch.ones(min(chunk_rows, rows), dtype=f32, device=dev)   # per-row weights: scaled in the backward
         with torch.autocast(x.device.type, enabled=False):
             for start in range(0, rows, chunk_rows):
                 xc, tc = xh[start:start + chunk_rows], target[start:start + chunk_rows]
@@ -221,8 +222,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
                 total += row_loss.sum()
                 if not (need_x or need_w or need_b):
                     continue
-                ones = torch.ones(tc.shape[0], dtype=f32, device=dev)
-                gh = softmax_grad(logits, lse, tc, ones, ignore_index, f32 if need_b else xh.dtype)
+                gh = softmax_grad(logits, lse, tc, ones[:tc.shape[0]], ignore_index, f32 if need_b else xh.dtype)
                 del logits
                 if need_b:
                     grad_b += gh.sum(0)

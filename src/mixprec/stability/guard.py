@@ -212,8 +212,10 @@ class StabilityGuard:
         self._cache: dict | None = None
         self._scaler = None
         self._fuse = dev.type == "cuda" if fuse is None else bool(fuse)
-        self._fuse_failed_warned = False
         self._compiled: dict[str, Any] = {}
+        # read-only stand-ins, made once rather than filled on the device every step
+        self._no_overflow = torch.zeros((), dtype=torch.bool, device=dev)
+        self._no_scale = torch.full((), math.nan, device=dev)
 
     # ---- the step -------------------------------------------------------------------------------------
     def grad_norm(self, scaler: Any = None) -> torch.Tensor:
@@ -279,7 +281,7 @@ class StabilityGuard:
         self._cache = None
         per_tensor, overflow = cache["per_tensor"], cache["overflow"]
         if overflow is None:
-            overflow = torch.zeros((), dtype=torch.bool, device=self.device)
+            overflow = self._no_overflow
         loss_t = self._loss(loss)
         if loss_t is None and self._watch_loss:
             raise ValueError("the guard watches the loss (signals includes 'loss'): pass it to step(), or build the "
@@ -318,7 +320,7 @@ class StabilityGuard:
                 reset_state(opt, params, spiked[start:start + len(params)])
                 start += len(params)
 
-        scale_used = torch.full((), math.nan, device=self.device)
+        scale_used = self._no_scale
         if scaler is not None and scaler.is_enabled():
             scale_used = update_scaler(scaler, keep=v["fault"])   # a fault leaves the scale schedule where it was
         record = self._phase("commit", self._commit, v, overflow, scale_used)
@@ -336,13 +338,12 @@ class StabilityGuard:
         try:
             return compiled(*args)
         except torch._dynamo.exc.TorchDynamoException as err:
-            # tracing or code generation failed (before anything ran): the same arithmetic, kernel by kernel
-            if not self._fuse_failed_warned:
-                self._fuse_failed_warned = True
-                warnings.warn(f"StabilityGuard: compiling its per-step statistics failed ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}); they run eagerly (a few hundred "
-                              "microseconds per step on a GPU). Pass fuse=False to silence this.",
-                              RuntimeWarning, stacklevel=4)
+            # tracing or code generation failed (before anything ran): the same arithmetic, kernel by kernel,
+            # from now on (so this warns once)
+            warnings.warn(f"StabilityGuard: compiling its per-step statistics failed ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); they run eagerly (a few hundred "
+                          "microseconds per step on a GPU). Pass fuse=False to silence this.",
+                          RuntimeWarning, stacklevel=4)
             self._fuse = False
             return fn(*args)
 

@@ -119,6 +119,7 @@ class Trainer:
         self.faults = FaultPlan.for_steps(cfg.steps) if cfg.task == "faults" else None
         self.grad_norms: list[float] = []
         self._step_figures: list[tuple[torch.Tensor, torch.Tensor]] = []   # (grad norm, skipped) per step, on device
+        self._not_skipped = torch.zeros((), dtype=torch.bool, device=self.device)   # read-only, made once
         self._guard_skipped = self._events_seen = 0
         self.stopped: str | None = None
 
@@ -188,7 +189,7 @@ class Trainer:
             self.faults.poison_grads(step, self.model)
         if self.guard is None:
             self.scaler.unscale_(self.optimizer)
-            norm, skipped = self._clip_gradients(), torch.zeros((), dtype=torch.bool, device=self.device)
+            norm, skipped = self._clip_gradients(), self._not_skipped
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
