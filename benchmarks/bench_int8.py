@@ -8,11 +8,13 @@ gemm   the GEMMs of a d=4096 GPT's linear layers, M = 8192 tokens, (K, N) = (409
        E4M3 torch._scaled_mm with rowwise scales (operands quantized beforehand), torch._int_mm alone
        (int32 out), mixprec.int8.gemm.mm_nt on given codes (int32 GEMM + FP32 scaling, eager and compiled),
        and mixprec.int8.int8_matmul (rowwise quantization of both BF16 operands + GEMM + scaling, eager and
-       compiled). CUDA events after warm-up, the median of several runs; TFLOP/s = 2 M N K / time.
+       compiled); the same through the Triton GEMM that scales in its epilogue (backend "triton"). CUDA
+       events after warm-up, the median of several runs; TFLOP/s = 2 M N K / time.
 gpt    a train step of the mixprec GPT (4 layers, d=4096, 32 heads, B=4, T=1024, vocab 50304, SDPA, separate
        head: bench_fp8.py's model) under torch.compile, BF16 autocast with each recipe's Linear conversion
        (Policy.from_recipe(r).converters, the default filter: the head stays BF16): bf16-mixed (none, the
-       anchor), fp8-rowwise, int8-rowwise, int8-switchback, and torchao's INT8 mixed-precision training
+       anchor), fp8-rowwise, int8-rowwise, int8-switchback (each INT8 recipe also as <recipe>+triton: the
+       Triton GEMM), and torchao's INT8 mixed-precision training
        (torchao.prototype.quantized_training.int8_mixed_precision_training on the same layers) when
        torchao imports. Variants are built, compiled and warmed first, then timed in interleaved rounds;
        ratios are medians of per-round ratios. Where the GPU cannot hold every variant at once (each keeps
@@ -47,7 +49,9 @@ from mixprec.int8.quantize import quantize as int8_quantize  # noqa: E402
 from mixprec.train.models import GPT, GPTConfig  # noqa: E402
 
 GEMM_SHAPES = ((4096, 12288), (4096, 4096), (4096, 16384), (16384, 4096))   # (K, N) of qkv, proj, up, down
-GPT_RECIPES = ("bf16-mixed", "fp8-rowwise", "int8-rowwise", "int8-switchback")
+GPT_RECIPES = ("bf16-mixed", "fp8-rowwise", "int8-rowwise", "int8-switchback", "int8-rowwise+triton",
+               "int8-switchback+triton")
+TRITON_SUFFIX = "+triton"   # the recipe with Int8Config(backend="triton"): the Triton GEMM, scaling in its epilogue
 TORCHAO = "torchao-int8-mp"
 STEADY_BYTES_PER_PARAM = 12      # what a variant keeps between steps: FP32 weights and two FP32 AdamW moments
 GRAD_BYTES_PER_PARAM = 4         # the FP32 gradients of the one variant stepping (freed by zero_grad)
@@ -94,14 +98,25 @@ def gemm_cases(a: torch.Tensor, b: torch.Tensor, compile_: bool) -> list[tuple[s
     def quantize_mm():
         return int8_matmul(a, b, out_dtype=torch.bfloat16, backend=backend)
 
+    def triton_codes():
+        return mm_nt(*ops, out_dtype=torch.bfloat16, backend="triton")
+
+    def triton_quantize_mm():
+        return int8_matmul(a, b, out_dtype=torch.bfloat16, backend="triton")
+
     cases = [("bf16 torch.mm", lambda: torch.mm(a, b.t())),
              ("fp8 e4m3 torch._scaled_mm, rowwise scales", fp8_rowwise_case(a, b)),
              ("int8 torch._int_mm alone (int32 out)", lambda: torch._int_mm(qa, bt_int8)),
              ("int8 mm_nt on codes (GEMM + scaling), eager", mm_codes),
              ("int8 int8_matmul (quantize + GEMM + scaling), eager", quantize_mm)]
+    if dev == "cuda":
+        cases.append(("int8 Triton GEMM on codes (scaling in its epilogue)", triton_codes))
     if compile_:
         cases += [("int8 mm_nt on codes, compiled", torch.compile(mm_codes, dynamic=False)),
                   ("int8 int8_matmul, compiled", torch.compile(quantize_mm, dynamic=False))]
+        if dev == "cuda":
+            cases.append(("int8 int8_matmul with the Triton GEMM, compiled",
+                          torch.compile(triton_quantize_mm, dynamic=False)))
     return cases
 
 
@@ -179,7 +194,12 @@ def make_gpt(kind: str, args) -> tuple[nn.Module, int]:
         if swapped != len(names):
             raise RuntimeError(f"torchao converted {swapped} of the {len(names)} Linear layers")
         return model, swapped
-    policy = mp.Policy.from_recipe(kind)
+    if kind.endswith(TRITON_SUFFIX):
+        recipe = kind.removesuffix(TRITON_SUFFIX)
+        policy = mp.Policy.from_recipe(recipe, int8=mp.int8.Int8Config(recipe=recipe.removeprefix("int8-"),
+                                                                       backend="triton"))
+    else:
+        policy = mp.Policy.from_recipe(kind)
     for converter in policy.converters:   # the recipe's Linear conversion only; autocast is the step's
         model = converter.convert_model(model)
     low = sum(type(m).__name__ in ("Float8Linear", "Int8Linear") for m in model.modules())
@@ -268,6 +288,8 @@ class GPTRun:
 def gpt_kinds(args) -> list[str]:
     """The variants to time, the anchor (bf16-mixed) first."""
     kinds = list(GPT_RECIPES) + [TORCHAO]
+    if args.device != "cuda":   # the Triton GEMM runs on GPUs only
+        kinds = [k for k in kinds if not k.endswith(TRITON_SUFFIX)]
     if args.variants:
         wanted = args.variants.split(",")
         kinds = ["bf16-mixed"] + [k for k in kinds if k in wanted and k != "bf16-mixed"]

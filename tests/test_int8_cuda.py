@@ -1,11 +1,13 @@
-"""INT8 on a GPU of compute capability 8.0+: torch._int_mm (int32 accumulation) equals the emulation bit
-for bit, padding included; Int8Linear's int_mm backend equals emulate on the GPU and the CPU emulation,
-exactly (the same IEEE FP32 quantization and scaling everywhere), eager and under inductor."""
+"""INT8 on a GPU of compute capability 8.0+: torch._int_mm (int32 accumulation) and the Triton GEMM (scaling
+in its epilogue) equal the emulation bit for bit, padding included; Int8Linear's int_mm and triton backends
+equal emulate on the GPU and the CPU emulation, exactly (the same IEEE FP32 quantization and scaling
+everywhere), eager and under inductor."""
 import pytest
 import torch
 from torch import nn
 
 from mixprec.int8 import Int8Config, Int8Linear, accumulate, quantize, resolve_backend
+from mixprec.int8.gemm import Operand, mm_nt
 from mixprec.int8.backends import MIN_CAPABILITY
 from test_int8_gemm import extreme_pair, int32_reference
 
@@ -34,6 +36,22 @@ def test_int_mm_equals_emulation_exactly(m, k, n):
         assert torch.equal(got.cpu(), ref)
 
 
+@pytest.mark.parametrize("m,k,n", [(17, 8, 8), (5, 13, 7), (300, 2500, 40), (2048, 1024, 768), (1000, 4096, 1030)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_gemm_equals_emulation_exactly(m, k, n, out_dtype):
+    pytest.importorskip("triton")
+    a, b = (t.cuda() for t in extreme_pair(m, k, n))
+    g = torch.Generator().manual_seed(m + n)
+    sa = torch.exp2(torch.randint(-20, 5, (m, 1), generator=g).float()) * (1 + torch.rand(m, 1, generator=g))
+    sb = torch.exp2(torch.randint(-20, 5, (n, 1), generator=g).float()) * (1 + torch.rand(n, 1, generator=g))
+    for a_scale, b_scale in ((sa, sb), (sa[0, 0], sb), (sa, sb[0, 0])):
+        ops = Operand(a, a_scale.cuda()), Operand(b, b_scale.cuda())
+        got = mm_nt(*ops, out_dtype=out_dtype, backend="triton")
+        assert torch.equal(got, mm_nt(*ops, out_dtype=out_dtype, backend="int_mm"))
+        assert torch.equal(got.cpu(), mm_nt(Operand(a.cpu(), a_scale), Operand(b.cpu(), b_scale),
+                                            out_dtype=out_dtype, backend="emulate"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantization_equals_the_cpu_bit_for_bit(dtype):
     x = (torch.randn(300, 520) * torch.exp(torch.randn(300, 1))).to(dtype)
@@ -56,11 +74,14 @@ def run(layer, x, dy, autocast):
 
 @pytest.mark.parametrize("recipe", ["rowwise", "switchback"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_int8_linear_int_mm_equals_emulate_on_gpu_and_cpu(recipe, autocast):
+@pytest.mark.parametrize("backend", ["int_mm", "triton"])
+def test_int8_linear_gpu_backends_equal_emulate_on_gpu_and_cpu(recipe, autocast, backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
     torch.manual_seed(0)
     linear = nn.Linear(512, 264)
     x, dy = torch.randn(3, 40, 512) * 2, torch.randn(3, 40, 264)
-    fast = Int8Linear.from_linear(linear.cuda(), Int8Config(recipe=recipe, backend="int_mm"))
+    fast = Int8Linear.from_linear(linear.cuda(), Int8Config(recipe=recipe, backend=backend))
     outs = run(fast, x.cuda(), dy.cuda(), autocast)
     emulated = run(Int8Linear.from_linear(linear, Int8Config(recipe=recipe, backend="emulate")), x.cuda(), dy.cuda(),
                    autocast)
@@ -80,9 +101,12 @@ def test_int8_linear_int_mm_equals_emulate_on_gpu_and_cpu(recipe, autocast):
         assert torch.equal(a.cpu(), b), name
 
 
-def test_compiled_equals_eager():
+@pytest.mark.parametrize("backend", ["int_mm", "triton"])
+def test_compiled_equals_eager(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
     torch.manual_seed(0)
-    layer = Int8Linear.from_linear(nn.Linear(512, 256).cuda(), Int8Config(backend="int_mm"))
+    layer = Int8Linear.from_linear(nn.Linear(512, 256).cuda(), Int8Config(backend=backend))
     x, dy = torch.randn(128, 512, device="cuda"), torch.randn(128, 256, device="cuda")
     eager = run(layer, x, dy, True)
     compiled = run(torch.compile(layer), x, dy, True)

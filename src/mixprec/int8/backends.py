@@ -8,9 +8,13 @@
              capability 8.0+ (Ampere, Ada, Hopper, newer); operands are zero-padded to its shape rules
              (M > 16, K and N multiples of 8), which adds nothing to the sums. Quantization and the
              scaling after the GEMM are PyTorch ops (torch.compile fuses them).
+    triton   a Triton kernel (mixprec.int8._kernels) on the same GPUs: the int32 sums scaled in its
+             epilogue, so no int32 result is written and read back; the same numbers bit for bit.
     auto     int_mm where the device supports it, emulate elsewhere.
 """
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
@@ -19,7 +23,11 @@ from mixprec.int8.config import BACKENDS
 _DESCRIPTIONS = {
     "emulate": "INT8 codes and int32 sums emulated exactly (FP32/float64 integer arithmetic), then scaled in FP32",
     "int_mm": "INT8 GEMMs through torch._int_mm (int32 accumulation), scaled in FP32",
+    "triton": "INT8 GEMMs in a Triton kernel (int32 accumulation) that scales in FP32 before writing",
 }
+# looked up once at import: torch.compile traces resolve_backend, and a constant traces cleanly
+_TRITON = importlib.util.find_spec("triton") is not None
+
 # torch._int_mm runs cuBLASLt's INT8 kernels; PyTorch tests them on Ampere and newer
 MIN_CAPABILITY = (8, 0)
 
@@ -60,9 +68,11 @@ def resolve_backend(backend: str, device: torch.device | str, *, int8_capable: b
     if backend == "auto":
         return "int_mm" if capable else "emulate"
     if not capable:
-        raise ValueError(f"INT8 backend 'int_mm' needs a CUDA GPU of compute capability "
-                         f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+ for torch._int_mm, but the tensors are on "
+        raise ValueError(f"INT8 backend {backend!r} needs a CUDA GPU of compute capability "
+                         f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+ for INT8 tensor cores, but the tensors are on "
                          f"{_device_name(device)}; use backend='emulate' (the same numbers, exactly) on this device")
+    if backend == "triton" and not _TRITON:
+        raise ValueError("INT8 backend 'triton' needs the triton package; use backend='int_mm' or 'emulate'")
     return backend
 
 

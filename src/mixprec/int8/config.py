@@ -13,9 +13,9 @@ from typing import Literal
 from torch import nn
 
 Recipe = Literal["rowwise", "switchback"]
-Backend = Literal["auto", "emulate", "int_mm"]
+Backend = Literal["auto", "emulate", "int_mm", "triton"]
 RECIPES: tuple[str, ...] = ("rowwise", "switchback")
-BACKENDS: tuple[str, ...] = ("auto", "emulate", "int_mm")
+BACKENDS: tuple[str, ...] = ("auto", "emulate", "int_mm", "triton")
 MATMULS: tuple[str, ...] = ("output", "grad_input", "grad_weight")
 
 # Per recipe: (the weight's scale granularity, whether the weight gradient runs in INT8 by default).

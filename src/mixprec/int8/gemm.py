@@ -56,9 +56,7 @@ def accumulate(a: torch.Tensor, b: torch.Tensor, *, backend: str) -> torch.Tenso
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"accumulate takes a (M, K) and b (N, K); got {tuple(a.shape)} and {tuple(b.shape)}")
     k = a.shape[1]
-    if k > MAX_K:
-        raise ValueError(f"an INT8 GEMM over K = {k} terms could overflow its int32 accumulator "
-                         f"(127**2 * K >= 2**31 past K = {MAX_K}); keep this layer in high precision")
+    _check_k(k)
     if backend == "int_mm":
         return _int_mm_nt(a.to(torch.int8), b.to(torch.int8)).float()
     if backend != "emulate":
@@ -71,6 +69,12 @@ def accumulate(a: torch.Tensor, b: torch.Tensor, *, backend: str) -> torch.Tenso
         part = (af[:, start:start + EXACT_FP32_TERMS] @ bf[:, start:start + EXACT_FP32_TERMS].t()).double()
         acc = part if acc is None else acc.add_(part)
     return acc.float()
+
+
+def _check_k(k: int) -> None:
+    if k > MAX_K:
+        raise ValueError(f"an INT8 GEMM over K = {k} terms could overflow its int32 accumulator "
+                         f"(127**2 * K >= 2**31 past K = {MAX_K}); keep this layer in high precision")
 
 
 def _int_mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -93,7 +97,15 @@ def _int_mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def mm_nt(a: Operand, b: Operand, *, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """(a.q * a.scale) @ (b.q * b.scale)^T in `out_dtype`, computed as the module docstring defines."""
+    """(a.q * a.scale) @ (b.q * b.scale)^T in `out_dtype`, computed as the module docstring defines.
+
+    backend: "emulate" or "int_mm" (accumulate, then the scaling in PyTorch ops), or "triton" (one
+    kernel that scales before it writes; int8 codes only)."""
+    if backend == "triton":
+        from mixprec.int8 import _kernels   # imports triton: only where that backend runs
+
+        _check_k(a.q.shape[1])
+        return _kernels.int8_mm_nt(a.q, b.q, a.scale, b.scale, out_dtype)
     acc = accumulate(a.q, b.q, backend=backend)
     sb = b.scale.reshape(1, -1) if b.scale.dim() else b.scale
     return (acc * a.scale * sb).to(out_dtype)
