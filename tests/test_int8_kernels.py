@@ -66,7 +66,7 @@ def _round_interpreter_bf16() -> None:
 def _interpreter_main() -> None:
     """Run in a subprocess with TRITON_INTERPRET=1 (see the test above)."""
     from mixprec.int8 import _kernels as kernels
-    from mixprec.int8.gemm import mm_nt
+    from mixprec.int8.gemm import Operand, mm_nt
 
     _round_interpreter_bf16()
     configs = list(kernels._int8_mm_nt_kernel.configs)
@@ -81,6 +81,12 @@ def _interpreter_main() -> None:
             if got.dtype != ref.dtype or got.shape != ref.shape or not torch.equal(got, ref):
                 bad = (got.float() != ref.float()).sum().item() if got.shape == ref.shape else "shape"
                 problems.append(f"{label} {out_dtype} (config {n_case - 1}): {bad} values differ")
+    for m, n, k in ((0, 5, 16), (4, 3, 0)):   # empty operands: nothing launched, an empty sum is zero
+        a = Operand(torch.zeros(m, k, dtype=torch.int8), torch.ones(m, 1))
+        b = Operand(torch.ones(n, k, dtype=torch.int8), torch.ones(n, 1))
+        got = mm_nt(a, b, out_dtype=torch.bfloat16, backend="triton")
+        if not torch.equal(got, mm_nt(a, b, out_dtype=torch.bfloat16, backend="emulate")):
+            problems.append(f"empty M={m} N={n} K={k}: differs")
     _, a, b = next(_cases())
     try:
         torch.library.opcheck(kernels.int8_mm_nt, (a.q, b.q, a.scale, b.scale, torch.bfloat16),

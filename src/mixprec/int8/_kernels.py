@@ -88,6 +88,8 @@ def _int8_mm_nt(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Te
     a, b = a.contiguous(), b.contiguous()
     sa, sb = sa.float().contiguous(), sb.float().contiguous()
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if out.numel() == 0 or k == 0:   # nothing to launch; an empty sum is zero
+        return out.zero_()
     grid = lambda meta: (_cdiv(m, meta["BM"]) * _cdiv(n, meta["BN"]),)  # noqa: E731
     _int8_mm_nt_kernel[grid](a, b, sa, sb, out, m, n, k, SA_ROWWISE=sa.dim() > 0, SB_ROWWISE=sb.dim() > 0)
     return out
