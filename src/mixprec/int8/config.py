@@ -52,7 +52,8 @@ class Int8Config:
     min_features:      `convert` keeps Linear layers with in or out features below this in high precision:
                        quantizing costs more than the INT8 GEMM saves on small layers (FP8's default too).
     backend:           "auto" (int_mm on CUDA GPUs of compute capability 8.0+, else emulate), "emulate"
-                       (exact integer products on any device) or "int_mm" (torch._int_mm, CUDA).
+                       (exact integer products on any device), "int_mm" (torch._int_mm, CUDA) or "triton"
+                       (a Triton GEMM that scales in its epilogue, CUDA); all give the same numbers.
     """
 
     recipe: Recipe = "rowwise"

@@ -146,6 +146,8 @@ class Int8Linear(nn.Linear):
         # Whether the weight's device runs INT8 GEMMs, looked up whenever the weight moves (here and in
         # _apply) rather than in forward: torch.compile then traces a plain bool, no CUDA query.
         self._int8_capable = self.weight.device.type != "meta" and int8_gemm_supported(self.weight.device)
+        if self._int8_capable and self.config.backend == "triton":
+            import mixprec.int8._kernels  # noqa: F401  (loaded here, so that forward traces no import)
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .cuda(), .half() ...: the counters follow the weight's device but stay int64
