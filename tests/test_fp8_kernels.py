@@ -4,7 +4,7 @@ Where triton is installed without a GPU, TRITON_INTERPRET=1 runs the kernels on 
 (slow: small shapes). Codes and scales must equal quantize_pair(backend="emulate") bit for bit, for both
 operands (x and x^T) of every granularity, and each op's fake implementation (what torch.compile traces)
 must agree with it. On a GPU, tests/test_fp8_cuda.py checks the compiled kernels. Without triton in the
-environment this test is skipped; to run it, put an unpacked triton on PYTHONPATH.
+environment this test is skipped (the README's test command installs it).
 """
 import os
 import subprocess

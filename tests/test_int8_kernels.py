@@ -5,7 +5,7 @@ Where triton is installed without a GPU, TRITON_INTERPRET=1 runs the kernel on C
 tile configuration, partial tiles on every dimension, rowwise and tensorwise scales and each output
 dtype; the op's fake implementation (what torch.compile traces) must agree with it. On a GPU,
 tests/test_int8_cuda.py checks the compiled kernel. Without triton in the environment this test is
-skipped; to run it, put an unpacked triton on PYTHONPATH.
+skipped (the README's test command installs it).
 """
 import os
 import subprocess
