@@ -14,8 +14,9 @@
 # every 250 ms (these benchmarks run the GPU at its power cap, which moves timings; see
 # results/fp8.md). Peers (torchao, bitsandbytes) are installed from the wheels in .whl/ when present;
 # without them their rows say why they are missing. Every step runs even if one before it failed; the
-# exit status is 0 only when every step exited 0. Python: $PYTHON, else python3. The commit recorded:
-# $BENCH_COMMIT when set (a copy of the tree whose .git is absent or stale), else git's, else "unknown".
+# exit status is 0 only when every step exited 0. STEP_TIMEOUT (seconds, default 3600) bounds each step,
+# BUDGET_S (seconds) the whole run (a GPU held for a fixed time). Python: $PYTHON, else python3. The commit
+# recorded: $BENCH_COMMIT when set (a copy of the tree whose .git is absent or stale), else git's, else "unknown".
 set -u -o pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,7 +28,9 @@ py=${PYTHON:-python3}
 work=$(mktemp -d)                         # trainer run directories, installed peers
 trap 'kill "${smi_pid:-}" 2>/dev/null; rm -rf "$work"' EXIT
 log="$out/run.log"
-step_timeout=3600                         # seconds per step: a hung compile fails its step, not the run
+step_timeout=${STEP_TIMEOUT:-3600}        # seconds per step: a hung compile fails its step, not the run
+budget=${BUDGET_S:-0}                     # seconds for all steps (0: no limit): a step that would start
+                                          # with under a minute left is skipped, the others are cut to fit
 
 say() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$log"; }
 
@@ -76,8 +79,18 @@ smi_pid=$!
 failed=()
 run() {   # run NAME CMD...: CMD's output to OUT/NAME.log, its exit status checked
   local name=$1; shift
+  local limit=$step_timeout
+  if (( budget > 0 )); then
+    local left=$(( budget - SECONDS ))
+    if (( left < 60 )); then
+      failed+=("$name (skipped: ${left}s of BUDGET_S left)")
+      say "$name skipped: ${left}s of BUDGET_S left"
+      return
+    fi
+    (( left < limit )) && limit=$left
+  fi
   say "$name: $*"
-  timeout "$step_timeout" "$@" > "$out/$name.log" 2>&1
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
   if [[ $rc -ne 0 ]]; then
     failed+=("$name (exit $rc)")
