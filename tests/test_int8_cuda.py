@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from mixprec.int8 import Int8Config, Int8Linear, accumulate, quantize, resolve_backend
-from mixprec.int8.gemm import Operand, mm_nt
 from mixprec.int8.backends import MIN_CAPABILITY
+from mixprec.int8.gemm import Operand, mm_nt
 from test_int8_gemm import extreme_pair, int32_reference
 
 pytestmark = pytest.mark.cuda

@@ -25,12 +25,14 @@ def test_triton_gemm_equals_emulation_in_triton_interpreter():
 
 def _cases():
     """(a, b) operands with codes at the extremes (+-127, zeros) and scales over many binades, on shapes
-    with partial tiles in M, N and K (K past one BK tile and not a multiple of it)."""
+    with partial tiles in M, N and K (K past one BK tile and not a multiple of it), and a K that every
+    tile's BK divides (the loads unmasked along K)."""
     from mixprec.int8.gemm import Operand
 
     g = torch.Generator().manual_seed(0)
     for m, n, k, a_rowwise, b_rowwise in ((150, 70, 300, True, True), (33, 260, 200, True, False),
-                                          (300, 9, 129, False, True), (17, 17, 64, False, False)):
+                                          (300, 9, 129, False, True), (17, 17, 64, False, False),
+                                          (70, 90, 256, True, True)):
         qa = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
         qb = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         qa[0] = 127                      # the largest sums
@@ -73,7 +75,7 @@ def _interpreter_main() -> None:
     problems, n_case = [], 0
     for label, a, b in _cases():
         for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
-            # no GPU to autotune on: each case runs the next config in turn (12 cases, 6 configs)
+            # no GPU to autotune on: each case runs the next config in turn (15 cases, 6 configs)
             kernels._int8_mm_nt_kernel.configs = [configs[n_case % len(configs)]]
             n_case += 1
             got = mm_nt(a, b, out_dtype=out_dtype, backend="triton")

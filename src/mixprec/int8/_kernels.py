@@ -32,7 +32,8 @@ _GEMM_CONFIGS = [
 def _int8_mm_nt_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, c_ptr, M, N, K: tl.constexpr,
                        SA_ROWWISE: tl.constexpr, SB_ROWWISE: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    # K is a compile-time constant (a model has a handful): the loop's trip count and the masks are known
+    # K is a compile-time constant (a model has a handful): the trip count is known, and where BK divides
+    # K the loads need no mask along it
     # grouped ordering: GROUP_M row tiles share each column tile of b while it is in L2
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BM)
@@ -50,9 +51,13 @@ def _int8_mm_nt_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, c_ptr, M, N, K: tl.constexp
     b_tile = b_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]      # b^T's (BK, BN) tile, K-major
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     for step in range(0, tl.cdiv(K, BK)):
-        k_in = (step * BK + ks) < K
-        a = tl.load(a_tile, mask=(rows[:, None] < M) & k_in[None, :], other=0)
-        b = tl.load(b_tile, mask=k_in[:, None] & (cols[None, :] < N), other=0)
+        if K % BK == 0:   # the common case: no mask along K
+            a = tl.load(a_tile, mask=rows[:, None] < M, other=0)
+            b = tl.load(b_tile, mask=cols[None, :] < N, other=0)
+        else:
+            k_in = (step * BK + ks) < K
+            a = tl.load(a_tile, mask=(rows[:, None] < M) & k_in[None, :], other=0)
+            b = tl.load(b_tile, mask=k_in[:, None] & (cols[None, :] < N), other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_tile += BK
         b_tile += BK
