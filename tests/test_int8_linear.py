@@ -142,7 +142,7 @@ def test_nonfinite_gradients_stay_visible():
 def test_config_and_backend_errors():
     with pytest.raises(ValueError, match="Unknown INT8 recipe 'blockwise'; choose one of: rowwise, switchback"):
         Int8Config(recipe="blockwise")
-    with pytest.raises(ValueError, match="choose one of: auto, emulate, int_mm"):
+    with pytest.raises(ValueError, match="choose one of: auto, emulate, int_mm, triton"):
         Int8Config(backend="cublas")
     with pytest.raises(ValueError, match="outlier_threshold must be None or a finite number > 1"):
         Int8Config(outlier_threshold=1.0)
@@ -153,7 +153,17 @@ def test_config_and_backend_errors():
     with pytest.raises(ValueError, match="min_features"):
         Int8Config(min_features=0)
     assert resolve_backend("auto", "cpu") == "emulate"
-    with pytest.raises(ValueError, match="use backend='emulate'"):
-        resolve_backend("int_mm", "cpu")
+    for gpu_only in ("int_mm", "triton"):
+        with pytest.raises(ValueError, match=f"INT8 backend '{gpu_only}' needs a CUDA GPU.*use backend='emulate'"):
+            resolve_backend(gpu_only, "cpu")
     with pytest.raises(TypeError, match="Int8Config"):
         Int8Linear(8, 8, config="rowwise")
+
+
+def test_triton_backend_without_triton_says_so(monkeypatch):
+    from mixprec.int8 import backends
+    monkeypatch.setattr(backends, "_TRITON", False)
+    with pytest.raises(ValueError, match="INT8 backend 'triton' needs the triton package; use backend='int_mm' or"):
+        resolve_backend("triton", "cuda", int8_capable=True)
+    monkeypatch.setattr(backends, "_TRITON", True)
+    assert resolve_backend("triton", "cuda", int8_capable=True) == "triton"
