@@ -7,21 +7,19 @@ must agree with it. On a GPU, tests/test_fp8_cuda.py checks the compiled kernels
 environment this test is skipped (the README's test command installs it).
 """
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+
+from triton_interpreter import check_in_interpreter
 
 GRANULARITIES = ("rowwise", "tensorwise", "1x128", "128x128")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead")
 def test_kernels_equal_pytorch_in_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")     # read when triton is imported: a fresh process
-    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("all equal"), out.stdout[-3000:] + out.stderr[-3000:]
+    check_in_interpreter(__file__)
 
 
 def _inputs() -> dict[str, torch.Tensor]:

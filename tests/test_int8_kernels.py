@@ -8,19 +8,17 @@ tests/test_int8_cuda.py checks the compiled kernel. Without triton in the enviro
 skipped (the README's test command installs it).
 """
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from triton_interpreter import check_in_interpreter, round_casts_like_the_gpu
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernel is tested instead")
 def test_triton_gemm_equals_emulation_in_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")     # read when triton is imported: a fresh process
-    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("all equal"), out.stdout[-3000:] + out.stderr[-3000:]
+    check_in_interpreter(__file__)
 
 
 def _cases():
@@ -44,33 +42,12 @@ def _cases():
                Operand(qb, sb if b_rowwise else sb[0, 0]))
 
 
-def _round_interpreter_bf16() -> None:
-    """Make the interpreter's FP32 -> BF16 cast round to nearest even, as the GPU's (cvt.rn.bf16.f32) does.
-
-    Triton 3.6's interpreter truncates the mantissa in that cast; torch's conversion rounds to nearest
-    even, so it stands in for the GPU's. Every other cast the kernel makes is numpy's, which rounds.
-    """
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
-
-    truncating = InterpreterBuilder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
-            return TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
-        return truncating(self, src, dst_type)
-
-    InterpreterBuilder.cast_impl = cast_impl
-
-
 def _interpreter_main() -> None:
     """Run in a subprocess with TRITON_INTERPRET=1 (see the test above)."""
     from mixprec.int8 import _kernels as kernels
     from mixprec.int8.gemm import Operand, mm_nt
 
-    _round_interpreter_bf16()
+    round_casts_like_the_gpu()   # the interpreter truncates FP32 -> BF16; the GPU rounds
     configs = list(kernels._int8_mm_nt_kernel.configs)
     problems, n_case = [], 0
     for label, a, b in _cases():

@@ -12,6 +12,7 @@ import torch
 import mixprec.optim as mo
 from mixprec.optim import _launcher as kernels
 from tolerances import OPTIM_KERNEL_FLIP_FRACTION, OPTIM_KERNEL_PARAM_ATOL, OPTIM_KERNEL_PARAM_RTOL
+from triton_interpreter import check_in_interpreter, round_casts_like_the_gpu
 
 # Sizes: a tail block, exact blocks, a small tensor (FP32 state), one past a program tile boundary.
 SHAPES = [(5000,), (64, 129), (100,), (8192,), (3, 1000, 7)]
@@ -206,33 +207,13 @@ def test_kernel_step_with_loss_scaler_inputs_needs_no_host_sync():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernel is tested instead")
 def test_kernel_matches_reference_in_triton_interpreter():
     # Where triton is installed without a GPU, its interpreter runs the kernel on CPU tensors (slow: small
-    # shapes, a few cases). The interpreter truncates FP32->BF16 and rounds FP8 half-up, where the GPU rounds
-    # to nearest even, so its float casts are replaced by torch's for the comparison.
-    pytest.importorskip("triton")
-    import subprocess
-    import sys
-    env = dict(__import__("os").environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("all equal"), out.stdout[-3000:] + out.stderr[-3000:]
+    # shapes, a few cases), its float casts rounding as the GPU's do (tests/triton_interpreter.py).
+    check_in_interpreter(__file__)
 
 
 def _interpreter_main() -> None:
     """The interpreter check (run in a subprocess with TRITON_INTERPRET=1: the flag is read at import)."""
-    import numpy as np
-    import triton.runtime.interpreter as interp
-    as_torch = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                "fp8e4nv": torch.float8_e4m3fn, "fp8e5": torch.float8_e5m2}
-    bits = {1: (np.uint8, torch.uint8), 2: (np.uint16, torch.int16), 4: (np.uint32, torch.int32)}
-    original = interp._convert_float
-
-    def convert(data, src, dst, rounding_mode):
-        s, d = as_torch.get(src.name), as_torch.get(dst.name)
-        if s is None or d is None:
-            return original(data, src, dst, rounding_mode)
-        t = torch.from_numpy(np.ascontiguousarray(data).copy()).view(s).to(d)
-        return t.view(bits[d.itemsize][1]).numpy().view(bits[d.itemsize][0])
-
-    interp._convert_float = convert
+    round_casts_like_the_gpu()
     mo.AdamW._use_kernel = lambda self, p: self.backend != "torch"   # the launcher on CPU tensors
     kernels.triton_available.cache_clear()
     kernels.triton_available = lambda: True
