@@ -6,9 +6,6 @@ operands (x and x^T) of every granularity, and each op's fake implementation (wh
 must agree with it. On a GPU, tests/test_fp8_cuda.py checks the compiled kernels. Without triton in the
 environment this test is skipped (the README's test command installs it).
 """
-import os
-import sys
-
 import pytest
 import torch
 
@@ -115,5 +112,4 @@ def _counted(run, launches: dict, name: str):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(__file__))
     _interpreter_main()

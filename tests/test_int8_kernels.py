@@ -7,9 +7,6 @@ dtype; the op's fake implementation (what torch.compile traces) must agree with 
 tests/test_int8_cuda.py checks the compiled kernel. Without triton in the environment this test is
 skipped (the README's test command installs it).
 """
-import os
-import sys
-
 import pytest
 import torch
 
@@ -76,5 +73,4 @@ def _interpreter_main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(__file__))
     _interpreter_main()

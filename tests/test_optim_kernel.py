@@ -231,6 +231,4 @@ def _interpreter_main() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-    sys.path.insert(0, __import__("os").path.dirname(__file__))
     _interpreter_main()
