@@ -40,12 +40,12 @@ if triton is not None:
         tl.store(loss_ptr + row, tl.where(keep, lse - picked, 0.0))
 
     @triton.jit
-    def _backward_kernel(logits_ptr, lse_ptr, target_ptr, row_grad_ptr, grad_ptr, n_cols: tl.constexpr, stride,
-                         grad_stride, ignore_index, BLOCK: tl.constexpr):
+    def _backward_kernel(logits_ptr, lse_ptr, target_ptr, row_grad_ptr, row_grad_stride, grad_ptr,
+                         n_cols: tl.constexpr, stride, grad_stride, ignore_index, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         target = tl.load(target_ptr + row)
         keep = target != ignore_index
-        scale = tl.where(keep, tl.load(row_grad_ptr), 0.0)
+        scale = tl.where(keep, tl.load(row_grad_ptr + row * row_grad_stride), 0.0)
         lse = tl.load(lse_ptr + row)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -63,9 +63,13 @@ if triton is not None:
         return lse, loss
 
     def backward(logits, lse, target, row_grad, ignore_index, out_dtype):
+        """row_grad: one factor for every row (one element) or one per row."""
         rows, cols = logits.shape
+        row_grad = row_grad.reshape(-1)
+        if row_grad.numel() not in (1, rows):
+            raise ValueError(f"row_grad must hold 1 or {rows} (one per row) values; got {row_grad.numel()}")
         grad = torch.empty(rows, cols, device=logits.device, dtype=out_dtype)
-        _backward_kernel[(rows,)](logits, lse, target, row_grad.reshape(1), grad, cols, logits.stride(0),
-                                  grad.stride(0), ignore_index, BLOCK=4096, num_warps=16)
+        _backward_kernel[(rows,)](logits, lse, target, row_grad, 0 if row_grad.numel() == 1 else 1, grad, cols,
+                                  logits.stride(0), grad.stride(0), ignore_index, BLOCK=4096, num_warps=16)
         return grad
 

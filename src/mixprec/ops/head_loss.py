@@ -87,9 +87,14 @@ def _triton():
     return _triton_cross_entropy if _triton_cross_entropy.available() else None
 
 
+def _kernels(logits):
+    """The Triton kernels for these logits, or None for the PyTorch reference (any device but CUDA)."""
+    return _triton() if logits.is_cuda else None
+
+
 def row_logsumexp_loss(logits, target, ignore_index):
     """Per row: log-sum-exp of the logits and the loss lse - logit[target] (0 where ignored)."""
-    kernels = _triton() if logits.is_cuda else None
+    kernels = _kernels(logits)
     if kernels is not None:
         return kernels.forward(logits, target, ignore_index)
     lse = torch.logsumexp(logits.float(), dim=-1)
@@ -99,8 +104,9 @@ def row_logsumexp_loss(logits, target, ignore_index):
 
 
 def softmax_grad(logits, lse, target, row_grad, ignore_index, out_dtype):
-    """(softmax(logits) - onehot(target)) * row_grad, rows with an ignored target zero, in out_dtype."""
-    kernels = _triton() if logits.is_cuda else None
+    """(softmax(logits) - onehot(target)) * row_grad, rows with an ignored target zero, in out_dtype.
+    row_grad: a 0-d tensor (one factor for every row) or one factor per row."""
+    kernels = _kernels(logits)
     if kernels is not None:
         return kernels.backward(logits, lse, target, row_grad, ignore_index, out_dtype)
     keep = target != ignore_index
@@ -211,7 +217,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(wh.shape, dtype=f32, device=dev) if need_w else None
         grad_b = torch.zeros(wh.shape[0], dtype=f32, device=dev) if need_b else None
         total = torch.zeros((), dtype=f32, device=dev)
-        ones = torch.ones(min(chunk_rows, rows), dtype=f32, device=dev)   # per-row weights: scaled in the backward
+        one = torch.ones((), dtype=f32, device=dev)   # the gradient of the sum: scaled in the backward
         with torch.autocast(x.device.type, enabled=False):
             for start in range(0, rows, chunk_rows):
                 xc, tc = xh[start:start + chunk_rows], target[start:start + chunk_rows]
@@ -222,7 +228,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
                 total += row_loss.sum()
                 if not (need_x or need_w or need_b):
                     continue
-                gh = softmax_grad(logits, lse, tc, ones[:tc.shape[0]], ignore_index, f32 if need_b else xh.dtype)
+                gh = softmax_grad(logits, lse, tc, one, ignore_index, f32 if need_b else xh.dtype)
                 del logits
                 if need_b:
                     grad_b += gh.sum(0)
