@@ -13,8 +13,8 @@ gemm   the GEMMs of a d=4096 GPT's linear layers, M = 8192 tokens, (K, N) = (409
 gpt    a train step of the mixprec GPT (4 layers, d=4096, 32 heads, B=4, T=1024, vocab 50304, SDPA, separate
        head: bench_fp8.py's model) under torch.compile, BF16 autocast with each recipe's Linear conversion
        (Policy.from_recipe(r).converters, the default filter: the head stays BF16): bf16-mixed (none, the
-       anchor), fp8-rowwise, int8-rowwise, int8-switchback (each INT8 recipe also as <recipe>+triton: the
-       Triton GEMM), and torchao's INT8 mixed-precision training
+       anchor), fp8-rowwise, int8-rowwise, int8-switchback (backend auto: the Triton GEMM on a GPU; each INT8
+       recipe also as <recipe>+int_mm: torch._int_mm and the scaling in PyTorch ops), and torchao's INT8 mixed-precision training
        (torchao.prototype.quantized_training.int8_mixed_precision_training on the same layers) when
        torchao imports. Variants are built, compiled and warmed first, then timed in interleaved rounds;
        ratios are medians of per-round ratios. Where the GPU cannot hold every variant at once (each keeps
@@ -49,9 +49,9 @@ from mixprec.int8.quantize import quantize as int8_quantize  # noqa: E402
 from mixprec.train.models import GPT, GPTConfig  # noqa: E402
 
 GEMM_SHAPES = ((4096, 12288), (4096, 4096), (4096, 16384), (16384, 4096))   # (K, N) of qkv, proj, up, down
-GPT_RECIPES = ("bf16-mixed", "fp8-rowwise", "int8-rowwise", "int8-switchback", "int8-rowwise+triton",
-               "int8-switchback+triton")
-TRITON_SUFFIX = "+triton"   # the recipe with Int8Config(backend="triton"): the Triton GEMM, scaling in its epilogue
+GPT_RECIPES = ("bf16-mixed", "fp8-rowwise", "int8-rowwise", "int8-switchback", "int8-rowwise+int_mm",
+               "int8-switchback+int_mm")
+BACKEND_SUFFIX = "+"   # <recipe>+<backend>: the recipe with Int8Config(backend=<backend>) in place of auto's choice
 TORCHAO = "torchao-int8-mp"
 STEADY_BYTES_PER_PARAM = 12      # what a variant keeps between steps: FP32 weights and two FP32 AdamW moments
 GRAD_BYTES_PER_PARAM = 4         # the FP32 gradients of the one variant stepping (freed by zero_grad)
@@ -194,10 +194,10 @@ def make_gpt(kind: str, args) -> tuple[nn.Module, int]:
         if swapped != len(names):
             raise RuntimeError(f"torchao converted {swapped} of the {len(names)} Linear layers")
         return model, swapped
-    if kind.endswith(TRITON_SUFFIX):
-        recipe = kind.removesuffix(TRITON_SUFFIX)
+    if BACKEND_SUFFIX in kind:
+        recipe, backend = kind.split(BACKEND_SUFFIX)
         policy = mp.Policy.from_recipe(recipe, int8=mp.int8.Int8Config(recipe=recipe.removeprefix("int8-"),
-                                                                       backend="triton"))
+                                                                       backend=backend))
     else:
         policy = mp.Policy.from_recipe(kind)
     for converter in policy.converters:   # the recipe's Linear conversion only; autocast is the step's
@@ -288,8 +288,8 @@ class GPTRun:
 def gpt_kinds(args) -> list[str]:
     """The variants to time, the anchor (bf16-mixed) first."""
     kinds = list(GPT_RECIPES) + [TORCHAO]
-    if args.device != "cuda":   # the Triton GEMM runs on GPUs only
-        kinds = [k for k in kinds if not k.endswith(TRITON_SUFFIX)]
+    if args.device != "cuda":   # the GPU backends run on GPUs only
+        kinds = [k for k in kinds if BACKEND_SUFFIX not in k]
     if args.variants:
         wanted = args.variants.split(",")
         kinds = ["bf16-mixed"] + [k for k in kinds if k in wanted and k != "bf16-mixed"]

@@ -160,10 +160,12 @@ def test_config_and_backend_errors():
         Int8Linear(8, 8, config="rowwise")
 
 
-def test_triton_backend_without_triton_says_so(monkeypatch):
+def test_triton_backend_without_triton_says_so_and_auto_falls_back_to_int_mm(monkeypatch):
     from mixprec.int8 import backends
     monkeypatch.setattr(backends, "_TRITON", False)
     with pytest.raises(ValueError, match="INT8 backend 'triton' needs the triton package; use backend='int_mm' or"):
         resolve_backend("triton", "cuda", int8_capable=True)
+    assert resolve_backend("auto", "cuda", int8_capable=True) == "int_mm"
     monkeypatch.setattr(backends, "_TRITON", True)
     assert resolve_backend("triton", "cuda", int8_capable=True) == "triton"
+    assert resolve_backend("auto", "cuda", int8_capable=True) == "triton"

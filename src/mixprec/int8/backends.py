@@ -10,7 +10,9 @@
              scaling after the GEMM are PyTorch ops (torch.compile fuses them).
     triton   a Triton kernel (mixprec.int8._kernels) on the same GPUs: the int32 sums scaled in its
              epilogue, so no int32 result is written and read back; the same numbers bit for bit.
-    auto     int_mm where the device supports it, emulate elsewhere.
+    auto     triton where the device supports INT8 GEMMs and triton is installed (1.3-1.6x torch._int_mm's
+             GEMM + scaling at a transformer's shapes on an H100: benchmarks/results/int8.md), else
+             int_mm on such a device, else emulate.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def resolve_backend(backend: str, device: torch.device | str, *, int8_capable: bool | None = None) -> str:
-    """The concrete backend ("emulate" or "int_mm") that `backend` means on `device`.
+    """The concrete backend ("emulate", "int_mm" or "triton") that `backend` means on `device`.
 
     int8_capable: whether `device` runs INT8 GEMMs, when the caller already knows (Int8Linear looks it
     up when its weight moves, so torch.compile traces no CUDA query); None: ask.
@@ -66,7 +68,7 @@ def resolve_backend(backend: str, device: torch.device | str, *, int8_capable: b
     device = torch.device(device)
     capable = int8_gemm_supported(device) if int8_capable is None else int8_capable
     if backend == "auto":
-        return "int_mm" if capable else "emulate"
+        return ("triton" if _TRITON else "int_mm") if capable else "emulate"
     if not capable:
         raise ValueError(f"INT8 backend {backend!r} needs a CUDA GPU of compute capability "
                          f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+ for INT8 tensor cores, but the tensors are on "
