@@ -5,8 +5,10 @@ DiagnosisMonitor running every 100 steps of training.
                   every format, FP8 what-if scaling and the SQNR run under the policy; timed cold (first
                   call) and warm (second), and with audit=True (the precision audit) once
   monitor         training windows of 100 steps (compiled model, fused AdamW) with a DiagnosisMonitor(every=100)
-                  against the same loop without it (two models, interleaved rounds): one sampled step per
-                  window, so the ratio is the amortised cost at that cadence
+                  against the same loop without it (interleaved rounds): one sampled step per window, so the
+                  ratio is the amortised cost at that cadence
+  monitor-idle    the same with a monitor that never samples after its first step: what its hooks cost the
+                  steps it does not sample; monitor minus monitor-idle is the cost of one sampled step
 
     PYTHONPATH=src python3 benchmarks/bench_diagnostics.py [--json FILE] [--eager] [--rounds 3]
     PYTHONPATH=src python3 benchmarks/bench_diagnostics.py --dry-run     # tiny model on the CPU
@@ -14,6 +16,7 @@ DiagnosisMonitor running every 100 steps of training.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -46,9 +49,10 @@ def main() -> None:
     del model, report
 
     loops = {}
-    for name in ("plain", "monitor"):
+    cadence = {"plain": None, "monitor": window, "monitor-idle": 10 ** 9}
+    for name, every in cadence.items():
         model, policy = setup.model()
-        monitor = DiagnosisMonitor(model, every=window) if name == "monitor" else None   # hooks before compile
+        monitor = DiagnosisMonitor(model, every=every) if every else None   # hooks before compile
         optimizer = setup.optimizer(model)
         loss_fn = setup.loss_fn(model, policy)
 
@@ -70,9 +74,13 @@ def main() -> None:
               "batch": setup.batch, "diagnose_seconds": diagnose_s, "monitor_every": window,
               "monitor_samples": samples, "window_steps": window, "rounds": args.rounds, "seconds": times,
               "ms_per_step_plain": min(times["plain"]) / window * 1e3,
-              "monitor_overhead": median_ratio(times["monitor"], times["plain"]) - 1}
-    print(json.dumps({k: result[k] for k in ("device", "diagnose_seconds", "ms_per_step_plain",
-                                             "monitor_overhead", "monitor_samples")}, indent=1))
+              "monitor_overhead": median_ratio(times["monitor"], times["plain"]) - 1,
+              "monitor_idle_overhead": median_ratio(times["monitor-idle"], times["plain"]) - 1,
+              "sampled_step_extra_ms": statistics.median(
+                  m - i for m, i in zip(times["monitor"], times["monitor-idle"])) * 1e3}
+    print(json.dumps({k: result[k] for k in ("device", "diagnose_seconds", "ms_per_step_plain", "monitor_overhead",
+                                             "monitor_idle_overhead", "sampled_step_extra_ms", "monitor_samples")},
+                     indent=1))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 
