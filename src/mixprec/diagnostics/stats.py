@@ -31,6 +31,7 @@ Per row, INT8 gives up what a row's crest factor takes: about 52.9 dB - 20*log10
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -121,7 +122,11 @@ def _boundaries(device: torch.device) -> torch.Tensor:
 
 def tensor_counts(x: torch.Tensor) -> torch.Tensor:
     """Bucket counts of |x| (int64, N_BINS, on x's device; no synchronisation)."""
-    a = x.detach().reshape(-1).float().abs()
+    return _magnitude_counts(x.detach().reshape(-1).float().abs())
+
+
+def _magnitude_counts(a: torch.Tensor) -> torch.Tensor:
+    """tensor_counts of FP32 magnitudes a = |x| (1-D)."""
     idx = torch.bucketize(a, _boundaries(a.device), right=True)     # B[i-1] <= a < B[i]
     idx = torch.where(torch.isnan(a), NAN_BIN, idx)
     if a.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -193,8 +198,17 @@ def fp8_whatif(x: torch.Tensor, fp8_formats: tuple[str, ...]) -> torch.Tensor:
     min log2 group amax, max log2 group amax] as one FP64 tensor (len(GRANULARITIES), 2 * n + 2), on
     x's device, no synchronisation. Scale and reciprocal as mixprec.fp8 computes them (amax / max
     rounded to FP32 once, then its FP32 reciprocal)."""
-    a = _as_2d(x.detach().float().abs())
-    a = torch.where(torch.isfinite(a), a, torch.zeros((), device=a.device))
+    return _fp8_whatif(_finite_magnitudes(x.detach().float().abs()), fp8_formats)
+
+
+def _finite_magnitudes(a: torch.Tensor) -> torch.Tensor:
+    """FP32 magnitudes a = |x| with inf and NaN set to zero (what the what-ifs and amax take)."""
+    return torch.where(torch.isfinite(a), a, torch.zeros((), device=a.device))
+
+
+def _fp8_whatif(m: torch.Tensor, fp8_formats: tuple[str, ...]) -> torch.Tensor:
+    """fp8_whatif of finite magnitudes m (_finite_magnitudes)."""
+    a = _as_2d(m)
     rows = []
     for gran in GRANULARITIES:
         g, dims = _group_view(a, gran)
@@ -219,8 +233,12 @@ def int8_whatif(x: torch.Tensor) -> torch.Tensor:
     """Per INT8 granularity (INT8_GRANULARITIES order): [sum x**2, sum (x - x_hat)**2, non-zero values
     quantized to 0] as one FP64 tensor (2, 3) on x's device, no synchronisation; non-finite values are
     left out. Quantization is symmetric, so |x| quantizes to |q|: it works on magnitudes."""
-    a = _as_2d(x.detach().float().abs())
-    a = torch.where(torch.isfinite(a), a, torch.zeros((), device=a.device))
+    return _int8_whatif(_finite_magnitudes(x.detach().float().abs()))
+
+
+def _int8_whatif(m: torch.Tensor) -> torch.Tensor:
+    """int8_whatif of finite magnitudes m (_finite_magnitudes)."""
+    a = _as_2d(m)
     signal = a.double().square().sum()
     rows = []
     for gran in INT8_GRANULARITIES:
@@ -248,6 +266,16 @@ def int8_entry(cells: list[float], numel: int) -> dict[str, dict[str, float]]:
 
 
 # ---- accumulation over tensors and calls ------------------------------------------------------------------
+def _range_op(device: torch.device):
+    """The Triton op of mixprec.diagnostics._kernels (counts, amax and min_nonzero in one read) for buffers on
+    `device`, or None for the PyTorch path: any device but CUDA, or no triton. Imported on first use, so
+    importing mixprec imports no Triton."""
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return None
+    from mixprec.diagnostics import _kernels
+    return _kernels.range_stats_
+
+
 class RangeAccumulator:
     """Device-side statistics of one (module, kind): bucket counts, amax and smallest non-zero magnitude
     over every tensor it saw, and FP8 and INT8 what-if counts. `add` updates buffers in place and never
@@ -267,6 +295,7 @@ class RangeAccumulator:
         n = 2 * len(self.fp8_formats)
         self.counts = torch.zeros(N_BINS, dtype=torch.int64, device=device)
         _boundaries(self.counts.device)   # cached now: a compiled hook then finds it (no guard on the cache)
+        self._op = _range_op(self.counts.device)   # resolved now, so that a compiled hook traces no import
         self.amax = torch.zeros((), dtype=torch.float32, device=device)
         self.min_nonzero = torch.full((), math.inf, dtype=torch.float32, device=device)
         self.fp8 = None
@@ -281,19 +310,28 @@ class RangeAccumulator:
     def add(self, x: torch.Tensor) -> None:
         if self.counts is None:
             self.allocate(x.device)
-        a = x.detach().float().abs()
-        finite = torch.isfinite(a)
-        self.counts.add_(tensor_counts(a))
-        self.amax.copy_(torch.maximum(self.amax, torch.where(finite, a, 0.0).amax()))
-        self.min_nonzero.copy_(torch.minimum(self.min_nonzero, torch.where(finite & (a > 0), a, math.inf).amin()))
+        if x.numel() == 0:   # nothing to count (and an amax over no values would raise)
+            return
+        if self._op is not None:   # buffers on CUDA: one kernel updates counts, amax and min_nonzero
+            self._op(x.detach(), self.counts, self.amax, self.min_nonzero)
+            if self.fp8 is None and self.int8 is None:
+                return
+            m = _finite_magnitudes(x.detach().float().abs())
+        else:
+            a = x.detach().float().abs()
+            m = _finite_magnitudes(a)
+            self.counts.add_(_magnitude_counts(a.reshape(-1)))
+            self.amax.copy_(torch.maximum(self.amax, m.amax()))
+            # inf stays inf and NaN is not > 0: the smallest finite non-zero magnitude, inf if none
+            self.min_nonzero.copy_(torch.minimum(self.min_nonzero, torch.where(a > 0, a, math.inf).amin()))
         if self.fp8 is not None:
-            w = fp8_whatif(a, self.fp8_formats)
+            w = _fp8_whatif(m, self.fp8_formats)
             n = 2 * len(self.fp8_formats)
             self.fp8[:, :n].add_(w[:, :n])
             self.fp8[:, n].copy_(torch.minimum(self.fp8[:, n], w[:, n]))
             self.fp8[:, n + 1].copy_(torch.maximum(self.fp8[:, n + 1], w[:, n + 1]))
         if self.int8 is not None:
-            self.int8.add_(int8_whatif(a))
+            self.int8.add_(_int8_whatif(m))
 
     def reset(self) -> None:
         if self.counts is not None:
