@@ -70,7 +70,8 @@ def _range_stats_kernel(x_ptr, n, edges_ptr, counts_ptr, amax_ptr, min_ptr,
     hist = tl.zeros([HIST_BINS], dtype=tl.int64)
     top = tl.zeros([BLOCK], dtype=tl.int32)
     low = tl.full([BLOCK], _INF_BITS, tl.int32)
-    for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
+    # int64 offsets: an int32 n just below 2**31 would overflow start + BLOCK
+    for start in range(pid.to(tl.int64) * BLOCK, n, tl.num_programs(0) * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         inside = offs < n
         x = tl.load(x_ptr + offs, mask=inside, other=0.0)

@@ -12,6 +12,8 @@ Every bucket is half-open, [lo, hi), so a "<=" edge is stored as the next FP32 v
 `bucketize` and one `bincount` per tensor, no host synchronisation: the counts of every format are
 sums of bucket ranges, read once when a report is built. Exact for each format in FORMATS (the tests
 check it against native casts).
+On CUDA with triton installed, RangeAccumulator.add takes one Triton kernel per tensor instead
+(mixprec.diagnostics._kernels: the same counts, amax and smallest non-zero magnitude, in one read).
 
 FP8 what-if scaling: scaled so that each group's amax lands on the format's largest value (tensorwise,
 rowwise, 1x128 tiles, 128x128 blocks; groups padded with zeros, as mixprec.fp8 quantizes), the fraction
