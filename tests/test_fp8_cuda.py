@@ -8,7 +8,7 @@ from torch import nn
 from mixprec.fp8 import Float8Config, Float8Linear, quantize, resolve_backend
 from mixprec.fp8.gemm import mm_nt
 from mixprec.fp8.recipes import GRANULARITY, quantize_pair
-from test_fp8_quantize import tie_tensor
+from quantization_cases import tie_tensor
 from tolerances import (BF16_OUTPUT_RTOL, FP8_COMPILED_VS_EAGER_GRAD_RTOL, FP8_FAST_ACCUM_VS_EMULATE_RTOL,
                         FP8_GEMM_VS_EMULATE_RTOL)
 

@@ -56,7 +56,7 @@ def _interpreter_main() -> None:
 
     from mixprec.fp8 import _kernels as kernels
     from mixprec.fp8.recipes import quantize_pair
-    from test_fp8_quantize import tie_tensor
+    from quantization_cases import tie_tensor
 
     kernels._check = lambda x: None       # the interpreter runs on CPU tensors
     _fuse_interpreter_fma()

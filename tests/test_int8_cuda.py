@@ -9,7 +9,7 @@ from torch import nn
 from mixprec.int8 import Int8Config, Int8Linear, accumulate, quantize, resolve_backend
 from mixprec.int8.backends import MIN_CAPABILITY
 from mixprec.int8.gemm import Operand, mm_nt
-from test_int8_gemm import extreme_pair, int32_reference
+from quantization_cases import extreme_pair, int32_reference
 from tolerances import FP32_ORDER_RTOL
 
 pytestmark = pytest.mark.cuda

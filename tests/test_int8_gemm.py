@@ -6,28 +6,11 @@ import torch
 from mixprec.int8 import accumulate, mm_nt, quantize
 from mixprec.int8.gemm import EXACT_FP32_TERMS, MAX_K, Operand
 from mixprec.int8.quantize import float_codes
-
-
-def int32_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_k a[i, k] * b[j, k] in int32, element by element products, no GEMM library involved."""
-    return (a.to(torch.int32)[:, None, :] * b.to(torch.int32)[None, :, :]).sum(-1, dtype=torch.int32)
+from quantization_cases import extreme_pair, int32_reference
 
 
 def codes(*shape):
     return torch.randint(-127, 128, shape, dtype=torch.int8)
-
-
-def extreme_pair(m: int, k: int, n: int):
-    """Codes of +-127 with B's first rows copies of A's first row, a few signs flipped: sums near
-    127**2 * K, far past 2**24 where FP32 has no odd integers, so the FP32 result is a rounding of
-    the int32 sum (flipping one sign moves it by 2 * 127**2, which makes ties and non-ties)."""
-    a = (torch.randint(0, 2, (m, k)) * 254 - 127).to(torch.int8)
-    b = (torch.randint(0, 2, (n, k)) * 254 - 127).to(torch.int8)
-    for row in range(min(n, 4)):
-        b[row] = a[0]
-        b[row, :row] *= -1
-    b[3, -1] = 1
-    return a, b
 
 
 @pytest.mark.parametrize("m,k,n,extreme", [(5, 16, 7, False), (33, 1024, 24, True), (9, 2500, 11, True),

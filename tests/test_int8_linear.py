@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mixprec.int8 import Int8Config, Int8Linear, crest_factor, outliers, quantize, resolve_backend
-from test_int8_gemm import int32_reference
+from quantization_cases import int32_reference
 
 # SQNR floor of an INT8 linear against FP32 on Gaussian operands. Rowwise quantization of a group leaves
 # 52.9 dB - 20*log10(crest) (12 * 127**2; tests/test_int8_quantize.py checks the formula); Gaussian rows
