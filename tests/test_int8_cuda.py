@@ -21,9 +21,10 @@ def _needs_int8():
         pytest.skip("torch._int_mm's INT8 GEMMs: compute capability 8.0+")
 
 
-def test_auto_picks_the_triton_gemm():
+def test_auto_picks_the_triton_gemm_on_hopper_and_int_mm_before():
     pytest.importorskip("triton")
-    assert resolve_backend("auto", "cuda") == "triton"
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    assert resolve_backend("auto", "cuda") == ("triton" if hopper else "int_mm")
 
 
 @pytest.mark.parametrize("m,k,n", [(17, 8, 8), (5, 13, 7), (64, 256, 72), (300, 2500, 40), (2048, 1024, 768)])

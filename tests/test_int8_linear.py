@@ -160,12 +160,28 @@ def test_config_and_backend_errors():
         Int8Linear(8, 8, config="rowwise")
 
 
-def test_triton_backend_without_triton_says_so_and_auto_falls_back_to_int_mm(monkeypatch):
+def test_triton_backend_without_triton_says_so(monkeypatch):
     from mixprec.int8 import backends
     monkeypatch.setattr(backends, "_TRITON", False)
     with pytest.raises(ValueError, match="INT8 backend 'triton' needs the triton package; use backend='int_mm' or"):
         resolve_backend("triton", "cuda", int8_capable=True)
-    assert resolve_backend("auto", "cuda", int8_capable=True) == "int_mm"
     monkeypatch.setattr(backends, "_TRITON", True)
     assert resolve_backend("triton", "cuda", int8_capable=True) == "triton"
-    assert resolve_backend("auto", "cuda", int8_capable=True) == "triton"
+
+
+@pytest.mark.parametrize("capability,has_triton,expected", [((9, 0), True, "triton"), ((10, 0), True, "triton"),
+                                                            ((9, 0), False, "int_mm"), ((8, 0), True, "int_mm"),
+                                                            ((8, 9), True, "int_mm")])
+def test_auto_picks_the_triton_gemm_where_it_was_measured_faster(monkeypatch, capability, has_triton, expected):
+    from mixprec.int8 import backends
+    monkeypatch.setattr(backends, "_TRITON", has_triton)
+    monkeypatch.setattr(backends, "_cuda_capability", lambda index: capability)
+    assert resolve_backend("auto", "cuda", int8_capable=True) == expected
+
+
+def test_a_config_assigned_later_is_resolved_afresh():
+    layer = Int8Linear(16, 16, config=Int8Config(backend="emulate"))
+    layer(torch.randn(4, 16))
+    layer.config = Int8Config(backend="int_mm")   # not runnable on the CPU: the layer must say so, not reuse emulate
+    with pytest.raises(ValueError, match="INT8 backend 'int_mm' needs a CUDA GPU"):
+        layer(torch.randn(4, 16))

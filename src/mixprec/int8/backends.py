@@ -10,9 +10,9 @@
              scaling after the GEMM are PyTorch ops (torch.compile fuses them).
     triton   a Triton kernel (mixprec.int8._kernels) on the same GPUs: the int32 sums scaled in its
              epilogue, so no int32 result is written and read back; the same numbers bit for bit.
-    auto     triton where the device supports INT8 GEMMs and triton is installed (1.3-1.6x torch._int_mm's
-             GEMM + scaling at a transformer's shapes on an H100: benchmarks/results/int8.md), else
-             int_mm on such a device, else emulate.
+    auto     triton on Hopper and newer GPUs with triton installed (1.2-1.5x torch._int_mm's GEMM + scaling at
+             a transformer's shapes on an H100: benchmarks/results/int8.md), int_mm on the other GPUs that
+             run INT8 GEMMs (where the Triton GEMM is not measured yet), emulate elsewhere.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ _TRITON = importlib.util.find_spec("triton") is not None
 
 # torch._int_mm runs cuBLASLt's INT8 kernels; PyTorch tests them on Ampere and newer
 MIN_CAPABILITY = (8, 0)
+# where auto picks the Triton GEMM: the GPUs it was measured faster than torch._int_mm on (Hopper)
+TRITON_AUTO_CAPABILITY = (9, 0)
 
 
 def _cuda_capability(index: int | None) -> tuple[int, int]:
@@ -68,7 +70,9 @@ def resolve_backend(backend: str, device: torch.device | str, *, int8_capable: b
     device = torch.device(device)
     capable = int8_gemm_supported(device) if int8_capable is None else int8_capable
     if backend == "auto":
-        return ("triton" if _TRITON else "int_mm") if capable else "emulate"
+        if not capable:
+            return "emulate"
+        return "triton" if _TRITON and _cuda_capability(device.index) >= TRITON_AUTO_CAPABILITY else "int_mm"
     if not capable:
         raise ValueError(f"INT8 backend {backend!r} needs a CUDA GPU of compute capability "
                          f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+ for INT8 tensor cores, but the tensors are on "

@@ -51,8 +51,8 @@ class Int8Config:
                        on up to 75 %; t = 16 never. Counted per layer (mixprec.int8.outliers).
     min_features:      `convert` keeps Linear layers with in or out features below this in high precision:
                        quantizing costs more than the INT8 GEMM saves on small layers (FP8's default too).
-    backend:           "auto" (on CUDA GPUs of compute capability 8.0+ triton, or int_mm without the triton
-                       package; emulate elsewhere), "emulate"
+    backend:           "auto" (triton on Hopper and newer GPUs, int_mm on other GPUs of compute capability
+                       8.0+ or without the triton package, emulate elsewhere), "emulate"
                        (exact integer products on any device), "int_mm" (torch._int_mm, CUDA) or "triton"
                        (a Triton GEMM that scales in its epilogue, CUDA); all give the same numbers.
     """

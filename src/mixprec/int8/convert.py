@@ -66,7 +66,7 @@ def convert(model: nn.Module, config: Int8Config | None = None, filter: Filter |
 def unconvert(model: nn.Module) -> nn.Module:
     """Turn every Int8Linear of `model` back into an nn.Linear with the same Parameters, children and
     hooks (the outlier counters are dropped); returns the model (a new one for a root layer)."""
-    model = restore_linears(model, Int8Linear, ("config", "_int8_capable"),
+    model = restore_linears(model, Int8Linear, ("config", "_backend"),
                             lambda buffer: buffer == "int8_outlier_counts")
     model.__dict__.pop("_mixprec_int8_report", None)
     return model

@@ -31,7 +31,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from mixprec._linear_swap import take_over
-from mixprec.int8.backends import int8_gemm_supported, resolve_backend
+from mixprec.int8.backends import resolve_backend
 from mixprec.int8.config import MATMULS, Int8Config
 from mixprec.int8.gemm import Operand, mm_nt
 from mixprec.int8.quantize import crest_factor, float_codes, quantize
@@ -143,10 +143,16 @@ class Int8Linear(nn.Linear):
                                  persistent=False)
 
     def _note_device(self) -> None:
-        # Whether the weight's device runs INT8 GEMMs, looked up whenever the weight moves (here and in
-        # _apply) rather than in forward: torch.compile then traces a plain bool, no CUDA query.
-        self._int8_capable = self.weight.device.type != "meta" and int8_gemm_supported(self.weight.device)
-        if self._int8_capable and self.config.backend == "triton":
+        # The config's backend resolved for the weight's device whenever the weight moves (here and in
+        # _apply) rather than in forward: torch.compile then traces a constant, no CUDA query. None where it
+        # does not resolve there; forward then resolves it for the input's device and says what is wrong.
+        named = self.config.backend
+        try:
+            resolved = None if self.weight.device.type == "meta" else resolve_backend(named, self.weight.device)
+        except ValueError:
+            resolved = None
+        self._backend = (named, resolved)   # the name too: a config assigned later is resolved afresh
+        if resolved == "triton":
             import mixprec.int8._kernels  # noqa: F401  (loaded here, so that forward traces no import)
 
     def _apply(self, fn, *args, **kwargs):
@@ -180,8 +186,9 @@ class Int8Linear(nn.Linear):
             # as autocast's own linear: the input in the autocast dtype (read at half the bytes, and its
             # gradient comes back in that dtype too)
             x = x.to(torch.get_autocast_dtype(device_type))
-        capable = self._int8_capable if x.device == self.weight.device else None
-        backend = resolve_backend(self.config.backend, x.device, int8_capable=capable)
+        named, backend = self._backend
+        if backend is None or named != self.config.backend or x.device != self.weight.device:
+            backend = resolve_backend(self.config.backend, x.device)
         return _Int8LinearFunction.apply(x, self.weight, self.bias, self.config, backend, self.outlier_counts)
 
     def extra_repr(self) -> str:
