@@ -13,10 +13,10 @@ gemm   the GEMMs of a d=4096 GPT's linear layers, M = 8192 tokens, (K, N) = (409
 gpt    a train step of the mixprec GPT (4 layers, d=4096, 32 heads, B=4, T=1024, vocab 50304, SDPA, separate
        head: bench_fp8.py's model) under torch.compile, BF16 autocast with each recipe's Linear conversion
        (Policy.from_recipe(r).converters, the default filter: the head stays BF16): bf16-mixed (none, the
-       anchor), fp8-rowwise, int8-rowwise, int8-switchback (backend auto: the Triton GEMM on a GPU; each INT8
-       recipe also as <recipe>+int_mm: torch._int_mm and the scaling in PyTorch ops), and torchao's INT8 mixed-precision training
-       (torchao.prototype.quantized_training.int8_mixed_precision_training on the same layers) when
-       torchao imports. Variants are built, compiled and warmed first, then timed in interleaved rounds;
+       anchor), fp8-rowwise, int8-rowwise, int8-switchback (backend auto: the Triton GEMM on Hopper; each
+       INT8 recipe also as <recipe>+int_mm: torch._int_mm and the scaling in PyTorch ops), and torchao's INT8
+       mixed-precision training (torchao.prototype.quantized_training.int8_mixed_precision_training on the
+       same layers) when torchao imports. Variants are built, compiled and warmed first, then timed in interleaved rounds;
        ratios are medians of per-round ratios. Where the GPU cannot hold every variant at once (each keeps
        about 14 GiB of FP32 weights and AdamW state), they are timed in groups beside the resident anchor.
 

@@ -219,3 +219,8 @@ def trace_forward(model, inputs, policy, loss_fn=None, targets=None, op_rules="a
         if loss_fn is not None:
             loss_fn(out, targets)
     return trace
+
+
+def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Normwise relative error ||a - ref|| / ||ref||, computed in float64."""
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()

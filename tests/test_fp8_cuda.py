@@ -8,16 +8,13 @@ from torch import nn
 from mixprec.fp8 import Float8Config, Float8Linear, quantize, resolve_backend
 from mixprec.fp8.gemm import mm_nt
 from mixprec.fp8.recipes import GRANULARITY, quantize_pair
+from helpers import relative_error
 from quantization_cases import tie_tensor
 from tolerances import (BF16_OUTPUT_RTOL, FP8_COMPILED_VS_EAGER_GRAD_RTOL, FP8_FAST_ACCUM_VS_EMULATE_RTOL,
                         FP8_GEMM_VS_EMULATE_RTOL)
 
 pytestmark = pytest.mark.cuda
 RECIPES = ("blockwise", "tensorwise", "rowwise", "delayed")
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -82,7 +79,8 @@ def test_cublas_gemms_equal_emulate(recipe, fast_accum):
             got = mm_nt(a, b, out_dtype=out_dtype, backend="cublas", fast_accum=fast_accum)
             ref = mm_nt(a, b, out_dtype=torch.float32, backend="emulate")
             bound = tol if out_dtype == torch.float32 else tol + BF16_OUTPUT_RTOL
-            assert got.dtype == out_dtype and rel_err(got, ref) <= bound, (recipe, out_dtype, rel_err(got, ref))
+            error = relative_error(got, ref)
+            assert got.dtype == out_dtype and error <= bound, (recipe, out_dtype, error)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -101,7 +99,7 @@ def test_float8_linear_backends_equal_emulate(recipe, backend):
         results[b] = (y.detach(), xi.grad, base.weight.grad.clone(), base.bias.grad.clone())
         base.weight.grad = base.bias.grad = None
     for name, got, ref in zip(("y", "dx", "dW", "db"), results[backend], results["emulate"]):
-        assert rel_err(got, ref) <= FP8_GEMM_VS_EMULATE_RTOL, (name, rel_err(got, ref))
+        assert relative_error(got, ref) <= FP8_GEMM_VS_EMULATE_RTOL, (name, relative_error(got, ref))
 
 
 @pytest.mark.parametrize("recipe", ["blockwise", "tensorwise", "rowwise"])
@@ -122,9 +120,9 @@ def test_inductor_compiled_model_matches_eager(recipe):
         y = compiled(x)
     y.float().pow(2).mean().backward()
     assert y.dtype == torch.bfloat16
-    assert rel_err(y, y_eager) <= FP8_GEMM_VS_EMULATE_RTOL + 2 * BF16_OUTPUT_RTOL   # y rounded twice
+    assert relative_error(y, y_eager) <= FP8_GEMM_VS_EMULATE_RTOL + 2 * BF16_OUTPUT_RTOL   # y rounded twice
     for p, g in zip(model.parameters(), grads):
-        assert rel_err(p.grad, g) <= FP8_COMPILED_VS_EAGER_GRAD_RTOL, rel_err(p.grad, g)
+        assert relative_error(p.grad, g) <= FP8_COMPILED_VS_EAGER_GRAD_RTOL, relative_error(p.grad, g)
 
 
 @pytest.mark.parametrize("granularity", ["1x128", "128x128", "tensorwise", "rowwise"])

@@ -6,11 +6,8 @@ import torch.nn.functional as F
 
 import mixprec as mp
 from mixprec.ops import head_loss
+from helpers import relative_error
 from tolerances import CHUNKED_HEAD_LOSS_GRAD_RTOL, FP32_ORDER_RTOL, HEAD_LOSS_GRAD_RTOL
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def _head_and_loss(device, fused, reduction="mean", ignore_index=-100, dtype=torch.bfloat16, bias=False,
@@ -38,11 +35,11 @@ def _head_and_loss(device, fused, reduction="mean", ignore_index=-100, dtype=tor
 def test_fused_head_loss_equals_op_by_op(device, reduction, dtype, bias, chunk_rows):
     ref = _head_and_loss(device, fused=False, reduction=reduction, dtype=dtype, bias=bias)
     got = _head_and_loss(device, fused=True, reduction=reduction, dtype=dtype, bias=bias, chunk_rows=chunk_rows)
-    assert _rel(got[0], ref[0]) <= FP32_ORDER_RTOL
+    assert relative_error(got[0], ref[0]) <= FP32_ORDER_RTOL
     rtol = HEAD_LOSS_GRAD_RTOL if chunk_rows is None else CHUNKED_HEAD_LOSS_GRAD_RTOL[str(dtype)[6:]]
     for g, r in zip(got[1:], ref[1:]):
         assert g.dtype == r.dtype == torch.float32
-        assert _rel(g, r) <= rtol
+        assert relative_error(g, r) <= rtol
 
 
 @pytest.mark.parametrize("scale", [2.0 ** -20, 2.0 ** 16])
@@ -52,7 +49,7 @@ def test_chunked_gradients_survive_a_loss_scale_in_fp16(scale):
     ref = _head_and_loss("cpu", fused=False, dtype=torch.float16)   # unscaled: nothing lost in FP16
     got = _head_and_loss("cpu", fused=True, dtype=torch.float16, chunk_rows=16, scale=scale)
     for g, r in zip(got[1:], ref[1:]):
-        assert torch.isfinite(g).all() and _rel(g / scale, r) <= CHUNKED_HEAD_LOSS_GRAD_RTOL["float16"]
+        assert torch.isfinite(g).all() and relative_error(g / scale, r) <= CHUNKED_HEAD_LOSS_GRAD_RTOL["float16"]
 
 
 def test_chunked_keeps_no_logits():
@@ -119,11 +116,12 @@ def test_triton_kernels_equal_the_reference(dtype):
     target[::5] = -100
     lse, loss = kernels.forward(logits, target, -100)
     ref_lse, ref_loss = head_loss.row_logsumexp_loss(logits.cpu(), target.cpu(), -100)
-    assert _rel(lse.cpu(), ref_lse) <= FP32_ORDER_RTOL and _rel(loss.cpu(), ref_loss) <= FP32_ORDER_RTOL
+    assert relative_error(lse.cpu(), ref_lse) <= FP32_ORDER_RTOL
+    assert relative_error(loss.cpu(), ref_loss) <= FP32_ORDER_RTOL
     row_grad = torch.tensor(0.37, device="cuda")
     got = kernels.backward(logits, lse, target, row_grad, -100, dtype)
     ref = head_loss.softmax_grad(logits.cpu(), lse.cpu(), target.cpu(), row_grad.cpu(), -100, dtype)
-    assert _rel(got.cpu(), ref) <= HEAD_LOSS_GRAD_RTOL
+    assert relative_error(got.cpu(), ref) <= HEAD_LOSS_GRAD_RTOL
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -138,5 +136,5 @@ def test_cross_entropy_on_any_logits_equals_f_cross_entropy(device, reduction):
     ref = F.cross_entropy(logits.bfloat16().float(), target, reduction=reduction)
     (ref_grad,) = torch.autograd.grad(ref, logits)
     assert got.dtype == torch.float32
-    assert _rel(got.detach(), ref.detach()) <= FP32_ORDER_RTOL
-    assert _rel(grad, ref_grad) <= FP32_ORDER_RTOL
+    assert relative_error(got.detach(), ref.detach()) <= FP32_ORDER_RTOL
+    assert relative_error(grad, ref_grad) <= FP32_ORDER_RTOL

@@ -7,6 +7,7 @@ the compiled kernels. Without triton in the environment this test is skipped.
 import pytest
 import torch
 
+from helpers import relative_error
 from tolerances import FP32_ORDER_RTOL, HEAD_LOSS_GRAD_RTOL
 from triton_interpreter import check_in_interpreter, round_casts_like_the_gpu
 
@@ -14,10 +15,6 @@ from triton_interpreter import check_in_interpreter, round_casts_like_the_gpu
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead")
 def test_cross_entropy_kernels_equal_the_reference_in_triton_interpreter():
     check_in_interpreter(__file__)
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def _head_loss_and_grads(chunk_rows, dtype):
@@ -46,14 +43,15 @@ def _interpreter_main() -> None:
     lse, loss = kernels.forward(logits, target, -100)
     ref_lse, ref_loss = head_loss.row_logsumexp_loss(logits, target, -100)
     for name, got, ref in (("lse", lse, ref_lse), ("loss", loss, ref_loss)):
-        if _rel(got, ref) > FP32_ORDER_RTOL:
-            problems.append(f"forward {name}: relative error {_rel(got, ref):.2e} > {FP32_ORDER_RTOL}")
+        if relative_error(got, ref) > FP32_ORDER_RTOL:
+            problems.append(f"forward {name}: relative error {relative_error(got, ref):.2e} > {FP32_ORDER_RTOL}")
     for label, row_grad in (("one factor", torch.tensor(0.37)), ("one per row", torch.rand(40) + 0.5)):
         for dtype in (torch.float32, torch.bfloat16):
             got = kernels.backward(logits, lse, target, row_grad, -100, dtype)
             ref = head_loss.softmax_grad(logits, ref_lse, target, row_grad, -100, dtype)
-            if got.dtype != dtype or _rel(got, ref) > HEAD_LOSS_GRAD_RTOL:
-                problems.append(f"backward, {label}, {dtype}: {got.dtype}, relative error {_rel(got, ref):.2e}")
+            error = relative_error(got, ref)
+            if got.dtype != dtype or error > HEAD_LOSS_GRAD_RTOL:
+                problems.append(f"backward, {label}, {dtype}: {got.dtype}, relative error {error:.2e}")
     try:
         kernels.backward(logits, lse, target, torch.ones(7), -100, torch.float32)
         problems.append("a row_grad of 7 values for 40 rows was accepted")
@@ -72,9 +70,9 @@ def _interpreter_main() -> None:
                 head_loss._kernels = reference
             rtols = (FP32_ORDER_RTOL, HEAD_LOSS_GRAD_RTOL, HEAD_LOSS_GRAD_RTOL, HEAD_LOSS_GRAD_RTOL)
             for name, g, r, rtol in zip(("loss", "grad x", "grad W", "grad b"), got, ref, rtols):
-                if _rel(g, r) > rtol:
+                if relative_error(g, r) > rtol:
                     problems.append(f"head_cross_entropy chunk_rows={chunk_rows} {dtype} {name}: "
-                                    f"relative error {_rel(g, r):.2e} > {rtol}")
+                                    f"relative error {relative_error(g, r):.2e} > {rtol}")
     print("\n".join(problems) if problems else "all equal")
 
 

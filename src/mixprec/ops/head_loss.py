@@ -162,9 +162,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     """
     with torch.autocast(input.device.type, enabled=False):
         logits = to_fp32(input)
-        if (input.is_cuda and input.dim() == 2 and logits.requires_grad and not torch.compiler.is_compiling()
+        if (input.dim() == 2 and logits.requires_grad and not torch.compiler.is_compiling()
                 and _simple_case(target, weight, size_average, reduce, reduction, label_smoothing)
-                and _triton() is not None):
+                and _kernels(logits) is not None):
             return _CrossEntropy.apply(logits, target, ignore_index, reduction)
         return F.cross_entropy(logits, target, weight, size_average, ignore_index, reduce, reduction,
                                label_smoothing)
