@@ -8,6 +8,7 @@ from torch import nn
 
 from mixprec.int8 import Int8Config, Int8Linear, crest_factor, outliers, quantize, resolve_backend
 from quantization_cases import int32_reference
+from tolerances import FP32_ORDER_ATOL, FP32_ORDER_RTOL
 
 # SQNR floor of an INT8 linear against FP32 on Gaussian operands. Rowwise quantization of a group leaves
 # 52.9 dB - 20*log10(crest) (12 * 127**2; tests/test_int8_quantize.py checks the formula); Gaussian rows
@@ -185,3 +186,27 @@ def test_a_config_assigned_later_is_resolved_afresh():
     layer.config = Int8Config(backend="int_mm")   # not runnable on the CPU: the layer must say so, not reuse emulate
     with pytest.raises(ValueError, match="INT8 backend 'int_mm' needs a CUDA GPU"):
         layer(torch.randn(4, 16))
+
+
+def test_compiled_equals_eager_where_inductor_keeps_eagers_roundings():
+    """Under torch.compile (inductor) with emulate_precision_casts, which keeps eager's BF16 roundings inside
+    fused kernels, the emulated layer's output and gradients equal eager's bit for bit; the bias gradient is
+    an FP32 sum in another order. (By default inductor may quantize an input's unrounded FP32 values where it
+    fuses the cast: tests/test_int8_cuda.py bounds that on the GPU.)"""
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(256, 128), Int8Config(backend="emulate"))
+    x, dy = torch.randn(64, 256), torch.randn(64, 128)
+
+    def step(module):
+        y, dx = run(module, x, dy, autocast=True)
+        grads = layer.weight.grad.clone(), layer.bias.grad.clone()
+        layer.zero_grad(set_to_none=True)
+        return (y.detach(), dx) + grads
+
+    eager = step(layer)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        compiled = step(torch.compile(layer))
+    for name, a, b in zip(("y", "dx", "dW"), eager, compiled):
+        assert torch.equal(b, a), name
+    torch.testing.assert_close(compiled[3], eager[3], rtol=FP32_ORDER_RTOL, atol=FP32_ORDER_ATOL)

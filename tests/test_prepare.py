@@ -8,7 +8,7 @@ from torch import nn
 
 import mixprec as mp
 from mixprec.prepare import PrecisionForward, find_roles, plan_of
-from helpers import MLP, TinyCNN, TinyGPT
+from helpers import MLP, TinyCNN, TinyGPT, trace_forward
 
 
 def test_true_recipes_cast_params_but_keep_the_table_in_fp32():
@@ -143,3 +143,58 @@ def test_multihead_attention_keeps_fused_sdpa_in_half_and_upcasts_explicit_weigh
     torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
     # BF16 projections and inputs: a few BF16 roundings (2**-8 each) of values of order 1
     torch.testing.assert_close(fused.float(), expected, rtol=0, atol=3e-2)
+
+
+class _EncoderWithPositions(nn.Module):
+    """torchvision's ViT layout: the encoder owns the position embedding and runs the blocks too."""
+
+    def __init__(self, d=32, tokens=5, layers=2):
+        super().__init__()
+        self.pos_embedding = nn.Parameter(torch.randn(1, tokens, d) * 0.02)
+        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True,
+                                                               norm_first=True) for _ in range(layers))
+
+    def forward(self, x):
+        x = x + self.pos_embedding
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class _PatchViT(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.conv_proj = nn.Conv2d(3, d, 4, stride=4)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.encoder = _EncoderWithPositions(d)
+        self.heads = nn.Linear(d, 10)
+
+    def forward(self, images):
+        x = self.conv_proj(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.heads(self.encoder(x)[:, 0])
+
+
+def test_a_module_that_owns_position_embeddings_and_blocks_is_not_run_in_fp32_whole():
+    """Bare embedding parameters give their module the embedding role (FP32) only where that module is the
+    embedding stage; torchvision's ViT encoder also holds every block, which must stay in half precision.
+    The FP32 parameter still makes the position add FP32 (type promotion) and stays FP32 under -true."""
+    model = _PatchViT()
+    roles = find_roles(model)
+    assert "encoder" not in roles and "" not in roles and roles["heads"] == "head"
+    stage = nn.Module()
+    stage.pos_embed, stage.cls_token = nn.Parameter(torch.zeros(1, 5, 32)), nn.Parameter(torch.zeros(1, 1, 32))
+    stage.proj = nn.Conv2d(3, 32, 4, stride=4)
+    assert find_roles(nn.ModuleDict({"embeddings": stage}))["embeddings"] == "embedding"
+
+    policy = mp.Policy.from_recipe("bf16-mixed")
+    mp.prepare(model, policy)
+    assert not isinstance(model.encoder.__dict__.get("forward"), PrecisionForward)
+    trace = trace_forward(model, torch.randn(2, 3, 8, 8), policy)
+    assert trace.outputs["encoder.layers.0.linear1"] == ("bf16",)        # the blocks' GEMMs in BF16
+    (ins, outs), = trace.ops("encoder", "add")                           # x + pos_embedding
+    assert outs == ("fp32",) and "fp32" in ins
+
+    true = mp.prepare(_PatchViT(), "bf16-true")
+    assert true.encoder.pos_embedding.dtype == torch.float32 and true.class_token.dtype == torch.float32
+    assert true.encoder.layers[0].linear1.weight.dtype == torch.bfloat16

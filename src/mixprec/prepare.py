@@ -163,9 +163,12 @@ def find_roles(model: nn.Module, head: str | None = None) -> dict[str, str]:
             named = [n for n, m in linears if n.split(".")[-1] in _HEAD_NAMES]
             roles[(tied or named or [linears[-1][0]])[-1]] = "head"
     # Embeddings held as bare parameters (ViT's position embeddings and class token) make their module one
+    # where that module is the embedding stage (a patch projection at most). A module that also runs the
+    # network's blocks (torchvision's ViT Encoder, timm's VisionTransformer) is not run in FP32 whole:
+    # adding an FP32 parameter to half activations promotes to FP32 by itself (prepare keeps it FP32).
     for name, module in modules.items():
         own = [n for n, p in module.named_parameters(recurse=False) if p.is_floating_point()]
-        if name not in roles and own and all(_is_embedding_parameter(n) for n in own):
+        if name not in roles and own and all(_is_embedding_parameter(n) for n in own) and _gemm_layers(module) <= 1:
             roles[name] = "embedding"
     # Hugging Face models name modules to keep in FP32 (matched against the parts of a module's name)
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
@@ -176,11 +179,21 @@ def find_roles(model: nn.Module, head: str | None = None) -> dict[str, str]:
     return roles
 
 
-_TOKEN_PARAMETERS = ("cls_token", "mask_token", "reg_token", "dist_token", "register_tokens")
+_TOKEN_PARAMETERS = ("cls_token", "class_token", "mask_token", "reg_token", "dist_token", "register_tokens")
 
 
 def _is_embedding_parameter(name: str) -> bool:
     return "embed" in name or name in _TOKEN_PARAMETERS
+
+
+def _embedding_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The module's own floating parameters named like embeddings (pos_embed, cls_token, ...)."""
+    return [p for n, p in module.named_parameters(recurse=False)
+            if p.is_floating_point() and _is_embedding_parameter(n)]
+
+
+def _gemm_layers(module: nn.Module) -> int:
+    return sum(isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) for m in module.modules())
 
 
 def prepare(model: nn.Module, policy: Policy | str, *, head: str | None = None) -> nn.Module:
@@ -235,6 +248,8 @@ def prepare(model: nn.Module, policy: Policy | str, *, head: str | None = None) 
             keep_fp32.update(id(b) for b in module.buffers())
         else:
             half_modules.append(module)
+            if policy.fp32_rules:   # bare embedding parameters of a module that is more than its embeddings
+                keep_fp32.update(id(p) for p in _embedding_parameters(module))
         if rule is not None and _needs_wrapper(module, rule.precision):
             module.forward = PrecisionForward(module, rule, _runs_autocast_ops(module, rule))
         plan.append((name, module, role, rule))
