@@ -184,6 +184,7 @@ def test_a_module_that_owns_position_embeddings_and_blocks_is_not_run_in_fp32_wh
     assert "encoder" not in roles and "" not in roles and roles["heads"] == "head"
     stage = nn.Module()
     stage.pos_embed, stage.cls_token = nn.Parameter(torch.zeros(1, 5, 32)), nn.Parameter(torch.zeros(1, 1, 32))
+    stage.distillation_token = nn.Parameter(torch.zeros(1, 1, 32))     # DeiT's
     stage.proj = nn.Conv2d(3, 32, 4, stride=4)
     assert find_roles(nn.ModuleDict({"embeddings": stage}))["embeddings"] == "embedding"
 

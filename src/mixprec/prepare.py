@@ -179,7 +179,8 @@ def find_roles(model: nn.Module, head: str | None = None) -> dict[str, str]:
     return roles
 
 
-_TOKEN_PARAMETERS = ("cls_token", "class_token", "mask_token", "reg_token", "dist_token", "register_tokens")
+_TOKEN_PARAMETERS = ("cls_token", "class_token", "mask_token", "reg_token", "dist_token", "distillation_token",
+                     "register_tokens")
 
 
 def _is_embedding_parameter(name: str) -> bool:
