@@ -352,6 +352,41 @@ def test_bench_fused_head_loss_runs_a_hugging_face_model(tmp_path, capsys):
     assert "llama (tiny), fused head loss, bf16-mixed" in capsys.readouterr().out
 
 
+def test_bench_profile_writes_traces_and_the_variants_side_by_side(tmp_path, capsys):
+    path, prof = tmp_path / "bench.json", tmp_path / "prof"
+    assert main(["bench", "--model", "gpt", "--device", "cpu", "--tiny", "--steps", "1", "--rounds", "1",
+                 "--warmup", "1", "--json", str(path), "--profile", str(prof)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"profile: {prof / 'kernels.md'}")
+    for variant in ("torch.autocast", "mixprec"):
+        assert json.loads((prof / f"trace-{variant}.json").read_text())["traceEvents"]
+    profile = json.loads(path.read_text())["profile"]
+    assert profile["unit"] == "op" and profile["steps"] == 3 and set(profile["totals"]) == {"torch.autocast", "mixprec"}
+    differences = [abs(r["mixprec us"] - r["torch.autocast us"]) for r in profile["rows"]]
+    assert differences == sorted(differences, reverse=True)
+    # the fused head loss is mixprec's own autograd function: only its column has it
+    head = next(r for r in profile["rows"] if r["name"] == "_HeadCrossEntropy")
+    assert head["mixprec launches"] == 1 and head["torch.autocast launches"] == 0
+    table = (prof / "kernels.md").read_text()
+    assert "| **total** |" in table and "`_HeadCrossEntropy`" in table
+
+
+def test_profile_steps_counts_each_op_per_step(tmp_path):
+    from mixprec.train.bench_profile import profile_steps
+
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    result = profile_steps(lambda: (a @ b) @ b, 3, torch.device("cpu"), tmp_path / "trace.json")
+    assert result["rows"]["aten::mm"]["launches"] == 2            # two GEMMs per step, over 3 steps
+    assert result["total_us"] == pytest.approx(sum(r["us"] for r in result["rows"].values()))
+    assert (tmp_path / "trace.json").stat().st_size > 0
+
+
+def test_bench_profile_into_a_file_exits_2(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    assert main(["bench", "--device", "cpu", "--tiny", "--profile", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert "--profile" in err and "is a file, not a directory" in err and err.count("\n") == 1
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_bench_without_a_gpu_exits_2_naming_the_way_out(capsys):
     assert main(["bench", "--model", "gpt"]) == 2

@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         f"cpu: a slow functional run, not a measurement)")
     bench.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model and a batch of 2: checks "
                                                            "that the command runs, measures nothing")
+    bench.add_argument("--profile", metavar="DIR", help="after the timing, profile 3 more steps of each variant: "
+                                                       "Chrome traces and kernels.md, the kernels side by side")
     bench.add_argument("--json", metavar="FILE", help="where to write the result (default "
                                                       "runs/bench-<model>-<recipe>-<eager|compiled>.json)")
     _add_diagnose_parser(commands_)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -218,9 +219,12 @@ def check_device(device: str) -> None:
 
 def run_bench(model: str, recipe: str, *, compile: bool = False, steps: int = 10, rounds: int = 5,
               warmup: int = 5, device: str = "cuda", tiny: bool = False, fused_head_loss: bool = False,
+              profile_dir: Path | None = None, profile_steps: int = 3,
               progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Time mixprec against torch.autocast on one model and recipe (see the module docstring); returns
-    the result as a JSON-ready dict. `progress` receives a line per phase and per round."""
+    the result as a JSON-ready dict. `progress` receives a line per phase and per round.
+    profile_dir: afterwards, profile `profile_steps` more steps of each variant and write the traces and
+    the side-by-side kernel table there (mixprec.train.bench_profile); the result's "profile" sums it up."""
     work = check_arguments(model, recipe, steps=steps, rounds=rounds, warmup=warmup, device=device, tiny=tiny,
                            fused_head_loss=fused_head_loss)
     dev = torch.device(device)
@@ -254,6 +258,9 @@ def run_bench(model: str, recipe: str, *, compile: bool = False, steps: int = 10
         progress(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {rates[k]:,.0f} {work.item_name}/s" for k in VARIANTS)
                  + f" ({rates['mixprec'] / rates['torch.autocast']:.3f}x)")
     ratios = [a / m for a, m in zip(times["torch.autocast"], times["mixprec"])]
+    profiled = None if profile_dir is None else _profile(variants, batch, profile_steps, dev, Path(profile_dir),
+                                                         f"mixprec bench: {model}, {recipe}, "
+                                                         f"{'compiled' if compile else 'eager'}", progress)
     return {"model": model, "recipe": recipe, "compile": compile, "fused_head_loss": fused_head_loss, "tiny": tiny,
             "device": _device_name(dev),
             "torch": torch.__version__, "config": work.config, "item_name": work.item_name, "warmup": warmup,
@@ -262,7 +269,21 @@ def run_bench(model: str, recipe: str, *, compile: bool = False, steps: int = 10
             "items_per_s_by_round": {k: [steps * work.items_per_step / s for s in t] for k, t in times.items()},
             "ratio": statistics.median(ratios), "ratios": ratios,
             "peak_memory_bytes": peaks or None,
-            "peak_memory_ratio": peaks["mixprec"] / peaks["torch.autocast"] if peaks else None}
+            "peak_memory_ratio": peaks["mixprec"] / peaks["torch.autocast"] if peaks else None,
+            **({"profile": profiled} if profiled is not None else {})}
+
+
+def _profile(variants: dict[str, _Variant], batch: Any, steps: int, device: torch.device, out: Path, title: str,
+             progress: Callable[[str], None]) -> dict[str, Any]:
+    from mixprec.train import bench_profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    progress(f"profiling {steps} steps of each variant into {out}")
+    profiles = {kind: bench_profile.profile_steps(lambda v=variant: v.step(batch), steps, device,
+                                                  out / f"trace-{kind}.json") for kind, variant in variants.items()}
+    comparison = bench_profile.compare(profiles, *VARIANTS, unit="kernel" if device.type == "cuda" else "op")
+    bench_profile.write_table(comparison, *VARIANTS, out / "kernels.md", title)
+    return {**comparison, "rows": comparison["rows"][:bench_profile.TABLE_ROWS], "steps": steps, "dir": str(out)}
 
 
 def _sync(device: torch.device) -> None:

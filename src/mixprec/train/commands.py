@@ -394,6 +394,9 @@ def setup_bench(args: argparse.Namespace) -> dict[str, Any]:
     if path.is_dir():
         raise ValueError(f"--json {path} is a directory; give a file path")
     check_writable(path.parent, "--json's directory")
+    if args.profile is not None:
+        check_writable(args.profile, "--profile")
+        kwargs["profile_dir"] = Path(args.profile)
     return {"kwargs": kwargs, "json": path}
 
 
@@ -419,4 +422,6 @@ def bench(job: dict[str, Any], args: argparse.Namespace) -> int:
     command = "mixprec " + " ".join(getattr(args, "argv", sys.argv[1:]))
     path.write_text(json.dumps({**result, "command": command}, indent=1) + "\n")
     print(f"json: {path}")
+    if "profile" in result:
+        print(f"profile: {Path(result['profile']['dir']) / 'kernels.md'} (and a Chrome trace per variant there)")
     return 0
