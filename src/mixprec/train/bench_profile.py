@@ -35,8 +35,9 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device, tr
     host_us = 0.0
     for entry in prof.key_averages():
         host_us += entry.self_cpu_time_total
-        if device.type == "cuda":   # kernels only: an op's own device time repeats its kernels'
-            own = entry.self_device_time_total if entry.device_type != DeviceType.CPU else 0.0
+        if device.type == "cuda":   # kernels only: an op's own device time, or an annotated range's, repeats them
+            kernel = entry.device_type != DeviceType.CPU and not getattr(entry, "is_user_annotation", False)
+            own = entry.self_device_time_total if kernel else 0.0
         else:
             own = entry.self_cpu_time_total
         if own > 0:
