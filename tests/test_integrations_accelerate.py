@@ -1,5 +1,7 @@
 """mixprec.integrations.accelerate: a model and optimizer prepared under a policy, then trained through
 Accelerator(mixed_precision="no") with accelerate's own backward, clipping and step, against the hand loop."""
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,7 +112,7 @@ def test_accelerate_refuses_its_own_mixed_precision():
         prepare(accelerator, model, torch.optim.AdamW(model.parameters()), "bf16-mixed")
 
 
-def test_gradients_are_unscaled_after_ddp_has_reduced_them(tmp_path):
+def test_gradients_are_unscaled_after_ddp_has_reduced_them():
     # The unscale runs when the backward pass ends, after the callback DDP queues to write the reduced
     # gradients (queued earlier in the same pass); unscaled before it, the gradients would come back scaled.
     import torch.distributed as dist
@@ -118,7 +120,8 @@ def test_gradients_are_unscaled_after_ddp_has_reduced_them(tmp_path):
     from mixprec.integrations._scaling import LossScaling, MixprecOptimizer
     if not dist.is_available() or dist.is_initialized():
         pytest.skip("needs torch.distributed with no process group of its own")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    # an in-memory store, as the other single-rank tests use; the timeout turns a stuck collective into a failure
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=120))
     try:
         policy = mp.Policy.from_recipe("fp16-mixed")
         x, y = _batches(1)[0]
