@@ -167,8 +167,7 @@ def find_roles(model: nn.Module, head: str | None = None) -> dict[str, str]:
     # network's blocks (torchvision's ViT Encoder, timm's VisionTransformer) is not run in FP32 whole:
     # adding an FP32 parameter to half activations promotes to FP32 by itself (prepare keeps it FP32).
     for name, module in modules.items():
-        own = [n for n, p in module.named_parameters(recurse=False) if p.is_floating_point()]
-        if name not in roles and own and all(_is_embedding_parameter(n) for n in own) and _gemm_layers(module) <= 1:
+        if name not in roles and _is_embedding_stage(module):
             roles[name] = "embedding"
     # Hugging Face models name modules to keep in FP32 (matched against the parts of a module's name)
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
@@ -193,8 +192,11 @@ def _embedding_parameters(module: nn.Module) -> list[nn.Parameter]:
             if p.is_floating_point() and _is_embedding_parameter(n)]
 
 
-def _gemm_layers(module: nn.Module) -> int:
-    return sum(isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) for m in module.modules())
+def _is_embedding_stage(module: nn.Module) -> bool:
+    """Own floating parameters that are all embeddings, and at most one GEMM layer inside (a patch projection)."""
+    own = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
+    return (bool(own) and len(_embedding_parameters(module)) == len(own)
+            and sum(isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) for m in module.modules()) <= 1)
 
 
 def prepare(model: nn.Module, policy: Policy | str, *, head: str | None = None) -> nn.Module:

@@ -50,11 +50,12 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device, tr
 
 def compare(profiles: dict[str, dict[str, Any]], anchor: str, ours: str, *, unit: str) -> dict[str, Any]:
     """The two variants' rows joined by name, the largest absolute differences first."""
+    absent = {"us": 0.0, "launches": 0.0}
     a, b = profiles[anchor]["rows"], profiles[ours]["rows"]
-    names = sorted(set(a) | set(b), key=lambda n: -abs(b.get(n, {}).get("us", 0.0) - a.get(n, {}).get("us", 0.0)))
-    rows = [{"name": n, f"{anchor} us": a.get(n, {}).get("us", 0.0), f"{ours} us": b.get(n, {}).get("us", 0.0),
-             f"{anchor} launches": a.get(n, {}).get("launches", 0.0),
-             f"{ours} launches": b.get(n, {}).get("launches", 0.0)} for n in names]
+    names = sorted(set(a) | set(b), key=lambda n: -abs(b.get(n, absent)["us"] - a.get(n, absent)["us"]))
+    rows = [{"name": n, f"{anchor} us": a.get(n, absent)["us"], f"{ours} us": b.get(n, absent)["us"],
+             f"{anchor} launches": a.get(n, absent)["launches"], f"{ours} launches": b.get(n, absent)["launches"]}
+            for n in names]
     totals = {v: {k: p[k] for k in ("total_us", "launches", "host_op_us")} for v, p in profiles.items()}
     return {"unit": unit, "totals": totals, "rows": rows}
 
