@@ -1,6 +1,6 @@
 """The Triton kernels of the FP32 cross entropy (mixprec.ops._triton_cross_entropy) against head_loss.py's
 PyTorch reference, in Triton's interpreter where there is no GPU (tests/triton_interpreter.py): the kernels
-alone (one factor for every row, one per row, a row_grad of the wrong size), and head_cross_entropy in one
+alone (one factor for every row, one per row, a row_grad of the wrong size, the fused loss and gradient), and head_cross_entropy in one
 pass and in chunks with the kernels in place of the reference. On a GPU, tests/test_ops_head_loss.py runs
 the compiled kernels. Without triton in the environment this test is skipped.
 """
@@ -52,6 +52,14 @@ def _interpreter_main() -> None:
             error = relative_error(got, ref)
             if got.dtype != dtype or error > HEAD_LOSS_GRAD_RTOL:
                 problems.append(f"backward, {label}, {dtype}: {got.dtype}, relative error {error:.2e}")
+    for dtype in (torch.float32, torch.bfloat16):
+        got_loss, got_grad = kernels.loss_and_grad(logits, target, -100, dtype)
+        ref_grad = head_loss.softmax_grad(logits, ref_lse, target, torch.tensor(1.0), -100, dtype)
+        if relative_error(got_loss, ref_loss) > FP32_ORDER_RTOL:
+            problems.append(f"loss_and_grad {dtype} loss: relative error {relative_error(got_loss, ref_loss):.2e}")
+        if got_grad.dtype != dtype or relative_error(got_grad, ref_grad) > HEAD_LOSS_GRAD_RTOL:
+            problems.append(f"loss_and_grad {dtype} grad: {got_grad.dtype}, "
+                            f"relative error {relative_error(got_grad, ref_grad):.2e}")
     try:
         kernels.backward(logits, lse, target, torch.ones(7), -100, torch.float32)
         problems.append("a row_grad of 7 values for 40 rows was accepted")

@@ -17,10 +17,7 @@ def available() -> bool:
 
 if triton is not None:
     @triton.jit
-    def _forward_kernel(logits_ptr, target_ptr, lse_ptr, loss_ptr, n_cols: tl.constexpr, stride, ignore_index,
-                        BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride
+    def _row_logsumexp(base, n_cols: tl.constexpr, BLOCK: tl.constexpr):
         running_max = tl.full([BLOCK], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_cols, BLOCK):  # online softmax: one read of the row
@@ -32,12 +29,39 @@ if triton is not None:
             running_max = new_max
         row_max = tl.max(running_max, 0)
         total = tl.sum(running_sum * tl.exp(running_max - row_max), 0)
-        lse = row_max + tl.log(total)
+        return row_max + tl.log(total)
+
+    @triton.jit
+    def _forward_kernel(logits_ptr, target_ptr, lse_ptr, loss_ptr, n_cols: tl.constexpr, stride, ignore_index,
+                        BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride
+        lse = _row_logsumexp(base, n_cols, BLOCK)
         target = tl.load(target_ptr + row)
         keep = target != ignore_index
         picked = tl.load(base + tl.where(keep, target, 0))
         tl.store(lse_ptr + row, lse)
         tl.store(loss_ptr + row, tl.where(keep, lse - picked, 0.0))
+
+    @triton.jit
+    def _loss_and_grad_kernel(logits_ptr, target_ptr, loss_ptr, grad_ptr, n_cols: tl.constexpr, stride,
+                              grad_stride, ignore_index, BLOCK: tl.constexpr):
+        # The forward and backward kernels in one program per row: the second read of the row comes
+        # mostly from L2 instead of a second pass over all logits in memory.
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride
+        lse = _row_logsumexp(base, n_cols, BLOCK)
+        target = tl.load(target_ptr + row)
+        keep = target != ignore_index
+        picked = tl.load(base + tl.where(keep, target, 0))
+        tl.store(loss_ptr + row, tl.where(keep, lse - picked, 0.0))
+        scale = tl.where(keep, 1.0, 0.0)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < n_cols
+            x = tl.load(base + cols, mask=inside, other=0.0)
+            g = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+            tl.store(grad_ptr + row * grad_stride + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
     def _backward_kernel(logits_ptr, lse_ptr, target_ptr, row_grad_ptr, row_grad_stride, grad_ptr,
@@ -73,3 +97,11 @@ if triton is not None:
                                   logits.stride(0), grad.stride(0), ignore_index, BLOCK=4096, num_warps=16)
         return grad
 
+    def loss_and_grad(logits, target, ignore_index, out_dtype):
+        """forward's loss and backward's gradient for a factor of one, in one kernel."""
+        rows, cols = logits.shape
+        loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
+        grad = torch.empty(rows, cols, device=logits.device, dtype=out_dtype)
+        _loss_and_grad_kernel[(rows,)](logits, target, loss, grad, cols, logits.stride(0), grad.stride(0),
+                                       ignore_index, BLOCK=4096, num_warps=16)
+        return loss, grad

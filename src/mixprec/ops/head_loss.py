@@ -40,6 +40,15 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Ten
     return (a.float() @ b.float()).to(out_dtype)
 
 
+def _gemm_accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """total + a @ b in FP32 (a @ b where total is None); on CUDA cuBLAS adds onto total in the GEMM."""
+    if total is None:
+        return _gemm(a, b, torch.float32)
+    if a.is_cuda and a.dtype in _HALF:
+        return torch.addmm(total, a, b, out_dtype=torch.float32)
+    return total + _gemm(a, b, torch.float32)
+
+
 def _half_operands(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype):
     # Autocast off: real half tensors, also when FP16 is emulated, so the backward's GEMMs see half values.
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
@@ -113,6 +122,15 @@ def softmax_grad(logits, lse, target, row_grad, ignore_index, out_dtype):
     grad = torch.exp(logits.float() - lse[:, None])
     grad.scatter_add_(1, torch.where(keep, target, 0)[:, None], -torch.ones_like(lse)[:, None])
     return (grad * torch.where(keep, row_grad, 0.0)[:, None]).to(out_dtype)
+
+
+def row_loss_and_softmax_grad(logits, target, ignore_index, out_dtype):
+    """row_logsumexp_loss's loss and softmax_grad's gradient for a factor of one, in one pass where fused."""
+    kernels = _kernels(logits)
+    if kernels is not None:
+        return kernels.loss_and_grad(logits, target, ignore_index, out_dtype)
+    lse, row_loss = row_logsumexp_loss(logits, target, ignore_index)
+    return row_loss, softmax_grad(logits, lse, target, torch.ones((), device=logits.device), ignore_index, out_dtype)
 
 
 def _reduce(row_loss, target, ignore_index, reduction):
@@ -214,21 +232,20 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         rows, dev = xh.shape[0], xh.device
         f32 = torch.float32
         grad_x = torch.empty(xh.shape, dtype=f32, device=dev) if need_x else None
-        grad_w = torch.zeros(wh.shape, dtype=f32, device=dev) if need_w else None
+        grad_w = None
         grad_b = torch.zeros(wh.shape[0], dtype=f32, device=dev) if need_b else None
         total = torch.zeros((), dtype=f32, device=dev)
-        one = torch.ones((), dtype=f32, device=dev)   # the gradient of the sum: scaled in the backward
         with torch.autocast(x.device.type, enabled=False):
             for start in range(0, rows, chunk_rows):
                 xc, tc = xh[start:start + chunk_rows], target[start:start + chunk_rows]
                 logits = _gemm(xc, wh.t(), f32)
                 if bias is not None:
                     logits = logits + bias.float()
-                lse, row_loss = row_logsumexp_loss(logits, tc, ignore_index)
-                total += row_loss.sum()
                 if not (need_x or need_w or need_b):
+                    total += row_logsumexp_loss(logits, tc, ignore_index)[1].sum()
                     continue
-                gh = softmax_grad(logits, lse, tc, one, ignore_index, f32 if need_b else xh.dtype)
+                row_loss, gh = row_loss_and_softmax_grad(logits, tc, ignore_index, f32 if need_b else xh.dtype)
+                total += row_loss.sum()
                 del logits
                 if need_b:
                     grad_b += gh.sum(0)
@@ -236,7 +253,9 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
                 if need_x:
                     grad_x[start:start + chunk_rows] = _gemm(gh, wh, f32)
                 if need_w:
-                    grad_w += _gemm(gh.t(), xc, f32)
+                    grad_w = _gemm_accumulate(grad_w, gh.t(), xc)
+        if need_w and grad_w is None:  # no rows
+            grad_w = torch.zeros(wh.shape, dtype=f32, device=dev)
         valid = (target != ignore_index).sum()
         loss = total / valid if reduction == "mean" else total
         ctx.save_for_backward(grad_x, grad_w, grad_b, valid)
