@@ -122,6 +122,10 @@ def test_triton_kernels_equal_the_reference(dtype):
     got = kernels.backward(logits, lse, target, row_grad, -100, dtype)
     ref = head_loss.softmax_grad(logits.cpu(), lse.cpu(), target.cpu(), row_grad.cpu(), -100, dtype)
     assert relative_error(got.cpu(), ref) <= HEAD_LOSS_GRAD_RTOL
+    fused_loss, fused_grad = kernels.loss_and_grad(logits, target, -100, dtype)
+    ref = head_loss.softmax_grad(logits.cpu(), lse.cpu(), target.cpu(), torch.tensor(1.0), -100, dtype)
+    assert relative_error(fused_loss.cpu(), ref_loss) <= FP32_ORDER_RTOL
+    assert fused_grad.dtype == dtype and relative_error(fused_grad.cpu(), ref) <= HEAD_LOSS_GRAD_RTOL
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
