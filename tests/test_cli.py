@@ -337,10 +337,24 @@ def test_bench_runs_on_the_cpu_at_tiny_size_and_writes_json(tmp_path, capsys):
     assert result["model"] == "gpt" and result["recipe"] == "bf16-mixed" and result["device"] == "cpu"
     assert len(result["ratios"]) == 3 and result["ratio"] == sorted(result["ratios"])[1]     # the median
     assert set(result["items_per_s"]) == {"torch.autocast", "mixprec"} and result["peak_memory_ratio"] is None
-    assert result["command"].startswith("mixprec bench --model gpt")
+    assert result["command"].startswith("mixprec bench --model gpt") and result["graph_breaks"] is None  # eager
     assert printed[-2].startswith(f"mixprec / torch.autocast: {result['ratio']:.3f}x tokens/s (median of the 3 "
                                   f"per-round ratios)")
     assert printed[-1] == f"json: {path}"
+
+
+def test_bench_counts_the_graph_breaks_that_dynamo_counts():
+    from mixprec.train.bench import _graph_break_count
+
+    def broken(x):
+        x = x + 1
+        torch._dynamo.graph_break()
+        return x * 2
+
+    torch._dynamo.reset()
+    before = _graph_break_count()
+    assert torch.equal(torch.compile(broken, backend="eager")(torch.ones(3)), torch.full((3,), 4.0))
+    assert _graph_break_count() - before == 1
 
 
 def test_bench_fused_head_loss_runs_a_hugging_face_model(tmp_path, capsys):

@@ -233,10 +233,15 @@ def run_bench(model: str, recipe: str, *, compile: bool = False, steps: int = 10
     batch = work.batch(dev)
     policy = mp.Policy.from_recipe(recipe)
     variants = {kind: _Variant(work, policy, kind, compile, dev) for kind in VARIANTS}
+    graph_breaks: dict[str, int] = {}
     for kind, variant in variants.items():
         progress(f"warm-up {kind}: {warmup} steps" + (", compiling" if compile else ""))
+        before = _graph_break_count()
         for _ in range(warmup):
             variant.step(batch)
+        if compile:
+            graph_breaks[kind] = _graph_break_count() - before
+            progress(f"{kind}: {graph_breaks[kind]} graph break(s)")
     _sync(dev)
     times: dict[str, list[float]] = {kind: [] for kind in variants}
     peaks: dict[str, int] = {}
@@ -270,6 +275,7 @@ def run_bench(model: str, recipe: str, *, compile: bool = False, steps: int = 10
             "ratio": statistics.median(ratios), "ratios": ratios,
             "peak_memory_bytes": peaks or None,
             "peak_memory_ratio": peaks["mixprec"] / peaks["torch.autocast"] if peaks else None,
+            "graph_breaks": graph_breaks or None,
             **({"profile": profiled} if profiled is not None else {})}
 
 
@@ -284,6 +290,12 @@ def _profile(variants: dict[str, _Variant], batch: Any, steps: int, device: torc
     comparison = bench_profile.compare(profiles, *VARIANTS, unit="kernel" if device.type == "cuda" else "op")
     bench_profile.write_table(comparison, *VARIANTS, out / "kernels.md", title)
     return {**comparison, "rows": comparison["rows"][:bench_profile.TABLE_ROWS], "steps": steps, "dir": str(out)}
+
+
+def _graph_break_count() -> int:
+    """Graph breaks Dynamo has counted in this process so far."""
+    from torch._dynamo.utils import counters
+    return sum(counters["graph_break"].values())
 
 
 def _sync(device: torch.device) -> None:
