@@ -32,8 +32,19 @@ if triton is not None:
         return row_max + tl.log(total)
 
     @triton.jit
-    def _forward_kernel(logits_ptr, target_ptr, lse_ptr, loss_ptr, n_cols: tl.constexpr, stride, ignore_index,
-                        BLOCK: tl.constexpr):
+    def _write_row_grad(base, grad_row, lse, target, scale, n_cols: tl.constexpr, BLOCK: tl.constexpr):
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < n_cols
+            x = tl.load(base + cols, mask=inside, other=0.0)
+            g = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+            tl.store(grad_row + cols, (g * scale).to(grad_row.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _forward_kernel(logits_ptr, target_ptr, lse_ptr, loss_ptr, grad_ptr, n_cols: tl.constexpr, stride,
+                        grad_stride, ignore_index, BLOCK: tl.constexpr, WITH_GRAD: tl.constexpr):
+        # WITH_GRAD: also the gradient for a factor of one, in the same program, so that the row's second
+        # read comes mostly from L2 instead of a second pass over all logits in memory.
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride
         lse = _row_logsumexp(base, n_cols, BLOCK)
@@ -42,26 +53,8 @@ if triton is not None:
         picked = tl.load(base + tl.where(keep, target, 0))
         tl.store(lse_ptr + row, lse)
         tl.store(loss_ptr + row, tl.where(keep, lse - picked, 0.0))
-
-    @triton.jit
-    def _loss_and_grad_kernel(logits_ptr, target_ptr, loss_ptr, grad_ptr, n_cols: tl.constexpr, stride,
-                              grad_stride, ignore_index, BLOCK: tl.constexpr):
-        # The forward and backward kernels in one program per row: the second read of the row comes
-        # mostly from L2 instead of a second pass over all logits in memory.
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride
-        lse = _row_logsumexp(base, n_cols, BLOCK)
-        target = tl.load(target_ptr + row)
-        keep = target != ignore_index
-        picked = tl.load(base + tl.where(keep, target, 0))
-        tl.store(loss_ptr + row, tl.where(keep, lse - picked, 0.0))
-        scale = tl.where(keep, 1.0, 0.0)
-        for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            inside = cols < n_cols
-            x = tl.load(base + cols, mask=inside, other=0.0)
-            g = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
-            tl.store(grad_ptr + row * grad_stride + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=inside)
+        if WITH_GRAD:
+            _write_row_grad(base, grad_ptr + row * grad_stride, lse, target, tl.where(keep, 1.0, 0.0), n_cols, BLOCK)
 
     @triton.jit
     def _backward_kernel(logits_ptr, lse_ptr, target_ptr, row_grad_ptr, row_grad_stride, grad_ptr,
@@ -70,20 +63,11 @@ if triton is not None:
         target = tl.load(target_ptr + row)
         keep = target != ignore_index
         scale = tl.where(keep, tl.load(row_grad_ptr + row * row_grad_stride), 0.0)
-        lse = tl.load(lse_ptr + row)
-        for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            inside = cols < n_cols
-            x = tl.load(logits_ptr + row * stride + cols, mask=inside, other=0.0)
-            g = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
-            tl.store(grad_ptr + row * grad_stride + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=inside)
+        _write_row_grad(logits_ptr + row * stride, grad_ptr + row * grad_stride, tl.load(lse_ptr + row), target,
+                        scale, n_cols, BLOCK)
 
     def forward(logits, target, ignore_index):
-        rows, cols = logits.shape
-        lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
-        loss = torch.empty_like(lse)
-        _forward_kernel[(rows,)](logits, target, lse, loss, cols, logits.stride(0), ignore_index,
-                                 BLOCK=4096, num_warps=16)
+        lse, loss, _ = _launch_forward(logits, target, ignore_index, None)
         return lse, loss
 
     def backward(logits, lse, target, row_grad, ignore_index, out_dtype):
@@ -99,9 +83,15 @@ if triton is not None:
 
     def loss_and_grad(logits, target, ignore_index, out_dtype):
         """forward's loss and backward's gradient for a factor of one, in one kernel."""
-        rows, cols = logits.shape
-        loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
-        grad = torch.empty(rows, cols, device=logits.device, dtype=out_dtype)
-        _loss_and_grad_kernel[(rows,)](logits, target, loss, grad, cols, logits.stride(0), grad.stride(0),
-                                       ignore_index, BLOCK=4096, num_warps=16)
+        _, loss, grad = _launch_forward(logits, target, ignore_index, out_dtype)
         return loss, grad
+
+    def _launch_forward(logits, target, ignore_index, grad_dtype):
+        rows, cols = logits.shape
+        lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
+        loss = torch.empty_like(lse)
+        grad = None if grad_dtype is None else torch.empty(rows, cols, device=logits.device, dtype=grad_dtype)
+        _forward_kernel[(rows,)](logits, target, lse, loss, lse if grad is None else grad, cols, logits.stride(0),
+                                 0 if grad is None else grad.stride(0), ignore_index, BLOCK=4096, num_warps=16,
+                                 WITH_GRAD=grad is not None)
+        return lse, loss, grad
