@@ -46,6 +46,7 @@ from bench_fp8 import _first_nonfinite, failure, round_ratio, table  # noqa: E40
 from mixprec.int8 import backend_info, int8_matmul  # noqa: E402
 from mixprec.int8.gemm import Operand, mm_nt  # noqa: E402
 from mixprec.int8.quantize import quantize as int8_quantize  # noqa: E402
+from mixprec.train.bench import graph_break_count  # noqa: E402
 from mixprec.train.models import GPT, GPTConfig  # noqa: E402
 
 GEMM_SHAPES = ((4096, 12288), (4096, 4096), (4096, 16384), (16384, 4096))   # (K, N) of qkv, proj, up, down
@@ -240,6 +241,7 @@ class GPTRun:
 
         self.step = step
         t0 = time.perf_counter()
+        breaks = graph_break_count()
         try:
             self.losses = [step()]
         except (RuntimeError, TypeError, NotImplementedError) as err:
@@ -255,6 +257,7 @@ class GPTRun:
         if dev == "cuda":
             torch.cuda.synchronize()
         self.warm_s = time.perf_counter() - t0
+        self.graph_breaks = graph_break_count() - breaks if args.compile else None
         # what this variant keeps between steps: its peak is counted above the other resident variants
         self.steady = torch.cuda.memory_allocated() - base if dev == "cuda" else 0
         self.ms: list[float] = []
@@ -317,6 +320,15 @@ def torchao_missing() -> str | None:
     return None
 
 
+def variant_groups(kinds: list[str], size: int) -> list[list[str]]:
+    """kinds in groups of at most `size` (at least one group). torchao's conversion changes process-wide
+    state that makes the variants compiled before it recompile (a GPU run failed that way), so it gets a
+    group of its own, after the others are timed."""
+    ours = [k for k in kinds if k != TORCHAO]
+    groups = [ours[i:i + size] for i in range(0, len(ours), size)] + ([[TORCHAO]] if TORCHAO in kinds else [])
+    return groups or [[]]
+
+
 def _free(device: str) -> None:
     gc.collect()
     if device == "cuda":
@@ -346,7 +358,7 @@ def run_gpt(args) -> list[dict]:
         return rows + failed
     others = kinds[1:]
     size = group_size(args)
-    groups = [others[i:i + size] for i in range(0, len(others), size)] or [[]]
+    groups = variant_groups(others, size)
     print(f"built the anchor bf16-mixed (warm-up {anchor.warm_s:.1f} s); other variants in groups beside it: "
           f"{groups}", flush=True)
     for g, group in enumerate(groups):
@@ -385,6 +397,7 @@ def run_gpt(args) -> list[dict]:
                        peak_GiB=round(run.peak, 2) if not math.isnan(run.peak) else None,
                        first_loss=round(run.losses[0].item(), 4), loss=round(run.losses[-1].item(), 4),
                        nonfinite_from_step=_first_nonfinite(run.losses), warmup_s=round(run.warm_s, 1),
+                       graph_breaks=run.graph_breaks,
                        note="; ".join(n for n in (run.note, "first loss equals bf16-mixed's exactly: did its low "
                                                   "precision run?" if same else "") if n))
             rows.append(row)
@@ -397,7 +410,7 @@ def run_gpt(args) -> list[dict]:
     anchor.release()
     rows += failed
     print(table(rows, ["variant", "group", "low_linears", "ms_per_step", "tokens_per_s", "vs_bf16", "peak_GiB",
-                       "first_loss", "loss", "nonfinite_from_step", "warmup_s", "note"]), flush=True)
+                       "first_loss", "loss", "nonfinite_from_step", "warmup_s", "graph_breaks", "note"]), flush=True)
     print(table(rows, ["variant", "group", "ms_rounds", "vs_bf16_rounds"]), flush=True)
     return rows
 

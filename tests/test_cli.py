@@ -344,7 +344,7 @@ def test_bench_runs_on_the_cpu_at_tiny_size_and_writes_json(tmp_path, capsys):
 
 
 def test_bench_counts_the_graph_breaks_that_dynamo_counts():
-    from mixprec.train.bench import _graph_break_count
+    from mixprec.train.bench import graph_break_count
 
     def broken(x):
         x = x + 1
@@ -352,9 +352,9 @@ def test_bench_counts_the_graph_breaks_that_dynamo_counts():
         return x * 2
 
     torch._dynamo.reset()
-    before = _graph_break_count()
+    before = graph_break_count()
     assert torch.equal(torch.compile(broken, backend="eager")(torch.ones(3)), torch.full((3,), 4.0))
-    assert _graph_break_count() - before == 1
+    assert graph_break_count() - before == 1
 
 
 def test_bench_fused_head_loss_runs_a_hugging_face_model(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """benchmarks/bench_int8.py's code paths at toy sizes on the CPU (emulated INT8, no compile): every GEMM
-variant and every GPT variant gives a row, a failing one a row saying why. Its numbers mean nothing here."""
+variant and every GPT variant gives a row, a failing one a row saying why; torchao is timed apart. Its numbers mean
+nothing here."""
 import json
 import math
 import sys
@@ -30,3 +31,14 @@ def test_bench_int8_runs_every_variant_on_the_cpu(tmp_path, monkeypatch):
             "bf16-mixed"]["first_loss"], row
     assert gpt["bf16-mixed"]["vs_bf16"] == 1.0
     assert "tokens_per_s" in gpt["torchao-int8-mp"] or gpt["torchao-int8-mp"]["note"]
+
+
+def test_torchao_is_timed_in_a_group_of_its_own_after_mixprec_variants(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_int8
+    kinds = ["fp8-rowwise", bench_int8.TORCHAO, "int8-rowwise", "int8-switchback"]
+    assert bench_int8.variant_groups(kinds, 2) == [["fp8-rowwise", "int8-rowwise"], ["int8-switchback"],
+                                                   [bench_int8.TORCHAO]]
+    assert bench_int8.variant_groups(kinds, 8) == [["fp8-rowwise", "int8-rowwise", "int8-switchback"],
+                                                   [bench_int8.TORCHAO]]
+    assert bench_int8.variant_groups([], 8) == [[]]

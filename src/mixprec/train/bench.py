@@ -236,11 +236,11 @@ def run_bench(model: str, recipe: str, *, compile: bool = False, steps: int = 10
     graph_breaks: dict[str, int] = {}
     for kind, variant in variants.items():
         progress(f"warm-up {kind}: {warmup} steps" + (", compiling" if compile else ""))
-        before = _graph_break_count()
+        before = graph_break_count()
         for _ in range(warmup):
             variant.step(batch)
         if compile:
-            graph_breaks[kind] = _graph_break_count() - before
+            graph_breaks[kind] = graph_break_count() - before
             progress(f"{kind}: {graph_breaks[kind]} graph break(s)")
     _sync(dev)
     times: dict[str, list[float]] = {kind: [] for kind in variants}
@@ -292,7 +292,7 @@ def _profile(variants: dict[str, _Variant], batch: Any, steps: int, device: torc
     return {**comparison, "rows": comparison["rows"][:bench_profile.TABLE_ROWS], "steps": steps, "dir": str(out)}
 
 
-def _graph_break_count() -> int:
+def graph_break_count() -> int:
     """Graph breaks Dynamo has counted in this process so far."""
     from torch._dynamo.utils import counters
     return sum(counters["graph_break"].values())
