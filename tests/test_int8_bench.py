@@ -1,6 +1,6 @@
 """benchmarks/bench_int8.py's code paths at toy sizes on the CPU (emulated INT8, no compile): every GEMM
-variant and every GPT variant gives a row, a failing one a row saying why; torchao is timed apart. Its numbers mean
-nothing here."""
+variant and every GPT variant gives a row, a failing one a row saying why; torchao is timed apart. Its numbers
+mean nothing here."""
 import json
 import math
 import sys

@@ -124,7 +124,8 @@ def test_compiled_equals_eager(backend):
     for name, a, b in zip(("y", "dx", "dW"), eager, emulated):
         if name == "dx":
             # dx leaves the layer in BF16 and autograd casts it back to FP32; on the GPU Inductor fuses that
-            # round trip into int_mm's FP32 scaling and skips it even so: rounded once, it is eager's exactly
+            # round trip into int_mm's FP32 scaling and skips it even with emulate_precision_casts: rounded once,
+            # it is eager's exactly
             b = b.to(torch.bfloat16).float()
         assert torch.equal(b, a), name
     torch.testing.assert_close(emulated[3], eager[3], rtol=FP32_ORDER_RTOL, atol=FP32_ORDER_ATOL)

@@ -1,8 +1,8 @@
 """The Triton kernels of the FP32 cross entropy (mixprec.ops._triton_cross_entropy) against head_loss.py's
 PyTorch reference, in Triton's interpreter where there is no GPU (tests/triton_interpreter.py): the kernels
-alone (one factor for every row, one per row, a row_grad of the wrong size, the fused loss and gradient), and head_cross_entropy in one
-pass and in chunks with the kernels in place of the reference. On a GPU, tests/test_ops_head_loss.py runs
-the compiled kernels. Without triton in the environment this test is skipped.
+alone (one factor for every row, one per row, a row_grad of the wrong size, the fused loss and gradient),
+and head_cross_entropy in one pass and in chunks with the kernels in place of the reference. On a GPU,
+tests/test_ops_head_loss.py runs the compiled kernels. Without triton in the environment this test is skipped.
 """
 import pytest
 import torch
