@@ -110,8 +110,8 @@ def test_compiled_equals_eager(backend):
     """Inductor fuses the input's cast to BF16 into the quantization and, by default, skips that rounding
     (its emulate_precision_casts is off): compiled quantizes the FP32 input, so codes move by one where the
     BF16 rounding crossed a half-integer, and dW (exact integer sums) differs from eager's by about half
-    the INT8 noise. With emulate_precision_casts on, compiled equals eager bit for bit (db: an FP32 sum in
-    another order)."""
+    the INT8 noise. With emulate_precision_casts on, compiled equals eager bit for bit (dx once rounded to BF16,
+    below; db: an FP32 sum in another order)."""
     if backend == "triton":
         pytest.importorskip("triton")
     torch.manual_seed(0)
