@@ -194,8 +194,8 @@ def _embedding_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 def _is_embedding_stage(module: nn.Module) -> bool:
     """Own floating parameters that are all embeddings, and at most one GEMM layer inside (a patch projection)."""
-    own = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
-    return (bool(own) and len(_embedding_parameters(module)) == len(own)
+    own = [n for n, p in module.named_parameters(recurse=False) if p.is_floating_point()]
+    return (bool(own) and all(_is_embedding_parameter(n) for n in own)
             and sum(isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) for m in module.modules()) <= 1)
 
 

@@ -91,6 +91,7 @@ if triton is not None:
         lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
         loss = torch.empty_like(lse)
         grad = None if grad_dtype is None else torch.empty(rows, cols, device=logits.device, dtype=grad_dtype)
+        # without a gradient, lse stands in for grad_ptr: WITH_GRAD=False compiles the store away
         _forward_kernel[(rows,)](logits, target, lse, loss, lse if grad is None else grad, cols, logits.stride(0),
                                  0 if grad is None else grad.stride(0), ignore_index, BLOCK=4096, num_warps=16,
                                  WITH_GRAD=grad is not None)

@@ -41,13 +41,13 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Ten
 
 
 def _gemm_accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """total + a @ b in FP32 (a @ b where total is None); on CUDA cuBLAS adds onto total in the GEMM, in place
-    (out of place, addmm first copies total into its result)."""
+    """total += a @ b in FP32 (a @ b where total is None); on CUDA cuBLAS adds onto total inside the GEMM
+    (in place: out of place, addmm first copies total into its result)."""
     if total is None:
         return _gemm(a, b, torch.float32)
     if a.is_cuda and a.dtype in _HALF:
         return torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
-    return total + _gemm(a, b, torch.float32)
+    return total.add_(_gemm(a, b, torch.float32))
 
 
 def _half_operands(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype):
