@@ -20,16 +20,6 @@ from mixprec.prepare import preparation
 from helpers import TinyCNN, TinyGPT
 
 
-@pytest.fixture
-def one_rank():
-    """A world of one gloo rank in this process (DDP, FSDP2 and DTensors need a process group)."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def _quiet_fsdp():
     warnings.filterwarnings("ignore", message=".*view tensor.*")
 

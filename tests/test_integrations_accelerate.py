@@ -1,7 +1,5 @@
 """mixprec.integrations.accelerate: a model and optimizer prepared under a policy, then trained through
 Accelerator(mixed_precision="no") with accelerate's own backward, clipping and step, against the hand loop."""
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,37 +110,29 @@ def test_accelerate_refuses_its_own_mixed_precision():
         prepare(accelerator, model, torch.optim.AdamW(model.parameters()), "bf16-mixed")
 
 
-def test_gradients_are_unscaled_after_ddp_has_reduced_them():
+def test_gradients_are_unscaled_after_ddp_has_reduced_them(one_rank):
     # The unscale runs when the backward pass ends, after the callback DDP queues to write the reduced
     # gradients (queued earlier in the same pass); unscaled before it, the gradients would come back scaled.
-    import torch.distributed as dist
     from mixprec.integrations import convert
     from mixprec.integrations._scaling import LossScaling, MixprecOptimizer
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("needs torch.distributed with no process group of its own")
-    # an in-memory store, as the other single-rank tests use; the timeout turns a stuck collective into a failure
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=120))
-    try:
-        policy = mp.Policy.from_recipe("fp16-mixed")
-        x, y = _batches(1)[0]
-        reference = mp.prepare(_model(), policy)
-        optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-        scaler = mp.LossScaler.for_policy(policy)
-        with mp.autocast(policy, device_type="cpu"):
-            loss = F.cross_entropy(reference(x), y)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
+    policy = mp.Policy.from_recipe("fp16-mixed")
+    x, y = _batches(1)[0]
+    reference = mp.prepare(_model(), policy)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    scaler = mp.LossScaler.for_policy(policy)
+    with mp.autocast(policy, device_type="cpu"):
+        loss = F.cross_entropy(reference(x), y)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
 
-        model = _model()
-        scaling = LossScaling(mp.LossScaler.for_policy(policy))
-        convert(model, policy, after=scaling.mark)
-        MixprecOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), scaling)
-        ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=False)
-        F.cross_entropy(ddp(x), y).backward()
-        for p, q in zip(reference.parameters(), model.parameters()):
-            assert torch.equal(p.grad, q.grad)
-    finally:
-        dist.destroy_process_group()
+    model = _model()
+    scaling = LossScaling(mp.LossScaler.for_policy(policy))
+    convert(model, policy, after=scaling.mark)
+    MixprecOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), scaling)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=False)
+    F.cross_entropy(ddp(x), y).backward()
+    for p, q in zip(reference.parameters(), model.parameters()):
+        assert torch.equal(p.grad, q.grad)
 
 
 def test_a_guard_takes_the_step_and_keeps_a_nan_loss_out():
