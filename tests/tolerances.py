@@ -37,6 +37,11 @@ HEAD_LOSS_GRAD_RTOL = 1e-3
 # half an ulp each: elementwise up to one ulp apart, normwise about half an ulp: 2**-8 for BF16's 8-bit
 # significand, 2**-11 for FP16's 11 bits (FP32 logits' gradients: HEAD_LOSS_GRAD_RTOL).
 CHUNKED_HEAD_LOSS_GRAD_RTOL = {"bfloat16": 2 ** -8, "float16": 2 ** -11, "float32": HEAD_LOSS_GRAD_RTOL}
+# A gradient penalty through the head and loss (create_graph=True) against the same math op by op: the
+# penalty's gradient reaches x and W through their casts to the half operands and is rounded to BF16 there
+# (one rounding, half an ulp, 2**-9 relative), where the op-by-op reference rounds all of it; normwise
+# under 2**-8. FP32 operands: FP32_ORDER_RTOL. (Without the second-order terms: 14% off.)
+GRADIENT_PENALTY_RTOL = {"bfloat16": 2 ** -8, "float32": FP32_ORDER_RTOL}
 
 # ---- FP8 ----
 # Float8Linear (blockwise) against FP32 on inputs with outliers: the target. E4M3 keeps 3 mantissa

@@ -17,6 +17,11 @@ With `chunk_rows`, the forward takes the rows a chunk at a time and computes the
 time and none is kept, so the (tokens x vocab) logits cost no memory at all. The logits' gradient is
 taken unnormalised (softmax - onehot, in [-1, 1]) so that it does not underflow in FP16; the weight
 and input gradients accumulate in FP32 and are scaled in FP32 in the backward.
+
+The fused gradients come from kernels that record no graph. Where a backward must build one
+(create_graph=True: gradient penalties, Hessian-vector products), the functions recompute their gradients
+with ops autograd can differentiate, from the same half operands; `chunk_rows`, which keeps no operands for
+the backward, raises there rather than leave the second-order terms out.
 """
 from __future__ import annotations
 
@@ -52,8 +57,27 @@ def _gemm_accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tenso
 
 def _half_operands(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype):
     # Autocast off: real half tensors, also when FP16 is emulated, so the backward's GEMMs see half values.
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+    # The casts keep their graph (the functions return no gradient for them) for a create_graph backward.
+    with torch.autocast(x.device.type, enabled=False):
         return x.reshape(-1, x.shape[-1]).to(dtype), weight.to(dtype)
+
+
+def _graph_gradients(loss_of_fp32, grad, xh, wh, bias, ctx):
+    """The gradients to x, W and b for a backward with create_graph=True: the same FP32 math on the saved
+    half operands, by ops autograd can differentiate again (the kernels' gradients carry no graph)."""
+    def differentiable(t):   # FP32, with a graph (a leaf of its own where t has none: a frozen input)
+        t = t.float()
+        return t if t.requires_grad else t.detach().requires_grad_()
+    with torch.autocast(xh.device.type, enabled=False):
+        xf, wf = differentiable(xh), differentiable(wh)
+        bf = differentiable(bias) if bias is not None else None
+        wrt = [xf, wf] if bf is None else [xf, wf, bf]
+        grads = torch.autograd.grad(loss_of_fp32(xf, wf, bf), wrt, grad, create_graph=True)
+    wanted = ctx.needs_input_grad
+    grad_x = grads[0].to(ctx.x_dtype).reshape(ctx.x_shape) if wanted[0] else None
+    grad_w = grads[1].to(ctx.w_dtype) if wanted[1] else None
+    grad_b = grads[2].to(ctx.w_dtype) if bias is not None and wanted[2] else None
+    return grad_x, grad_w, grad_b
 
 
 class _HalfInputsFP32Output(torch.autograd.Function):
@@ -65,15 +89,17 @@ class _HalfInputsFP32Output(torch.autograd.Function):
             out = _gemm(xh, wh.t(), torch.float32)
             if bias is not None:
                 out = out + bias.float()
-        ctx.save_for_backward(xh, wh)
+        ctx.save_for_backward(xh, wh, bias)
         ctx.has_bias = bias is not None
         ctx.x_dtype, ctx.w_dtype, ctx.x_shape = x.dtype, weight.dtype, x.shape
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        xh, wh = ctx.saved_tensors
+        xh, wh, bias = ctx.saved_tensors
         g32 = grad.reshape(-1, grad.shape[-1])
+        if torch.is_grad_enabled():
+            return *_graph_gradients(F.linear, g32, xh, wh, bias, ctx), None, None
         gh = g32.to(xh.dtype)
         with torch.autocast(grad.device.type, enabled=False):
             grad_x = _gemm(gh, wh, xh.dtype).to(ctx.x_dtype).reshape(ctx.x_shape)  # a half activation gradient
@@ -159,6 +185,10 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         logits, lse, target, valid = ctx.saved_tensors
+        if torch.is_grad_enabled():   # create_graph: the same gradient from ops autograd can differentiate
+            with torch.autocast(logits.device.type, enabled=False):
+                loss = F.cross_entropy(logits, target, ignore_index=ctx.ignore_index, reduction=ctx.reduction)
+                return torch.autograd.grad(loss, logits, grad_loss, create_graph=True)[0], None, None, None
         grad = softmax_grad(logits, lse, target, _row_grad(grad_loss, valid, ctx.reduction), ctx.ignore_index,
                             torch.float32)
         return grad, None, None, None
@@ -200,14 +230,19 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 logits = logits + bias.float()
             lse, row_loss = row_logsumexp_loss(logits, target, ignore_index)
         loss, valid = _reduce(row_loss, target, ignore_index, reduction)
-        ctx.save_for_backward(logits, lse, target, xh, wh, valid)
+        ctx.save_for_backward(logits, lse, target, xh, wh, valid, bias)
         ctx.ignore_index, ctx.reduction, ctx.has_bias = ignore_index, reduction, bias is not None
         ctx.x_dtype, ctx.w_dtype, ctx.x_shape = x.dtype, weight.dtype, x.shape
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, lse, target, xh, wh, valid = ctx.saved_tensors
+        logits, lse, target, xh, wh, valid, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            def loss_of(xf, wf, bf):
+                return F.cross_entropy(F.linear(xf, wf, bf), target, ignore_index=ctx.ignore_index,
+                                       reduction=ctx.reduction)
+            return *_graph_gradients(loss_of, grad_loss, xh, wh, bias, ctx), None, None, None, None, None
         row_grad = _row_grad(grad_loss, valid, ctx.reduction)
         grad_x = grad_w = grad_b = None
         if ctx.has_bias:   # the bias gradient sums the FP32 logits' gradient (a bias head is rare: one FP32 copy)
@@ -265,9 +300,14 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():   # the gradients were taken in the forward, without a graph
+            raise RuntimeError("head_cross_entropy with chunk_rows has no second derivative (a backward with "
+                               "create_graph=True); use chunk_rows=None there")
         grad_x, grad_w, grad_b, valid = ctx.saved_tensors
         coef = _row_grad(grad_loss, valid, ctx.reduction)   # FP32: dloss/dlogits = coef * (softmax - onehot)
-        out_x = (grad_x * coef).to(ctx.x_dtype).reshape(ctx.x_shape) if grad_x is not None else None
+        out_x = None
+        if grad_x is not None:   # scaled and rounded to the activation dtype in one pass
+            out_x = torch.mul(grad_x, coef, out=torch.empty_like(grad_x, dtype=ctx.x_dtype)).reshape(ctx.x_shape)
         out_w = (grad_w * coef).to(ctx.w_dtype) if grad_w is not None else None
         out_b = (grad_b * coef).to(ctx.w_dtype) if grad_b is not None else None
         return out_x, out_w, out_b, None, None, None, None, None, None
