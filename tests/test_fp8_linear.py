@@ -211,3 +211,14 @@ def test_delayed_scaling_state_stays_fp32_whatever_the_module_dtype(cast):
     f(x)
     assert f(x).isfinite().all()
     assert f.amax_history_input[0] == x.abs().amax()
+
+
+def test_a_second_derivative_raises_instead_of_dropping_terms():
+    """The saved FP8 operands carry no graph to x and W: a gradient penalty through the layer would lose its
+    second-order terms silently (its weight-gradient contribution came out 4x off), so it raises."""
+    layer = Float8Linear.from_linear(nn.Linear(128, 64), Float8Config(recipe="rowwise"))
+    x = torch.randn(8, 128, requires_grad=True)
+    with pytest.raises(RuntimeError, match="Float8Linear has no second derivative"):
+        torch.autograd.grad(layer(x).pow(2).mean(), x, create_graph=True)
+    (grad,) = torch.autograd.grad(layer(x).pow(2).mean(), x)   # a first derivative as before
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -210,3 +210,12 @@ def test_compiled_equals_eager_where_inductor_keeps_eagers_roundings():
     for name, a, b in zip(("y", "dx", "dW"), eager, compiled):
         assert torch.equal(b, a), name
     torch.testing.assert_close(compiled[3], eager[3], rtol=FP32_ORDER_RTOL, atol=FP32_ORDER_ATOL)
+
+
+def test_a_second_derivative_raises_instead_of_dropping_terms():
+    """The INT8 GEMMs' gradients carry no graph: a gradient penalty through the layer raises, also where the
+    incoming gradient is a constant (a bare once_differentiable let that case through without its terms)."""
+    layer = Int8Linear.from_linear(nn.Linear(128, 64), Int8Config(backend="emulate"))
+    x = torch.randn(8, 128, requires_grad=True)
+    with pytest.raises(RuntimeError, match="Int8Linear has no second derivative"):
+        torch.autograd.grad(layer(x).sum(), x, create_graph=True)

@@ -51,6 +51,9 @@ class _Float8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if torch.is_grad_enabled():   # create_graph: the saved FP8 operands carry no graph to x and W
+            raise RuntimeError("Float8Linear has no second derivative (a backward with create_graph=True, such "
+                               "as a gradient penalty); keep the layers it differentiates through in nn.Linear")
         xt_q, xt_s, wt_q, wt_s, hist_dy = ctx.saved_tensors
         act_gran, w_gran, bwd_fmt, common, x_shape, x_dtype, w_dtype, b_dtype = ctx.meta
         backend, block = common["backend"], common["block_size"]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from mixprec._linear_swap import take_over
 from mixprec.int8.backends import resolve_backend
@@ -89,8 +88,10 @@ class _Int8LinearFunction(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
+        if torch.is_grad_enabled():   # create_graph: the INT8 GEMMs' gradients would carry no graph
+            raise RuntimeError("Int8Linear has no second derivative (a backward with create_graph=True, such as "
+                               "a gradient penalty); keep the layers it differentiates through in nn.Linear")
         x2, weight = ctx.saved_tensors
         config, backend, x_shape, x_dtype, b_dtype = ctx.meta
         counts, threshold = ctx.counts, config.outlier_threshold
