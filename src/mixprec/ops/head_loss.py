@@ -90,7 +90,6 @@ class _HalfInputsFP32Output(torch.autograd.Function):
             if bias is not None:
                 out = out + bias.float()
         ctx.save_for_backward(xh, wh, bias)
-        ctx.has_bias = bias is not None
         ctx.x_dtype, ctx.w_dtype, ctx.x_shape = x.dtype, weight.dtype, x.shape
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -104,7 +103,7 @@ class _HalfInputsFP32Output(torch.autograd.Function):
         with torch.autocast(grad.device.type, enabled=False):
             grad_x = _gemm(gh, wh, xh.dtype).to(ctx.x_dtype).reshape(ctx.x_shape)  # a half activation gradient
             grad_w = _gemm(gh.t(), xh, torch.float32).to(ctx.w_dtype)  # FP32 master gradient
-            grad_b = g32.float().sum(0).to(ctx.w_dtype) if ctx.has_bias else None
+            grad_b = g32.float().sum(0).to(ctx.w_dtype) if bias is not None else None
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -231,7 +230,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             lse, row_loss = row_logsumexp_loss(logits, target, ignore_index)
         loss, valid = _reduce(row_loss, target, ignore_index, reduction)
         ctx.save_for_backward(logits, lse, target, xh, wh, valid, bias)
-        ctx.ignore_index, ctx.reduction, ctx.has_bias = ignore_index, reduction, bias is not None
+        ctx.ignore_index, ctx.reduction = ignore_index, reduction
         ctx.x_dtype, ctx.w_dtype, ctx.x_shape = x.dtype, weight.dtype, x.shape
         return loss
 
@@ -245,7 +244,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             return *_graph_gradients(loss_of, grad_loss, xh, wh, bias, ctx), None, None, None, None, None
         row_grad = _row_grad(grad_loss, valid, ctx.reduction)
         grad_x = grad_w = grad_b = None
-        if ctx.has_bias:   # the bias gradient sums the FP32 logits' gradient (a bias head is rare: one FP32 copy)
+        if bias is not None:   # the bias gradient sums the FP32 logits' gradient (a bias head is rare: one FP32 copy)
             g32 = softmax_grad(logits, lse, target, row_grad, ctx.ignore_index, torch.float32)
             grad_b = g32.sum(0).to(ctx.w_dtype) if ctx.needs_input_grad[2] else None
             gh = g32.to(xh.dtype)
